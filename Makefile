@@ -1,0 +1,74 @@
+# cpt: the ContinualPretrain operator. `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+##@ Setup
+.PHONY: help install cluster-build
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)} /^[a-zA-Z0-9_-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(VENV)/.installed ## Create the project venv (cached per lock hash) and install cpt
+$(VENV)/.installed: requirements.lock pyproject.toml hack/install.sh
+	hack/install.sh
+	touch $@
+
+cluster-build: ## Build the local control plane binaries (cached by go.sum hash)
+	hack/devcluster/build.sh
+
+##@ Demo
+.PHONY: demo
+demo: install ## Run the tiny end-to-end job in local mode (tokenize -> train -> export -> sample)
+	$(PY) hack/demo.py
+
+##@ Test
+.PHONY: test test-unit test-integration test-e2e test-faults
+test: install cluster-build ## The whole suite (unit, integration, e2e)
+	$(PYTEST) tests
+test-unit: install ## Fast pure tests only
+	$(PYTEST) -m unit tests
+test-integration: install cluster-build ## Control plane and S3 server tests
+	$(PYTEST) -m integration tests
+test-e2e: install cluster-build ## Whole pipeline through the operator on the local control plane
+	$(PYTEST) -m e2e tests
+test-faults: install cluster-build ## Fault-injection matrix
+	$(PYTEST) -m faults tests
+
+##@ Lint
+.PHONY: lint
+lint: install ## ruff + mypy
+	$(VENV)/bin/ruff check operator training tests hack bench
+	$(VENV)/bin/ruff format --check operator training tests hack bench
+	$(VENV)/bin/mypy
+
+##@ Generate
+.PHONY: crds chart
+crds: install ## Regenerate crds/, the chart's CRD copy and JSON schemas from the pydantic models
+	$(VENV)/bin/cpt crds
+chart: install cluster-build ## helm lint + render the chart
+	$$(hack/devcluster/build.sh | tail -n1)/helm lint charts/cpt
+	$$(hack/devcluster/build.sh | tail -n1)/helm template cpt charts/cpt >/dev/null
+
+##@ Images
+.PHONY: images
+images: ## Build the container images with docker (where an engine exists)
+	hack/images.sh
+
+##@ Local cluster
+.PHONY: cluster-up cluster-down cluster-kubeconfig
+cluster-up: install cluster-build ## Start the loopback control plane (etcd, apiserver, KCM, scheduler, KWOK, training-operator)
+	$(PY) hack/devcluster/devcluster.py up
+cluster-down: ## Stop the loopback control plane
+	$(PY) hack/devcluster/devcluster.py down
+cluster-kubeconfig: ## Print the admin kubeconfig path
+	@$(PY) hack/devcluster/devcluster.py kubeconfig
+
+##@ Benchmarks
+.PHONY: bench
+bench: install ## Run the benchmarks; results in bench/results/, tables in docs/PERFORMANCE.md
+	$(PY) bench/run.py

@@ -1,0 +1,236 @@
+"""Typed stage configurations: the contract between the operator and the workload.
+
+The operator (and local mode) builds one of these per stage from a ContinualPretrain spec and
+hands it to ``cpt-train <stage>`` as JSON in the ``CPT_STAGE_CONFIG`` environment variable.
+The same sub-models (optimizer, data sources, checkpoint policy) are reused by the CRD spec,
+so there is a single definition of every knob. This module must stay importable without
+torch: the operator image does not ship it.
+
+Secrets never appear here: credentials come from the pod's environment (IRSA / Pod Identity,
+or a Secret reference the operator maps to env vars).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+STAGE_CONFIG_ENV = "CPT_STAGE_CONFIG"
+
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/([^/\x00]+/?)*)?$"
+HF_URI_PATTERN = r"^hf://[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*(@[A-Za-z0-9._\-/]+)?$"
+
+
+class CamelModel(BaseModel):
+    """Base for every spec/config model: camelCase on the wire (Kubernetes style),
+    snake_case in Python, unknown fields rejected so typos fail loudly."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=False,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-ready dict with camelCase keys, defaults included."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class DataSource(CamelModel):
+    """One input corpus: a Hugging Face dataset, or a prefix of jsonl/parquet/txt files."""
+
+    hf_dataset: str | None = Field(
+        default=None, description="Hugging Face dataset id, e.g. 'wikicorpus'."
+    )
+    hf_config: str | None = Field(default=None, description="Dataset config name, e.g. 'raw_en'.")
+    split: str = Field(default="train", description="Dataset split.")
+    revision: str | None = Field(default=None, description="Dataset revision (commit or tag).")
+    uri: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix/ or a local path of .jsonl, .parquet or .txt files.",
+    )
+    format: Literal["auto", "jsonl", "parquet", "txt"] = Field(
+        default="auto", description="File format for `uri`; auto picks by file extension."
+    )
+    weight: float = Field(default=1.0, gt=0, description="Relative sampling weight (reserved).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataSource:
+        if (self.hf_dataset is None) == (self.uri is None):
+            raise ValueError("a data source needs exactly one of hfDataset or uri")
+        return self
+
+
+class OptimizerConfig(CamelModel):
+    """AdamW with the seed's schedule: linear warmup, optional constant hold, then decay."""
+
+    lr: float = Field(default=1.5e-4, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(default=1e-5, ge=0, description="Learning rate at the end of decay.")
+    warmup_steps: NonNegInt = Field(default=2000, description="Linear warmup steps.")
+    constant_steps: NonNegInt = Field(default=0, description="Steps held at peak after warmup.")
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    beta1: float = Field(default=0.9, gt=0, lt=1)
+    beta2: float = Field(default=0.95, gt=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0, description="Max global grad norm; 0 disables.")
+
+    @model_validator(mode="after")
+    def _min_le_peak(self) -> OptimizerConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"minLr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class CheckpointPolicy(CamelModel):
+    """Where and how often checkpoints are written, and how many are kept."""
+
+    uri: str = Field(description="s3://... or local path: the durable checkpoint root.")
+    every_steps: PositiveInt = Field(default=100, description="Save every N optimizer steps.")
+    keep: PositiveInt = Field(default=2, description="Committed checkpoints kept (local and S3).")
+    local_dir: str = Field(
+        default="/scratch/checkpoints", description="Node-local scratch for checkpoint writes."
+    )
+    async_save: bool = Field(default=True, description="Save without stalling the step loop.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs. One per `cpt-train <stage>` subcommand.
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenizeStage(CamelModel):
+    """Shard `shard_index` of `num_shards`: tokenize, pack into blocks, write Arrow to output."""
+
+    stage: Literal["tokenize"] = "tokenize"
+    sources: list[DataSource] = Field(min_length=1)
+    text_field: str = "text"
+    tokenizer_uri: str = Field(description="hf://org/name[@rev], s3://... or a local dir.")
+    block_size: PositiveInt = 4096
+    packing: Literal["concat"] = Field(
+        default="concat",
+        description="concat: documents joined with EOS and cut into block_size blocks.",
+    )
+    output_uri: str = Field(description="s3://... or local dir for shards and the manifest.")
+    num_shards: PositiveInt = 1
+    shard_index: NonNegInt | None = Field(
+        default=None, description="None: read JOB_COMPLETION_INDEX (Indexed Job)."
+    )
+    workers: PositiveInt = Field(default=1, description="Tokenizer processes within a shard.")
+    held_out_fraction: float = Field(default=0.0, ge=0, lt=0.5)
+    seed: int = 1234
+
+    def resolved_shard_index(self) -> int:
+        if self.shard_index is not None:
+            return self.shard_index
+        return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+
+
+class ParallelismConfig(CamelModel):
+    tensor_parallel: PositiveInt = 1
+    pipeline_parallel: PositiveInt = 1
+    zero1: bool = Field(default=True, description="Shard optimizer state over data parallel.")
+    sequence_parallel: bool = False
+
+
+class TrainStage(CamelModel):
+    """One training attempt. Resumes from the newest committed checkpoint under
+    `checkpoint.uri` when there is one, else starts from `model_uri` (or, for nxd,
+    from the converted `pretrained_weight` tag)."""
+
+    stage: Literal["train"] = "train"
+    backend: Literal["native", "nxd"] = "native"
+    device: Literal["auto", "cuda", "cpu", "neuron", "xla"] = "auto"
+    run_name: str = "run"
+    attempt: PositiveInt = 1
+    model_uri: str = Field(description="HF model dir/uri with config.json + safetensors.")
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    data_uri: str = Field(description="Tokenized dataset written by the tokenize stage.")
+    seq_len: PositiveInt = 4096
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
+    global_batch_size: PositiveInt = 512
+    micro_batch_size: PositiveInt = 1
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    max_steps: PositiveInt = 1000
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: Literal["none", "full", "selective"] = "full"
+    compile: bool = False
+    seed: int = 1234
+    checkpoint: CheckpointPolicy
+    progress_uri: str | None = Field(
+        default=None, description="Where rank 0 writes progress.json for the operator."
+    )
+    tensorboard_uri: str | None = None
+    instance_type: str | None = Field(default=None, description="For the MFU peak table.")
+    log_every: PositiveInt = 1
+    stop_after_steps: NonNegInt | None = Field(
+        default=None, description="Exit cleanly after this many steps in this process (tests)."
+    )
+
+
+class ConvertToNxdStage(CamelModel):
+    """HF safetensors -> NxD TP/PP-sharded `pretrained_weight` (trn1)."""
+
+    stage: Literal["convert-to-nxd"] = "convert-to-nxd"
+    model_uri: str
+    output_uri: str = Field(description="<checkpoint root>/pretrained_weight")
+    tensor_parallel: PositiveInt = 8
+    pipeline_parallel: PositiveInt = 1
+    kv_size_multiplier: PositiveInt = 1
+    qkv_linear: bool = False
+    hw_backend: Literal["trn1", "trn2"] = "trn1"
+
+
+class ExportHfStage(CamelModel):
+    """Newest committed checkpoint -> Hugging Face save_pretrained + tokenizer, then prove it
+    loads and report held-out loss."""
+
+    stage: Literal["export-hf"] = "export-hf"
+    backend: Literal["native", "nxd"] = "native"
+    model_uri: str = Field(description="The base model (config and tokenizer source).")
+    tokenizer_uri: str | None = None
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_uri: str = Field(description="Checkpoint root; the newest committed tag is used.")
+    output_uri: str
+    data_uri: str | None = Field(default=None, description="Tokenized data for held-out loss.")
+    eval_blocks: NonNegInt = 8
+    tensor_parallel: PositiveInt = 1
+    pipeline_parallel: PositiveInt = 1
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+class PreflightStage(CamelModel):
+    """All-reduce bus bandwidth and device checks on the training gang shape."""
+
+    stage: Literal["preflight"] = "preflight"
+    device: Literal["auto", "cuda", "cpu", "neuron", "xla"] = "auto"
+    size_mb: PositiveInt = 64
+    iterations: PositiveInt = 5
+    min_bus_bandwidth_gbps: float = Field(default=0.0, ge=0)
+    result_uri: str | None = None
+
+
+StageConfig = Annotated[
+    TokenizeStage | TrainStage | ConvertToNxdStage | ExportHfStage | PreflightStage,
+    Field(discriminator="stage"),
+]
+
+
+class _StageEnvelope(BaseModel):
+    config: StageConfig
+
+
+def parse_stage_config(raw: str | dict[str, Any]) -> BaseModel:
+    """Parse a stage config from JSON text or a dict (camelCase or snake_case keys)."""
+    import json
+
+    data = json.loads(raw) if isinstance(raw, str) else raw
+    return _StageEnvelope.model_validate({"config": data}).config
