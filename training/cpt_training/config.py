@@ -21,7 +21,9 @@ from pydantic.alias_generators import to_camel
 STAGE_CONFIG_ENV = "CPT_STAGE_CONFIG"
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/([^/\x00]+/?)*)?$"
-HF_URI_PATTERN = r"^hf://[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*(@[A-Za-z0-9._\-/]+)?$"
+HF_URI_PATTERN = (
+    r"^hf://[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*(@[A-Za-z0-9._\-/]+)?$"
+)
 
 
 class CamelModel(BaseModel):
