@@ -1,0 +1,1 @@
+"""Data tables for the planner: known base models, instance prices, throughput anchors."""

@@ -1,0 +1,710 @@
+"""ContinualPretrain (cpt.dev/v1alpha1) spec and status models.
+
+The CRD schema is generated from these models (``cpt_operator.api.crd``), so they are the single
+definition of the API. Sub-models shared with the workload (data sources, optimizer, parallelism)
+come from ``cpt_training.config``. Python validation here mirrors the CRD's schema and CEL rules so
+``cpt plan`` / ``cpt local`` reject the same specs the API server does; checks that need
+arithmetic over the model shape (memory, heads vs TP) live in the planner.
+
+Storage fields are named ``s3Uri`` because in a cluster they must be S3 (the CRD enforces it);
+the Python models also accept a local path so the same file runs under ``cpt local``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from cpt_training.config import (
+    HF_URI_PATTERN,
+    S3_URI_PATTERN,
+    CamelModel,
+    DataSource,
+    OptimizerConfig,
+    ParallelismConfig,
+)
+from cpt_training.flops import INSTANCE_TYPES, InstanceTypeName, instance_type
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
+GROUP = "cpt.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ContinualPretrain"
+PLURAL = "continualpretrains"
+SINGULAR = "continualpretrain"
+SHORT_NAMES = ["cpt"]
+CATEGORIES = ["ml", "cpt"]
+
+MAX_NAME_LENGTH = 40
+"""Run names are short because child names (``<run>-train-<n>``, the PyTorchJob's pods and
+Services ``<run>-train-<n>-worker-<i>``) derive from them and must stay within 63 characters."""
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+URI_MAX_LENGTH = 1024
+NAME_MAX_LENGTH = 253
+QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+RESERVED_ENV_NAMES = (
+    "CPT_STAGE_CONFIG",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+"""Set by the operator / torchrun / the training operator; a user value would break the run."""
+RESERVED_ENV_PREFIXES = ("PET_",)
+SECRET_ENV_PATTERN = (
+    r"(?i)(token|secret|password|passwd|credential|api_?key|access_?key|private_?key)"
+)
+"""Env names that look like credentials must come from a Secret (valueFrom.secretKeyRef)."""
+
+MSG_GBS_MULTIPLE = "globalBatchSize must be a multiple of microBatchSize"
+MSG_MP_DIVIDES_WORLD = "tensorParallel x pipelineParallel must divide nodes x processesPerNode"
+"""Messages shared with the CRD's CEL rules; Python appends the numbers after a colon."""
+
+DEFAULT_IMAGE_TAG = "0.1.0"
+DEFAULT_IMAGES = {
+    "trainer_neuron": f"ghcr.io/cpt-dev/cpt-trainer-neuron:{DEFAULT_IMAGE_TAG}",
+    "trainer_cuda": f"ghcr.io/cpt-dev/cpt-trainer-cuda:{DEFAULT_IMAGE_TAG}",
+    "trainer_cpu": f"ghcr.io/cpt-dev/cpt-trainer-cpu:{DEFAULT_IMAGE_TAG}",
+    "tools": f"ghcr.io/cpt-dev/cpt-tools:{DEFAULT_IMAGE_TAG}",
+}
+"""Pinned images. trainer-neuron is built FROM
+public.ecr.aws/neuron/pytorch-training-neuronx:2.9.0-neuronx-py312-sdk2.28.0-ubuntu24.04."""
+
+
+class FieldErrors(ValueError):
+    """Several problems found by one model validator, each with the sub-field it is about.
+
+    Pydantic keeps the exception in the error's ``ctx``; the planner expands it into one
+    ``spec.<path>.<field>: message`` line per problem. ``str()`` is the joined text."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{f}: {m}" if f else m for f, m in problems))
+
+
+def _raise_if(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise FieldErrors(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# URI helpers: used by validators here, by the planner, and by the builders.
+# ---------------------------------------------------------------------------------------------
+
+
+def is_s3_uri(value: str) -> bool:
+    return re.fullmatch(S3_URI_PATTERN, value) is not None
+
+
+def is_hf_uri(value: str) -> bool:
+    return re.fullmatch(HF_URI_PATTERN, value) is not None
+
+
+def is_local_path(value: str) -> bool:
+    """A filesystem path (absolute, relative, or file://): valid only under ``cpt local``."""
+    return value.startswith("file://") or ("://" not in value and value != "")
+
+
+def _storage_uri(value: str) -> str:
+    if is_s3_uri(value) or is_local_path(value):
+        return value
+    raise ValueError(
+        f"{value!r} is not a storage URI: use s3://bucket/prefix/ (or a local path with cpt local)"
+    )
+
+
+def _model_uri(value: str) -> str:
+    if is_hf_uri(value) or is_s3_uri(value) or is_local_path(value):
+        return value
+    raise ValueError(
+        f"{value!r} is not a model source: use hf://org/name[@revision], s3://bucket/prefix/ "
+        "(or a local path with cpt local)"
+    )
+
+
+StorageUri = Annotated[
+    str, Field(min_length=1, max_length=URI_MAX_LENGTH), AfterValidator(_storage_uri)
+]
+ModelUri = Annotated[
+    str, Field(min_length=1, max_length=URI_MAX_LENGTH), AfterValidator(_model_uri)
+]
+K8sName = Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH)]
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+
+Backend = Literal["auto", "nxd", "native"]
+Precision = Literal["bf16", "fp32"]
+ActivationCheckpointing = Literal["none", "full", "selective"]
+GangScheduling = Literal["none", "volcano", "scheduler-plugins"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelSpec(CamelModel):
+    """The base model to continue pretraining."""
+
+    source: ModelUri = Field(
+        description="hf://org/name[@revision] or s3://bucket/prefix/ holding a Hugging Face "
+        "model (config.json + safetensors). A local directory works with `cpt local`."
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys merged over the model's config.json (e.g. rope_scaling, or the whole "
+        "shape of a model the planner does not know).",
+    )
+    tokenizer: ModelUri | None = Field(
+        default=None, description="Tokenizer source; defaults to model.source."
+    )
+
+
+class DataSpec(CamelModel):
+    """Raw corpora and how they are tokenized and packed (the tokenize stage)."""
+
+    sources: list[DataSource] = Field(min_length=1, max_length=32)
+    text_field: str = Field(default="text", min_length=1, max_length=128)
+    block_size: int = Field(
+        default=4096, ge=8, le=1048576, description="Tokens per packed block = training seq len."
+    )
+    packing: Literal["concat"] = Field(
+        default="concat",
+        description="concat: documents joined with EOS and cut into blockSize blocks.",
+    )
+    shards: int = Field(
+        default=1, ge=1, le=10000, description="Tokenize Job completions (Indexed Job)."
+    )
+    workers_per_shard: int = Field(
+        default=1, ge=1, le=256, description="Tokenizer processes inside one shard pod."
+    )
+    held_out_fraction: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Blocks kept aside for the held-out loss."
+    )
+    tokenized_uri: StorageUri | None = Field(
+        default=None, description="Where tokenized shards go; default <checkpoints.s3Uri>/data/."
+    )
+
+
+class SecretKeySelector(CamelModel):
+    name: K8sName
+    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
+    optional: bool | None = None
+
+
+class ConfigMapKeySelector(CamelModel):
+    name: K8sName
+    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
+    optional: bool | None = None
+
+
+class EnvVarSource(CamelModel):
+    secret_key_ref: SecretKeySelector | None = None
+    config_map_key_ref: ConfigMapKeySelector | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("valueFrom needs exactly one of secretKeyRef or configMapKeyRef")
+        return self
+
+
+class EnvVar(CamelModel):
+    """An extra environment variable for the stage containers. Never a secret value: anything
+    that looks like a credential must use valueFrom.secretKeyRef."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=ENV_NAME_PATTERN)
+    value: str | None = Field(default=None, max_length=4096)
+    value_from: EnvVarSource | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvVar:
+        problems: list[tuple[str, str]] = []
+        if (self.value is None) == (self.value_from is None):
+            problems.append(("", f"env {self.name}: set exactly one of value or valueFrom"))
+        if self.name in RESERVED_ENV_NAMES or self.name.startswith(RESERVED_ENV_PREFIXES):
+            problems.append(
+                ("name", f"env {self.name} is set by the operator and cannot be overridden")
+            )
+        if self.value is not None and re.search(SECRET_ENV_PATTERN, self.name):
+            problems.append(
+                (
+                    "value",
+                    f"env {self.name} looks like a credential: use valueFrom.secretKeyRef, "
+                    "never a literal value",
+                )
+            )
+        _raise_if(problems)
+        return self
+
+
+class TrainingSpec(ParallelismConfig):
+    """Where and how the training runs. Parallelism knobs (tensorParallel, pipelineParallel,
+    zero1, sequenceParallel) are inherited from cpt_training.config.ParallelismConfig."""
+
+    backend: Backend = Field(
+        default="auto", description="auto: nxd on trn1/trn1n, native everywhere else."
+    )
+    instance_type: InstanceTypeName = Field(
+        default="trn1.32xlarge", description="Node type; sets devices, resources and peak FLOPS."
+    )
+    nodes: int = Field(default=1, ge=1, le=1024)
+    processes_per_node: int | None = Field(
+        default=None, ge=1, le=256, description="Default: from instanceType (trn1.32xlarge: 32)."
+    )
+    global_batch_size: int = Field(default=512, ge=1, le=1 << 24, description="Sequences/step.")
+    micro_batch_size: int = Field(default=1, ge=1, le=4096, description="Sequences/forward.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    max_steps: int | None = Field(default=None, ge=1, le=1 << 40)
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=1 << 60, description="Alternative to maxSteps (rounded up)."
+    )
+    precision: Precision = "bf16"
+    activation_checkpointing: ActivationCheckpointing = "full"
+    compile: bool = Field(default=False, description="torch.compile (native backend).")
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        problems: list[tuple[str, str]] = []
+        if (self.max_steps is None) == (self.max_tokens is None):
+            problems.append(("maxSteps", "set exactly one of maxSteps or maxTokens"))
+        if self.global_batch_size % self.micro_batch_size:
+            problems.append(
+                (
+                    "globalBatchSize",
+                    f"{MSG_GBS_MULTIPLE}: {self.global_batch_size} is not a multiple of "
+                    f"{self.micro_batch_size}",
+                )
+            )
+        world = self.nodes * self.resolved_processes_per_node()
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if world % model_parallel:
+            problems.append(
+                (
+                    "tensorParallel",
+                    f"{MSG_MP_DIVIDES_WORLD}: {self.tensor_parallel} x "
+                    f"{self.pipeline_parallel} = {model_parallel} does not divide "
+                    f"{self.nodes} x {self.resolved_processes_per_node()} = {world}",
+                )
+            )
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            problems.append(("sequenceParallel", "sequenceParallel needs tensorParallel > 1"))
+        if self.backend == "nxd" and not self.instance_type.startswith("trn"):
+            problems.append(
+                (
+                    "backend",
+                    f"backend nxd runs on Trainium only (instanceType {self.instance_type}); "
+                    "use native or auto",
+                )
+            )
+        _raise_if(problems)
+        return self
+
+    def resolved_processes_per_node(self) -> int:
+        if self.processes_per_node is not None:
+            return self.processes_per_node
+        return instance_type(self.instance_type).processes_per_node
+
+    def resolved_backend(self) -> Literal["nxd", "native"]:
+        """auto → nxd on trn1/trn1n (XLA + NxD is the trn1 path), native everywhere else
+        (CUDA, CPU, and trn2 through TorchNeuron)."""
+        if self.backend != "auto":
+            return self.backend
+        return "nxd" if self.instance_type.startswith("trn1") else "native"
+
+    def world_size(self) -> int:
+        return self.nodes * self.resolved_processes_per_node()
+
+
+class ScratchSpec(CamelModel):
+    """Node-local space for checkpoint writes before upload (and for compile caches)."""
+
+    type: Literal["emptyDir", "hostPath", "pvc"] = Field(
+        default="emptyDir",
+        description="emptyDir (default), hostPath (an instance-store NVMe mount), or pvc.",
+    )
+    path: str | None = Field(
+        default=None, max_length=URI_MAX_LENGTH, pattern=r"^/", description="hostPath only."
+    )
+    claim_name: K8sName | None = Field(default=None, description="pvc only.")
+    size_limit: Quantity | None = Field(default=None, description="emptyDir size limit.")
+    mount_path: str = Field(default="/scratch", max_length=URI_MAX_LENGTH, pattern=r"^/")
+
+    @model_validator(mode="after")
+    def _check(self) -> ScratchSpec:
+        problems: list[tuple[str, str]] = []
+        if self.type == "hostPath" and self.path is None:
+            problems.append(("path", "scratch type hostPath needs path (e.g. /local/nvme)"))
+        if self.type == "pvc" and self.claim_name is None:
+            problems.append(("claimName", "scratch type pvc needs claimName"))
+        if self.type != "hostPath" and self.path is not None:
+            problems.append(("path", "scratch path is only used with type hostPath"))
+        if self.type != "pvc" and self.claim_name is not None:
+            problems.append(("claimName", "scratch claimName is only used with type pvc"))
+        _raise_if(problems)
+        return self
+
+
+class CheckpointsSpec(CamelModel):
+    s3_uri: StorageUri = Field(
+        description="Checkpoint root: step_<N>/ tags, pretrained_weight/, progress.json, "
+        "tensorboard/ and (by default) the tokenized data/ live here."
+    )
+    every_steps: int = Field(default=100, ge=1, le=1 << 30, description="Save every N steps.")
+    keep: int = Field(default=2, ge=1, le=1000, description="Committed checkpoints kept.")
+    async_save: bool = Field(default=True, description="Save without stalling the step loop.")
+    scratch: ScratchSpec = Field(default_factory=ScratchSpec)
+
+
+class OutputSpec(CamelModel):
+    s3_uri: StorageUri = Field(description="The final Hugging Face model goes here.")
+
+
+class ImagesSpec(CamelModel):
+    trainer_neuron: str = Field(default=DEFAULT_IMAGES["trainer_neuron"], max_length=512)
+    trainer_cuda: str = Field(default=DEFAULT_IMAGES["trainer_cuda"], max_length=512)
+    trainer_cpu: str = Field(default=DEFAULT_IMAGES["trainer_cpu"], max_length=512)
+    tools: str = Field(
+        default=DEFAULT_IMAGES["tools"], max_length=512, description="Tokenize/export (CPU)."
+    )
+    pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+
+
+class S3CredentialsSecretRef(CamelModel):
+    """Static S3 keys from a Secret (prefer IRSA / Pod Identity; this is for non-AWS S3)."""
+
+    name: K8sName
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=NAME_MAX_LENGTH)
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX_LENGTH
+    )
+    session_token_key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
+
+
+class Toleration(CamelModel):
+    key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourceRequests(CamelModel):
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class RuntimeSpec(CamelModel):
+    """How pods are run: images, identity, placement, scheduling. Mutable while running."""
+
+    images: ImagesSpec = Field(default_factory=ImagesSpec)
+    service_account_name: K8sName | None = Field(
+        default=None, description="For IRSA / Pod Identity S3 access."
+    )
+    hf_token_secret_ref: SecretKeySelector | None = Field(
+        default=None, description="Secret key holding HF_TOKEN (gated hf:// models)."
+    )
+    s3_credentials_secret_ref: S3CredentialsSecretRef | None = None
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Training pods; node.kubernetes.io/instance-type is added from instanceType.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Training pods; the accelerator taint toleration is added automatically.",
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="A core/v1 Affinity for training pods, passed through."
+    )
+    tools_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Tokenize/convert/export Jobs (CPU work)."
+    )
+    tools_resources: ResourceRequests = Field(default_factory=ResourceRequests)
+    priority_class_name: K8sName | None = None
+    gang_scheduling: GangScheduling = "none"
+    kueue_queue_name: K8sName | None = None
+    neuron_compile_cache_uri: StorageUri | None = Field(
+        default=None, description="Persistent Neuron compile cache (s3://); trn only."
+    )
+
+
+class PreflightSpec(CamelModel):
+    enabled: bool = Field(default=True, description="Run the all-reduce check before training.")
+    min_bus_bandwidth_gbps: float = Field(
+        default=0.0, ge=0, le=100000, description="Fail the run below this; 0 only reports."
+    )
+
+
+class ResiliencySpec(CamelModel):
+    max_attempts: int = Field(default=3, ge=1, le=100, description="Training attempts in all.")
+    pending_timeout_seconds: int = Field(
+        default=1800, ge=0, le=7 * 86400, description="Unschedulable this long → fail; 0 = off."
+    )
+    hang_timeout_seconds: int = Field(
+        default=1800, ge=0, le=7 * 86400, description="No progress this long → restart; 0 = off."
+    )
+    node_not_ready_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="A training pod's node NotReady this long → restart the attempt (its pods "
+        "on that node are force-deleted).",
+    )
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
+
+
+class ContinualPretrainSpec(CamelModel):
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec
+    checkpoints: CheckpointsSpec
+    output: OutputSpec
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resiliency: ResiliencySpec = Field(default_factory=ResiliencySpec)
+    suspend: bool = Field(default=False, description="true: stop pods, keep checkpoints.")
+
+    # Derived values the operator, the planner and local mode share.
+
+    def tokenizer_uri(self) -> str:
+        return self.model.tokenizer or self.model.source
+
+    def data_uri(self) -> str:
+        """Tokenized data: data.tokenizedUri, else <checkpoints.s3Uri>/data/."""
+        if self.data.tokenized_uri:
+            return self.data.tokenized_uri
+        return join_uri(self.checkpoints.s3_uri, "data/")
+
+    def max_steps(self) -> int:
+        """maxSteps, or maxTokens rounded up to whole steps."""
+        if self.training.max_steps is not None:
+            return self.training.max_steps
+        if self.training.max_tokens is None:  # TrainingSpec rejects this; keep mypy honest
+            raise ValueError("set exactly one of maxSteps or maxTokens")
+        tokens_per_step = self.training.global_batch_size * self.data.block_size
+        return -(-self.training.max_tokens // tokens_per_step)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join a URI/path and relative parts with single slashes (keeps a trailing slash)."""
+    out = base
+    for part in parts:
+        out = out.rstrip("/") + "/" + part.lstrip("/")
+    return out
+
+
+class ObjectMeta(CamelModel):
+    """The subset of metadata the API reads; other keys pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PLANNING = "Planning"
+    PREFLIGHT = "Preflight"
+    TOKENIZING = "Tokenizing"
+    PREPARING_WEIGHTS = "PreparingWeights"
+    TRAINING = "Training"
+    CONVERTING = "Converting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class ConditionType(StrEnum):
+    """Condition types the operator sets (metav1.Condition semantics)."""
+
+    PLANNED = "Planned"
+    PREFLIGHT_PASSED = "PreflightPassed"
+    DATA_READY = "DataReady"
+    WEIGHTS_READY = "WeightsReady"
+    TRAINING = "Training"
+    EXPORTED = "Exported"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class StatusModel(CamelModel):
+    """Status is written by the operator and read back; tolerate fields a newer operator
+    added instead of failing the reconcile."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Condition(StatusModel):
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(default="", max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class PlanSummary(StatusModel):
+    """What the planner decided and estimated (``cpt plan`` prints the same)."""
+
+    backend: Literal["nxd", "native"]
+    instance_type: str
+    nodes: int
+    processes_per_node: int
+    world_size: int
+    data_parallel: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    kv_size_multiplier: int = 1
+    micro_batch_size: int
+    grad_accum_steps: int = Field(description="Micro-batches per replica per step.")
+    pipeline_microbatches: int | None = Field(default=None, description="When PP > 1.")
+    tokens_per_step: int
+    max_steps: int
+    total_tokens: int
+    params: int
+    memory_per_device_gib: float
+    device_memory_gib: float | None = None
+    est_step_seconds: float | None = None
+    est_tokens_per_sec: float | None = None
+    est_mfu_percent: float | None = None
+    est_wall_hours: float | None = None
+    instance_hours: float | None = None
+    est_cost_usd: float | None = None
+    checkpoint_size_gib: float | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class CheckpointStatus(StatusModel):
+    step: int
+    uri: str
+    time: datetime | None = None
+
+
+class ProgressStatus(StatusModel):
+    step: int = 0
+    max_steps: int = 0
+    step_of_max: str = Field(default="", description="'step/maxSteps' for kubectl get.")
+    loss: float | None = None
+    tokens_per_sec: float | None = None
+    mfu_percent: float | None = None
+    lr: float | None = None
+    eta: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class ChildrenStatus(StatusModel):
+    tokenize: str | None = None
+    weights: str | None = None
+    preflight: str | None = None
+    train: str | None = None
+    export: str | None = None
+
+
+class AttemptStatus(StatusModel):
+    """One training attempt as the operator saw it (the history survives child deletion: the
+    attempt counter lives on the run, never only on a child)."""
+
+    attempt: int = Field(ge=1)
+    start_time: datetime | None = None
+    running_since: datetime | None = Field(
+        default=None, description="When every training pod of the attempt was first Running."
+    )
+    last_step: int | None = Field(default=None, description="Newest step seen in progress.json.")
+    last_step_time: datetime | None = Field(
+        default=None, description="When lastStep was first seen (the hang clock)."
+    )
+    end_time: datetime | None = None
+    reason: str = Field(default="", max_length=1024, description="Why the attempt ended.")
+    message: str = Field(default="", max_length=32768)
+    resume_from_step: int | None = Field(
+        default=None, description="The committed checkpoint step the attempt should resume from."
+    )
+
+
+class ContinualPretrainStatus(StatusModel):
+    phase: Phase = Phase.PENDING
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    attempt: int = Field(default=0, ge=0)
+    plan: PlanSummary | None = None
+    checkpoint: CheckpointStatus | None = None
+    progress: ProgressStatus | None = None
+    tensorboard_uri: str | None = None
+    output_uri: str | None = None
+    children: ChildrenStatus = Field(default_factory=ChildrenStatus)
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    message: str = Field(default="", max_length=32768)
+    attempts: list[AttemptStatus] = Field(
+        default_factory=list, description="Training attempts, oldest first."
+    )
+    resume_from: CheckpointStatus | None = Field(
+        default=None, description="The checkpoint the current attempt is expected to resume from."
+    )
+    suspended_phase: Phase | None = Field(
+        default=None, description="The phase to continue with when spec.suspend is cleared."
+    )
+    kopf: dict[str, Any] | None = Field(
+        default=None, description="kopf's own bookkeeping (progress storage); opaque."
+    )
+
+
+class ContinualPretrain(CamelModel):
+    """A whole object as in run.yaml / from the API server."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["cpt.dev/v1alpha1"] = "cpt.dev/v1alpha1"
+    kind: Literal["ContinualPretrain"] = "ContinualPretrain"
+    metadata: ObjectMeta
+    spec: ContinualPretrainSpec
+    status: ContinualPretrainStatus | None = None
+
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "INSTANCE_TYPES",
+    "KIND",
+    "PLURAL",
+    "SINGULAR",
+    "VERSION",
+    "CheckpointStatus",
+    "CheckpointsSpec",
+    "ChildrenStatus",
+    "Condition",
+    "ConditionType",
+    "ContinualPretrain",
+    "ContinualPretrainSpec",
+    "ContinualPretrainStatus",
+    "DataSpec",
+    "EnvVar",
+    "ModelSpec",
+    "Phase",
+    "PlanSummary",
+    "ProgressStatus",
+    "RuntimeSpec",
+    "TrainingSpec",
+]

@@ -1,0 +1,106 @@
+"""``cpt``: plan a run, write the generated CRD files, or run a spec locally.
+
+    cpt plan run.yaml [--json] [--local]
+    cpt crds [--root DIR] [--check]
+    cpt local run.yaml [--workdir DIR] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from cpt_operator.api.planner import load_run, plan_object, render_text
+
+    path = Path(args.file)
+    try:
+        obj = load_run(path)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"cpt plan: {exc}", file=sys.stderr)
+        return 2
+    result = plan_object(obj, mode="local" if args.local else None, base_dir=Path.cwd())
+    if args.json:
+        print(result.to_json())
+    else:
+        name = (obj.get("metadata") or {}).get("name", "?")
+        sys.stdout.write(render_text(result, title=f"ContinualPretrain {name} ({path})"))
+    return 0 if result.ok else 1
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    from cpt_operator.api.crd import stale_files, write_files
+
+    root = Path(args.root)
+    if args.check:
+        stale = stale_files(root)
+        for rel in stale:
+            print(f"stale: {rel} (run `make crds`)", file=sys.stderr)
+        return 1 if stale else 0
+    for rel in write_files(root):
+        print(f"wrote {rel}")
+    return 0
+
+
+def _cmd_local(args: argparse.Namespace) -> int:
+    try:
+        local: Any = importlib.import_module("cpt_operator.local")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("cpt_operator.local",):
+            raise
+        print(
+            "cpt local: this cpt build has no local mode (module cpt_operator.local is "
+            "missing); use a source checkout with the `training` extra installed",
+            file=sys.stderr,
+        )
+        return 2
+    opts = {k: v for k, v in vars(args).items() if k not in ("func", "file", "command")}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    result = local.run_local(Path(args.file), **opts)
+    return int(result) if isinstance(result, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpt", description="ContinualPretrain: continual pretraining on Kubernetes."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="check a run.yaml and estimate memory, time and cost")
+    p.add_argument("file", help="a ContinualPretrain YAML file")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--local", action="store_true", help="plan for `cpt local` (local paths allowed)"
+    )
+    p.set_defaults(func=_cmd_plan)
+
+    c = sub.add_parser("crds", help="write the generated CRD and JSON schema files")
+    c.add_argument("--root", default=".", help="repository root (default: .)")
+    c.add_argument("--check", action="store_true", help="exit 1 if the files are stale")
+    c.set_defaults(func=_cmd_crds)
+
+    loc = sub.add_parser("local", help="run every stage of a run.yaml as local processes")
+    loc.add_argument("file", help="a ContinualPretrain YAML file")
+    loc.add_argument("--workdir", default=None, help="where local state goes")
+    loc.add_argument("--max-steps", type=int, default=None, help="override maxSteps")
+    loc.add_argument("--nproc", type=int, default=None, help="override processesPerNode")
+    loc.add_argument("--stage", default=None, help="run only this stage")
+    loc.set_defaults(func=_cmd_local)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
