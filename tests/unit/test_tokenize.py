@@ -1,0 +1,297 @@
+"""The tokenize stage on local files with a real (locally trained) tokenizer."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pytest
+from cpt_training import tokenize as tk
+from cpt_training.config import TokenizeStage
+from fixtures.textgen import make_corpus, make_texts, train_tokenizer
+
+pytestmark = pytest.mark.unit
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(make_texts(300, seed=99), vocab_size=400, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rust(tok_dir: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+
+
+def cfg_for(src: Path | str, tok_dir: Path, out: Path, **kw: Any) -> TokenizeStage:
+    base: dict[str, Any] = {
+        "sources": [{"uri": str(src)}],
+        "tokenizer_uri": str(tok_dir),
+        "output_uri": str(out),
+        "block_size": BLOCK,
+        "num_shards": 1,
+    }
+    base.update(kw)
+    return TokenizeStage.model_validate(base)
+
+
+def run_all(cfg: TokenizeStage) -> list[tk.ShardResult]:
+    return [
+        tk.run_tokenize(cfg.model_copy(update={"shard_index": i})) for i in range(cfg.num_shards)
+    ]
+
+
+def shard_docs(cfg: TokenizeStage, i: int) -> list[str]:
+    return [d for batch in tk.shard_documents(cfg, i) for d in batch]
+
+
+def load_ids(out: Path, name: str) -> np.ndarray:
+    ds = datasets.load_from_disk(str(out / name)).with_format("numpy")
+    if len(ds) == 0:
+        return np.zeros((0, BLOCK), dtype=np.int64)
+    return np.asarray(ds["input_ids"])
+
+
+def test_packing_joins_documents_with_eos_and_cuts_full_blocks(
+    tmp_path: Path, tok_dir: Path, rust: Any
+) -> None:
+    docs = make_corpus(tmp_path / "c", 60, seed=1)
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "out", num_shards=2)
+    results = run_all(cfg)
+    eos = rust.token_to_id("</s>")
+    for r in results:
+        name = tk.shard_name(r.shard, 2)
+        ds = datasets.load_from_disk(str(tmp_path / "out" / name)).with_format("numpy")
+        ids = np.asarray(ds["input_ids"])
+        assert ids.shape == (r.blocks, BLOCK)
+        assert (np.asarray(ds["labels"]) == ids).all(), "labels = input_ids; the model shifts"
+        assert (np.asarray(ds["attention_mask"]) == 1).all()
+        # Independent reference: encode each document alone, append EOS, concatenate.
+        stream = []
+        for d in shard_docs(cfg, r.shard):
+            stream += [*rust.encode(d, add_special_tokens=False).ids, eos]
+        assert r.tokens + r.dropped_tokens == len(stream)
+        assert 0 <= r.dropped_tokens < BLOCK, "only the final partial block is dropped"
+        assert ids.reshape(-1).tolist() == stream[: r.blocks * BLOCK]
+        assert int((ids == eos).sum()) == stream[: r.blocks * BLOCK].count(eos)
+    assert sum(r.docs for r in results) == len(docs)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "files", "shards"),
+    [("jsonl", 2, 3), ("jsonl", 5, 2), ("parquet", 2, 5), ("txt", 0, 4)],
+)
+def test_shards_are_disjoint_and_together_cover_every_document(
+    tmp_path: Path, tok_dir: Path, fmt: Any, files: int, shards: int
+) -> None:
+    docs = make_corpus(tmp_path / "c", 41, seed=2, files=max(files, 1), fmt=fmt)
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "out", num_shards=shards)
+    per_shard = [shard_docs(cfg, i) for i in range(shards)]
+    union = collections.Counter(d.strip() for s in per_shard for d in s)
+    assert union == collections.Counter(d.strip() for d in docs), "each doc exactly once"
+    assert all(per_shard), "every shard gets work"
+
+
+def test_shard_plan_is_size_balanced_and_deterministic(tmp_path: Path, tok_dir: Path) -> None:
+    src = tmp_path / "c"
+    src.mkdir()
+    for i, size in enumerate([900, 100, 500, 480, 20, 410]):
+        (src / f"f{i}.jsonl").write_text(json.dumps({"text": "x" * size}) + "\n")
+    cfg = cfg_for(src, tok_dir, tmp_path / "o", num_shards=3)
+    plan = tk.plan_shards(cfg)
+    assert plan == tk.plan_shards(cfg)
+    loads = sorted(sum(u.size for u in p) for p in plan)
+    sizes = [u.size for p in plan for u in p]
+    lower_bound = max(max(sizes), sum(sizes) / 3)
+    assert loads[-1] <= lower_bound * 4 / 3, f"greedy LPT stays within 4/3 of optimal: {loads}"
+    assert loads[0] > 0
+    assert sorted(Path(u.uri).name for p in plan for u in p) == [f"f{i}.jsonl" for i in range(6)]
+
+
+def test_held_out_documents_depend_on_the_text_not_on_sharding(
+    tmp_path: Path, tok_dir: Path, rust: Any
+) -> None:
+    docs = make_corpus(tmp_path / "c", 200, seed=3)
+    mask = tk.is_held_out(docs, 0.2, seed=7)
+    assert 20 <= mask.sum() <= 60
+    assert (tk.is_held_out(docs[::-1], 0.2, seed=7) == mask[::-1]).all()
+    assert not (tk.is_held_out(docs, 0.2, seed=8) == mask).all(), "the seed matters"
+    held_docs = {d for d, m in zip(docs, mask, strict=True) if m}
+    cfg = cfg_for(
+        tmp_path / "c", tok_dir, tmp_path / "out", num_shards=3, held_out_fraction=0.2, seed=7
+    )
+    results = run_all(cfg)
+    assert sum(r.heldout_docs for r in results) == len(held_docs)
+    assert sum(r.docs for r in results) == len(docs) - len(held_docs)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["heldoutShards"]] == [
+        tk.heldout_name(i, 3) for i in range(3)
+    ]
+    # Every complete document inside a shard's held-out blocks is a held-out document.
+    pieces: list[str] = []
+    for i in range(3):
+        ids = load_ids(tmp_path / "out", tk.heldout_name(i, 3)).reshape(-1).tolist()
+        text = rust.decode(ids, skip_special_tokens=False)
+        pieces += [p.strip() for p in text.split("</s>")[1:-1]]  # drop the cut ends
+    assert pieces and all(p in {d.strip() for d in held_docs} for p in pieces)
+
+
+def test_manifest_appears_only_when_every_shard_is_done(tmp_path: Path, tok_dir: Path) -> None:
+    make_corpus(tmp_path / "c", 50, seed=4)
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "out", num_shards=3)
+    out = tmp_path / "out"
+    r0 = tk.run_tokenize(cfg.model_copy(update={"shard_index": 0}))
+    r2 = tk.run_tokenize(cfg.model_copy(update={"shard_index": 2}))
+    assert (out / tk.done_name(0, 3)).exists() and (out / tk.done_name(2, 3)).exists()
+    assert not (out / "manifest.json").exists()
+    r1 = tk.run_tokenize(cfg.model_copy(update={"shard_index": 1}))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["totalBlocks"] == r0.blocks + r1.blocks + r2.blocks
+    assert m["totalTokens"] == m["totalBlocks"] * BLOCK
+    assert m["configHash"] == r0.config_hash
+    assert [s["name"] for s in m["shards"]] == [tk.shard_name(i, 3) for i in range(3)]
+    done = json.loads((out / tk.done_name(1, 3)).read_text())
+    assert done["blocks"] == r1.blocks and done["configHash"] == m["configHash"]
+
+
+def test_shard_index_comes_from_the_indexed_job_env(
+    tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_corpus(tmp_path / "c", 20, seed=5)
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "out", num_shards=2)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    assert tk.run_tokenize(cfg).shard == 1
+    assert (tmp_path / "out" / tk.done_name(1, 2)).exists()
+    assert not (tmp_path / "out" / tk.done_name(0, 2)).exists()
+
+
+def test_rerun_skips_finished_shards_and_rechecks_the_manifest(
+    tmp_path: Path, tok_dir: Path
+) -> None:
+    make_corpus(tmp_path / "c", 40, seed=6)
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "out", num_shards=2)
+    first = run_all(cfg)
+    out = tmp_path / "out"
+    arrow = next((out / tk.shard_name(0, 2)).glob("*.arrow"))
+    mtime = arrow.stat().st_mtime_ns
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "totalBlocks": 1}))
+    again = tk.run_tokenize(cfg.model_copy(update={"shard_index": 0}))
+    assert again.skipped and again.blocks == first[0].blocks
+    assert arrow.stat().st_mtime_ns == mtime, "finished data is not rewritten"
+    assert json.loads((out / "manifest.json").read_text()) == m, "manifest re-checked, repaired"
+
+
+def test_a_different_config_in_an_existing_output_fails_and_changes_nothing(
+    tmp_path: Path, tok_dir: Path
+) -> None:
+    make_corpus(tmp_path / "c", 30, seed=7)
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "out", num_shards=2)
+    run_all(cfg)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    changed = cfg.model_copy(update={"block_size": BLOCK * 2, "shard_index": 1})
+    with pytest.raises(tk.TokenizeError, match=r"different config.*configHash.*new outputUri"):
+        tk.run_tokenize(changed)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
+    # Only shard 0 finished under the old config: still refused.
+    os.remove(tmp_path / "out" / "manifest.json")
+    os.remove(tmp_path / "out" / tk.done_name(1, 2))
+    with pytest.raises(tk.TokenizeError, match=tk.done_name(0, 2)):
+        tk.run_tokenize(changed)
+
+
+def test_a_shard_that_died_before_its_done_file_is_redone_from_scratch(
+    tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_corpus(tmp_path / "c", 30, seed=8)
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "out", num_shards=1, shard_index=0)
+    out = tmp_path / "out"
+    (out / tk.shard_name(0, 1)).mkdir(parents=True)
+    (out / tk.shard_name(0, 1) / "junk.arrow").write_bytes(b"partial")
+    real = tk.ShardResult.to_json
+
+    def boom(self: tk.ShardResult) -> dict[str, Any]:
+        raise OSError("killed before the done file")
+
+    monkeypatch.setattr(tk.ShardResult, "to_json", boom)
+    with pytest.raises(OSError, match="killed"):
+        tk.run_tokenize(cfg)
+    assert not (out / tk.done_name(0, 1)).exists() and not (out / "manifest.json").exists()
+    monkeypatch.setattr(tk.ShardResult, "to_json", real)
+    r = tk.run_tokenize(cfg)
+    assert not r.skipped
+    assert not (out / tk.shard_name(0, 1) / "junk.arrow").exists()
+    assert (out / "manifest.json").exists()
+
+
+def test_worker_processes_produce_identical_output(tmp_path: Path, tok_dir: Path) -> None:
+    make_corpus(tmp_path / "c", 120, seed=9)
+    one = cfg_for(tmp_path / "c", tok_dir, tmp_path / "o1", shard_index=0)
+    two = cfg_for(tmp_path / "c", tok_dir, tmp_path / "o2", shard_index=0, workers=2)
+    r1, r2 = tk.run_tokenize(one), tk.run_tokenize(two)
+    assert r1.config_hash == r2.config_hash, "workers do not change the output"
+    name = tk.shard_name(0, 1)
+    assert (load_ids(tmp_path / "o1", name) == load_ids(tmp_path / "o2", name)).all()
+
+
+def test_a_local_hf_dataset_is_read_by_id_and_split_by_node(
+    tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    docs = make_corpus(tmp_path / "hf", 45, seed=10, files=3)
+    cfg = TokenizeStage.model_validate(
+        {
+            "sources": [{"hfDataset": str(tmp_path / "hf"), "split": "train"}],
+            "tokenizerUri": str(tok_dir),
+            "outputUri": str(tmp_path / "out"),
+            "blockSize": BLOCK,
+            "numShards": 2,
+        }
+    )
+    per_shard = [shard_docs(cfg, i) for i in range(2)]
+    assert sorted(per_shard[0] + per_shard[1]) == sorted(docs)
+    assert not set(per_shard[0]) & set(per_shard[1])
+    assert sum(r.docs for r in run_all(cfg)) == len(docs)
+
+
+def test_txt_paragraph_mode_splits_on_blank_lines(
+    tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_text("First para.\nStill first.\n\nSecond para.\n\n\n  Third.  \n")
+    cfg = cfg_for(src, tok_dir, tmp_path / "o")
+    assert shard_docs(cfg, 0) == ["First para.\nStill first.\n\nSecond para.\n\n\n  Third."]
+    monkeypatch.setenv("CPT_TXT_SPLIT", "paragraph")
+    assert shard_docs(cfg, 0) == ["First para.\nStill first.", "Second para.", "Third."]
+    monkeypatch.setenv("CPT_TXT_SPLIT", "sentence")
+    with pytest.raises(tk.TokenizeError, match="CPT_TXT_SPLIT must be one of file, paragraph"):
+        shard_docs(cfg, 0)
+
+
+def test_bad_inputs_fail_with_messages_naming_the_field(tmp_path: Path, tok_dir: Path) -> None:
+    make_corpus(tmp_path / "c", 10, seed=11, text_field="body")
+    cfg = cfg_for(tmp_path / "c", tok_dir, tmp_path / "o", shard_index=0)
+    with pytest.raises(tk.TokenizeError, match=r"no field 'text' \(textField\).*'body'"):
+        tk.run_tokenize(cfg)
+    with pytest.raises(tk.TokenizeError, match="shardIndex 3 is out of range for numShards 2"):
+        tk.run_tokenize(cfg.model_copy(update={"shard_index": 3, "num_shards": 2}))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("no data")
+    with pytest.raises(tk.TokenizeError, match=r"sources\[0\].uri .* has no .jsonl"):
+        tk.plan_shards(cfg_for(tmp_path / "empty", tok_dir, tmp_path / "o"))
+    with pytest.raises(tk.TokenizeError, match="tokenizerUri"):
+        tk.load_tokenizer(str(tmp_path / "nowhere"))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
