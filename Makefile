@@ -45,14 +45,16 @@ lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check operator training tests hack bench
 	$(VENV)/bin/ruff format --check operator training tests hack bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/cpt crds --check
 
 ##@ Generate
 .PHONY: crds chart
-crds: install ## Regenerate crds/, the chart's CRD copy and JSON schemas from the pydantic models
+crds: install ## Regenerate crds/, the chart's CRD copy, JSON schemas and doc tables from the models
 	$(VENV)/bin/cpt crds
-chart: install cluster-build ## helm lint + render the chart
-	$$(hack/devcluster/build.sh | tail -n1)/helm lint charts/cpt
-	$$(hack/devcluster/build.sh | tail -n1)/helm template cpt charts/cpt >/dev/null
+chart: install cluster-build ## Check values.schema.json, helm lint and render the chart
+	$(PY) hack/chart/values_schema.py --check
+	$$(hack/devcluster/build.sh | tail -n1)/helm lint --strict charts/cpt
+	$(PY) hack/chart/render.py >/dev/null
 
 ##@ Images
 .PHONY: images
