@@ -1,0 +1,394 @@
+"""The nxd stages wired end to end on CPU: convert -> train -> kill -> resume -> export.
+
+We test these aspects:
+- ``convert.run`` commits ``pretrained_weight``; ``_Trainer.train`` loads it, trains, saves NxD
+  tags to node-local scratch, and the real CheckpointSyncer uploads and commits them; progress
+  and metrics are written.
+- A second attempt restores the newest committed tag and continues: its step-4 loss equals the
+  first attempt's step-4 loss exactly (same weights, optimizer state, LR and data).
+- The final tag exports to HF names, holds the trained (changed) weights, and the run reports
+  done. ``neuron_parallel_compile`` mode writes nothing.
+
+STAND-IN: torch_xla and neuronx_distributed cannot be installed here. The training
+subprocesses get stand-in packages on PYTHONPATH (written by this test, nowhere else): TP=PP=1
+torch versions of the NxD entry points cpt calls, with the real signatures, and checkpoint
+files in NxD's layout; ``xm`` maps to CPU. Everything else is real: storage, checkpoint
+protocol, data, schedule, progress, metrics, the model, and the trainer's own code. What
+the stand-ins cannot show (parallel layers, collectives, compilation) is hardware-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt_training import tokenize as tk
+from cpt_training.checkpoint import latest_committed, restore
+from cpt_training.config import ConvertToNxdStage, ExportHfStage, TokenizeStage, TrainStage
+from cpt_training.metrics import parse_metrics_lines
+from cpt_training.nxd import convert, export
+from fixtures.textgen import make_corpus, make_texts, save_tokenizer, train_tokenizer
+
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
+
+SEQ = 32
+
+STANDINS = {
+    "torch_xla/__init__.py": "",
+    "torch_xla/core/__init__.py": "",
+    "torch_xla/core/xla_model.py": """
+        import torch
+        REDUCE_SUM = "sum"
+        def xla_device():
+            return torch.device("cpu")
+        def mark_step():
+            pass
+        def all_reduce(op, t, groups=None):
+            return t  # one process
+        """,
+    "torch_xla/distributed/__init__.py": "",
+    "torch_xla/distributed/xla_backend.py": "",
+    "neuronx_distributed/parallel_layers/__init__.py": "",
+    "neuronx_distributed/parallel_layers/parallel_state.py": """
+        import torch.distributed as dist
+        def get_tensor_model_parallel_size():
+            return 1
+        def get_data_parallel_rank():
+            return dist.get_rank()
+        def get_data_parallel_size():
+            return dist.get_world_size()
+        def get_data_parallel_replica_groups():
+            return [list(range(dist.get_world_size()))]
+        """,
+    "neuronx_distributed/parallel_layers/layers.py": """
+        import torch
+        from torch import nn
+
+        class ParallelEmbedding(nn.Embedding):
+            def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None,
+                         norm_type=2.0, scale_grad_by_freq=False, sparse=False, init_method=None,
+                         device=None, dtype=torch.float32, shard_across_embedding=False,
+                         pad=False, sequence_parallel_enabled=False, **kw):
+                super().__init__(num_embeddings, embedding_dim, dtype=dtype)
+            def init_weight_cpu(self):
+                self.reset_parameters()
+
+        class ColumnParallelLinear(nn.Linear):
+            def __init__(self, input_size, output_size, bias=True, gather_output=True,
+                         dtype=torch.float32, device=None, stride=1, init_method=None,
+                         sequence_parallel_enabled=False, sequence_dimension=None,
+                         keep_master_weight=False, skip_bias_add=False, pad=False, **kw):
+                super().__init__(input_size, output_size, bias=bias, dtype=dtype)
+            def init_weight_cpu(self):
+                self.reset_parameters()
+
+        class RowParallelLinear(nn.Linear):
+            def __init__(self, input_size, output_size, bias=True, input_is_parallel=False,
+                         dtype=torch.float32, device=None, stride=1, init_method=None,
+                         sequence_parallel_enabled=False, sequence_dimension=None,
+                         keep_master_weight=False, skip_bias_add=False, pad=False,
+                         reduce_output=True, **kw):
+                super().__init__(input_size, output_size, bias=bias, dtype=dtype)
+            def init_weight_cpu(self):
+                self.reset_parameters()
+        """,
+    "neuronx_distributed/parallel_layers/loss_functions.py": """
+        import torch.nn.functional as F
+        def parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing=0.0):
+            t = target.clamp(min=0)  # like NxD: no ignore_index; the caller masks -100
+            return F.cross_entropy(vocab_parallel_logits, t, reduction="none")
+        """,
+    "neuronx_distributed/modules/__init__.py": "",
+    "neuronx_distributed/modules/qkv_linear.py": """
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class GQAQKVColumnParallelLinear(nn.Module):
+            def __init__(self, input_size, output_sizes, bias=True, gather_output=True,
+                         dtype=torch.float32, device=None, init_method=None,
+                         sequence_parallel_enabled=False, keep_master_weight=False,
+                         kv_size_multiplier=1, fuse_qkv=True, reduce_dtype=torch.float32):
+                super().__init__()
+                assert not fuse_qkv and not bias
+                q, kv = output_sizes[0], output_sizes[1] * kv_size_multiplier
+                self.weight_q = nn.Parameter(torch.empty(q, input_size, dtype=dtype))
+                self.weight_k = nn.Parameter(torch.empty(kv, input_size, dtype=dtype))
+                self.weight_v = nn.Parameter(torch.empty(kv, input_size, dtype=dtype))
+                self.initialize_weight_biases()
+            def initialize_weight_biases(self):
+                for w in (self.weight_q, self.weight_k, self.weight_v):
+                    nn.init.normal_(w, std=0.02)
+            def forward(self, x):
+                return (F.linear(x, self.weight_q), F.linear(x, self.weight_k),
+                        F.linear(x, self.weight_v))
+        """,
+    "neuronx_distributed/trainer/__init__.py": "",
+    "neuronx_distributed/trainer/checkpoint.py": """
+        class _IOState:
+            _save_task = None  # saves below are synchronous
+        g_iostate = _IOState()
+        """,
+    "neuronx_distributed/__init__.py": """
+        import os
+        import torch
+        from torch import nn
+
+        FILE = "dp_rank_00_tp_rank_00_pp_rank_00.pt"
+        _CONFIG_ARGS = (
+            "tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
+            "context_parallel_size", "pipeline_config", "optimizer_config",
+            "activation_checkpoint_config", "pad_model", "sequence_parallel",
+            "model_init_config", "lora_config", "mixed_precision_config",
+            "sequential_move_factor", "lnc_size")
+
+        def neuronx_distributed_config(**kwargs):
+            bad = set(kwargs) - set(_CONFIG_ARGS)
+            assert not bad, bad
+            assert kwargs["tensor_parallel_size"] == 1 and kwargs["pipeline_parallel_size"] == 1
+            return dict(kwargs)
+
+        class _Model(nn.Module):
+            def __init__(self, module):
+                super().__init__()
+                self.module = module
+            def forward(self, *a, **k):
+                return self.module(*a, **k)
+            def state_dict(self, *a, **k):
+                return self.module.state_dict(*a, **k)
+            def load_state_dict(self, sd, strict=True):
+                return self.module.load_state_dict(sd, strict=strict)
+
+        def initialize_parallel_model(nxd_config, model_fn, include_buffers=False, *args, **kw):
+            init = nxd_config["model_init_config"]
+            with torch.device("meta"):
+                model = model_fn(*args, **kw)
+            model.to_empty(device="cpu")
+            with torch.no_grad():
+                for m in model.modules():
+                    init["param_init_fn"](m, torch.device("cpu"))
+            return _Model(model)
+
+        class _Optimizer:
+            def __init__(self, nxd_config, optimizer):
+                self.nxd_config, self.optimizer = nxd_config, optimizer
+                self.grad_norm = None
+            @property
+            def param_groups(self):
+                return self.optimizer.param_groups
+            def step(self):
+                oc = self.nxd_config["optimizer_config"]
+                params = [p for g in self.param_groups for p in g["params"]]
+                if oc["grad_clipping"]:
+                    self.grad_norm = torch.nn.utils.clip_grad_norm_(params, oc["max_grad_norm"])
+                self.optimizer.step()
+            def zero_grad(self, set_to_none=False):
+                self.optimizer.zero_grad(set_to_none=set_to_none)
+            def state_dict(self):
+                return self.optimizer.state_dict()
+            def load_state_dict(self, sd):
+                self.optimizer.load_state_dict(sd)
+
+        def initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults):
+            opt = optimizer_class(parameters, **defaults)
+            opt.init_zero = lambda: None
+            return _Optimizer(nxd_config, opt)
+
+        def save_checkpoint(checkpoint_dir_str, tag, model=None, optimizer=None, scheduler=None,
+                            user_content=None, num_workers=8, use_xser=False, num_kept_ckpts=None,
+                            async_save=False, zero1_optimizer=False, use_zero1_dcp=False,
+                            avoid_saving_lower_precision_weights=False):
+            d = os.path.join(checkpoint_dir_str, tag)
+            open(os.path.join(d, "checkpoint"), "w").write("1")
+            torch.save(model.state_dict(), os.path.join(d, "model", FILE))
+            torch.save(optimizer.state_dict(), os.path.join(d, "optim", FILE))
+            torch.save(user_content, os.path.join(d, "user_content.pt"))
+            open(os.path.join(d, "done"), "w").write("1")
+
+        def load_checkpoint(path, tag=None, model=None, optimizer=None, scheduler=None,
+                            num_workers=8, strict=True, use_zero1_dcp=False):
+            d = os.path.join(path, tag)
+            model.load_state_dict(torch.load(os.path.join(d, "model", FILE)), strict=strict)
+            if optimizer is not None:
+                optimizer.load_state_dict(torch.load(os.path.join(d, "optim", FILE)))
+            uc = os.path.join(d, "user_content.pt")
+            return torch.load(uc, weights_only=False) if os.path.exists(uc) else None
+
+        def finalize_checkpoint():
+            pass
+        """,
+}
+
+TRAIN = """
+import json, os, sys
+import torch.distributed as dist
+from cpt_training.cli import setup_logging
+from cpt_training.config import TrainStage
+from cpt_training.nxd import train as nt
+setup_logging()
+cfg = TrainStage.model_validate(json.loads(os.environ["CPT_STAGE_CONFIG"]))
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+plan = nt.NxdPlan.make(cfg, 1)
+sys.exit(nt._Trainer(cfg, plan).train())
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("nxd-dry")
+    for rel, src in STANDINS.items():
+        p = base / "stand-in" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(src))
+    # the converter stand-in of test_nxd_convert (same flags, reference layout)
+    from test_nxd_convert import STUB
+
+    conv = base / "stand-in" / "neuronx_distributed" / "scripts"
+    conv.mkdir(parents=True, exist_ok=True)
+    (conv / "__init__.py").write_text("")
+    (conv / "checkpoint_converter.py").write_text(STUB)
+    tok = save_tokenizer(train_tokenizer(make_texts(150, seed=1), vocab_size=300), base / "tok")
+    make_corpus(base / "corpus", 40, seed=2)
+    tcfg = TokenizeStage.model_validate(
+        {
+            "sources": [{"uri": str(base / "corpus")}],
+            "tokenizerUri": str(tok),
+            "outputUri": str(base / "data"),
+            "blockSize": SEQ,
+            "heldOutFraction": 0.1,
+        }
+    )
+    tk.run_tokenize(tcfg)
+    from cpt_training.testing import make_tiny_llama
+
+    make_tiny_llama(base / "hf", 320, hidden=32, layers=2, heads=4, kv_heads=2, seq=64)
+    return base
+
+
+def _env(world: Path, cfg: TrainStage | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEURON", "XLA_"))}
+    env["PYTHONPATH"] = str(world / "stand-in")
+    env["CPT_WORK_DIR"] = str(world)
+    env["CPT_CACHE_DIR"] = str(world / "cache")
+    env["CPT_DATA_CACHE"] = str(world / "data-cache")
+    env["WORLD_SIZE"] = "1"
+    if cfg is not None:
+        env["CPT_STAGE_CONFIG"] = json.dumps(cfg.to_wire())
+    return {**env, **extra}
+
+
+def _train(world: Path, cfg: TrainStage, **extra: str) -> tuple[str, str]:
+    store = world / f"pg-{os.urandom(4).hex()}"
+    res = subprocess.run(
+        [sys.executable, "-c", TRAIN, str(store)],
+        env=_env(world, cfg, **extra),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stdout, res.stderr
+
+
+def _stage(world: Path, attempt: int, **kw) -> TrainStage:
+    return TrainStage.model_validate(
+        {
+            "backend": "nxd",
+            "attempt": attempt,
+            "modelUri": str(world / "hf"),
+            "dataUri": str(world / "data"),
+            "seqLen": SEQ,
+            "globalBatchSize": 4,
+            "microBatchSize": 2,
+            "maxSteps": 6,
+            "precision": "fp32",
+            "activationCheckpointing": "none",
+            "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 2},
+            "checkpoint": {
+                "uri": str(world / "ckpt"),
+                "everySteps": 3,
+                "localDir": str(world / f"scratch-{attempt}"),
+                "asyncSave": True,
+            },
+            "instanceType": "trn1.2xlarge",
+            **kw,
+        }
+    )
+
+
+def test_convert_train_resume_export_on_cpu(world, monkeypatch):
+    for k, v in _env(world).items():
+        monkeypatch.setenv(k, v)
+    root = str(world / "ckpt")
+    conv = ConvertToNxdStage(
+        model_uri=str(world / "hf"), output_uri=f"{root}/pretrained_weight", tensor_parallel=1
+    )
+    assert convert.run(conv) == 0
+
+    out1, _ = _train(world, _stage(world, 1, stopAfterSteps=4))
+    m1 = {r["step"]: r for r in parse_metrics_lines(out1)}
+    assert sorted(m1) == [1, 2, 3, 4]
+    assert latest_committed(root).tag == "step_3"
+    progress = json.loads((world / "ckpt" / "progress.json").read_text())
+    assert progress["lastCommittedStep"] == 3 and progress["done"] is False
+
+    out2, _ = _train(world, _stage(world, 2))
+    m2 = {r["step"]: r for r in parse_metrics_lines(out2)}
+    assert sorted(m2) == [4, 5, 6]
+    assert m2[4]["loss"] == m1[4]["loss"]  # exact: same state, LR and batches after resume
+    assert m2[4]["lr"] == m1[4]["lr"]
+    final = latest_committed(root)
+    assert final.tag == "step_6"
+    progress = json.loads((world / "ckpt" / "progress.json").read_text())
+    assert progress["done"] is True and progress["lastCommittedStep"] == 6
+
+    local = restore(root, world / "export-local")
+    assert local is not None and local.local_path is not None
+    cfg = ExportHfStage(
+        backend="nxd",
+        model_uri=str(world / "hf"),
+        checkpoint_uri=root,
+        output_uri=str(world / "out"),
+        dtype="float32",
+    )
+    trained = export.to_hf_state_dict(local.local_path, cfg)
+    from safetensors.torch import load_file
+
+    base = load_file(str(world / "hf" / "model.safetensors"))
+    assert set(base) <= set(trained)
+    changed = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert len(changed) == len(base)  # every tensor moved in 6 AdamW steps
+    uc = torch.load(local.local_path / "user_content.pt", weights_only=False)
+    assert uc["step"] == 6 and uc["world"]["tensorParallel"] == 1
+
+
+def test_precompile_mode_traces_a_few_steps_and_writes_nothing(world, monkeypatch):
+    for k, v in _env(world).items():
+        monkeypatch.setenv(k, v)
+    root = world / "ckpt"
+    if not (root / "pretrained_weight").exists():
+        conv = ConvertToNxdStage(
+            model_uri=str(world / "hf"), output_uri=str(root / "pretrained_weight")
+        )
+        assert convert.run(conv) == 0
+    before = sorted(p.name for p in root.iterdir())
+    progress = (root / "progress.json").read_text() if (root / "progress.json").exists() else None
+    cfg = _stage(
+        world,
+        3,
+        checkpoint={"uri": str(root), "everySteps": 1, "localDir": str(world / "scratch-pc")},
+    )
+    out, err = _train(world, cfg, NEURON_EXTRACT_GRAPHS_ONLY="1")
+    assert "stopping after 3 steps in this process (step 3)" in err
+    assert parse_metrics_lines(out) == []  # no metrics from a graph-extraction run
+    assert sorted(p.name for p in root.iterdir()) == before
+    now = (root / "progress.json").read_text() if (root / "progress.json").exists() else None
+    assert now == progress
+    assert not list((world / "scratch-pc").glob("step_*"))

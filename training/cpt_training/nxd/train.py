@@ -1,0 +1,675 @@
+"""``cpt-train train`` with ``backend: nxd``: Llama continual pretraining on trn1 with NxD Core.
+
+One process per NeuronCore under torchrun (32 per trn1.32xlarge). The shape of a run:
+
+1. Plan (pure, before anything heavy): DP = world / (TP x PP), the per-replica batch and how
+   it is split (PP: NxD's micro-batches; no PP: gradient accumulation), precision settings.
+2. Environment: :func:`cpt_training.nxd.env.neuron_env` as defaults (the pod's env wins), then
+   ``dist.init_process_group("xla")``.
+3. Layout and config come from the committed ``pretrained_weight`` (written by
+   ``convert-to-nxd``): its ``config.json`` and the layout in its manifest (qkv_linear, KV
+   multiplier, TP, PP), so the model is exactly what the converter wrote.
+4. Restore: the newest committed tag (``step_N``, else ``pretrained_weight``) is downloaded
+   into node-local scratch by :func:`~cpt_training.checkpoint.restore_distributed`; its
+   recorded degrees are checked against this attempt (NxD can only load the same TP/PP, and
+   with ZeRO-1 the same DP) and a mismatch stops with a message naming both.
+5. ``neuronx_distributed_config`` + ``initialize_parallel_model`` (meta-device init, NxD
+   materialises only the local PP stage) + ``initialize_parallel_optimizer`` (AdamW, ZeRO-1).
+   Weight decay is applied per parameter group from the config; NxD's Llama example builds
+   its groups with a hard-coded 0.01, so its ``--weight_decay`` never takes effect.
+6. Loop: the learning rate is ``cpt_training.schedule`` of the step (same curve as the native
+   backend; resuming needs only the step), data is ``cpt_training.data.TokenBlocks`` by DP
+   rank (so a resumed step sees the very batches it would have), every ``everySteps`` steps
+   ``nxd.save_checkpoint`` writes the tag to node-local scratch and the
+   :class:`~cpt_training.checkpoint.CheckpointSyncer` uploads each node's files and commits
+   the tag (manifest, then marker) once all nodes are done.
+
+Node-local scratch: NxD's checkpoint code creates the tag's directories on global rank 0
+only, i.e. it assumes a shared filesystem; every rank here creates them first (idempotent),
+so each node writes its own shards locally. With async saving NxD writes the files in a
+background thread; a rank's files are complete when that write (a future NxD keeps on its
+``g_iostate``) finishes, which is what the syncer waits for before uploading. NxD's own
+``done`` file follows with the next save; cpt's commit marker, not ``done``, decides what is
+restorable.
+
+Under ``neuron_parallel_compile`` (``NEURON_EXTRACT_GRAPHS_ONLY`` set) the run only traces:
+no restore, no checkpoints, no progress, and a few steps unless ``stopAfterSteps`` says more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpt_training import storage
+from cpt_training.cli import ConfigError
+from cpt_training.config import TrainStage
+from cpt_training.nxd import env as nxd_env
+from cpt_training.nxd.convert import apply_overrides, layout_record
+from cpt_training.nxd.layout import LlamaShape, NxdLayout, plan_layout
+
+log = logging.getLogger(__name__)
+
+PRETRAINED = "pretrained_weight"
+PRECOMPILE_ENV = "NEURON_EXTRACT_GRAPHS_ONLY"
+PRECOMPILE_DEFAULT_STEPS = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure decisions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NxdPlan:
+    """Parallel degrees and batch arithmetic of one attempt."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    grad_accum: int
+    """Micro-batches per optimizer step per DP replica (PP: NxD's ``num_microbatches``)."""
+    seq_len: int
+    zero1: bool
+    sequence_parallel: bool
+
+    @property
+    def per_replica_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.grad_accum if self.pp > 1 else 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.dp * self.per_replica_batch * self.seq_len
+
+    @classmethod
+    def make(cls, cfg: TrainStage, world_size: int) -> NxdPlan:
+        p = cfg.parallelism
+        tp, pp = p.tensor_parallel, p.pipeline_parallel
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not a multiple of tensorParallel x "
+                f"pipelineParallel ({tp} x {pp} = {tp * pp})"
+            )
+        dp = world_size // (tp * pp)
+        per_round = cfg.micro_batch_size * dp
+        if cfg.global_batch_size % per_round:
+            raise ConfigError(
+                f"globalBatchSize ({cfg.global_batch_size}) must be a multiple of "
+                f"microBatchSize x data-parallel ranks ({cfg.micro_batch_size} x {dp} = "
+                f"{per_round})"
+            )
+        if cfg.device not in ("auto", "neuron", "xla"):
+            raise ConfigError(f"device {cfg.device!r} with backend nxd; allowed: auto, xla")
+        return cls(
+            world_size=world_size,
+            tp=tp,
+            pp=pp,
+            dp=dp,
+            micro_batch=cfg.micro_batch_size,
+            grad_accum=cfg.global_batch_size // per_round,
+            seq_len=cfg.seq_len,
+            zero1=p.zero1 and dp > 1,
+            sequence_parallel=p.sequence_parallel and tp > 1,
+        )
+
+
+def mixed_precision_config(cfg: TrainStage, plan: NxdPlan) -> dict[str, bool]:
+    """bf16 with ZeRO-1: fp32 master weights + fp32 grad accumulation (NxD's "GPU-compatible
+    precision"); NxD allows master weights only with ZeRO-1, so without it there are none."""
+    master = cfg.precision == "bf16" and plan.zero1
+    return {
+        "use_master_weights": master,
+        "use_fp32_grad_acc": master,
+        "use_master_weights_in_ckpt": False,
+    }
+
+
+def optimizer_config(cfg: TrainStage, plan: NxdPlan) -> dict[str, Any]:
+    clip = cfg.optimizer.grad_clip
+    return {
+        "zero_one_enabled": plan.zero1,
+        "grad_clipping": clip > 0,
+        "max_grad_norm": clip if clip > 0 else 1.0,
+    }
+
+
+def nxd_config_kwargs(
+    cfg: TrainStage,
+    plan: NxdPlan,
+    *,
+    transformer_layer_cls: type,
+    leaf_module_cls: list[str],
+    activation_checkpoint: tuple[type, ...] | None,
+    param_init_fn: Any,
+) -> dict[str, Any]:
+    """Keyword arguments of ``neuronx_distributed.neuronx_distributed_config``."""
+    pipeline = None
+    if plan.pp > 1:
+        pipeline = {
+            "transformer_layer_cls": transformer_layer_cls,
+            "num_microbatches": plan.num_microbatches,
+            "output_loss_value_spec": True,  # forward returns the loss tensor itself
+            "input_names": ["input_ids", "labels"],
+            "auto_partition": True,  # even split, remainder to later stages: the converter's
+            "leaf_module_cls": list(leaf_module_cls),
+            "use_zero1_optimizer": plan.zero1,
+            "use_optimizer_wrapper": True,
+            "broadcast_and_average_loss": True,  # every rank (rank 0 logs) gets the DP mean
+            "deallocate_pipeline_outputs": True,
+        }
+    return {
+        "tensor_parallel_size": plan.tp,
+        "pipeline_parallel_size": plan.pp,
+        "pipeline_config": pipeline,
+        "optimizer_config": optimizer_config(cfg, plan),
+        "sequence_parallel": plan.sequence_parallel,
+        "activation_checkpoint_config": activation_checkpoint,
+        "mixed_precision_config": mixed_precision_config(cfg, plan),
+        "model_init_config": {
+            "meta_device_init": True,  # 70B does not fit in host RAM 32 times over
+            "param_init_fn": param_init_fn,
+            "sequential_move_factor": 11,
+        },
+    }
+
+
+def _no_decay(name: str, ndim: int) -> bool:
+    return ndim < 2 or "norm" in name or name.endswith(".bias")
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, Any]], weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on norms/biases; the decay value from the config
+    is set on the group (a group's value overrides the optimizer default)."""
+    decay: list[Any] = []
+    no_decay: list[Any] = []
+    for name, p in named_params:
+        (no_decay if _no_decay(name, p.dim()) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def world_record(plan: NxdPlan, layout: NxdLayout) -> dict[str, Any]:
+    """What a tag records about the run that wrote it (manifest ``world``)."""
+    return {
+        "backend": "nxd",
+        **layout_record(layout),
+        "dataParallel": plan.dp,
+        "zero1": plan.zero1,
+        "globalBatchSize": plan.dp * plan.per_replica_batch,
+        "seqLen": plan.seq_len,
+    }
+
+
+def check_resume(saved: Mapping[str, Any], plan: NxdPlan, *, tag: str) -> None:
+    """NxD loads a checkpoint only into the same model-parallel degrees (and, for ZeRO-1
+    optimizer state, the same DP degree). Refuse early with both sides named."""
+    if saved.get("backend", "nxd") != "nxd":
+        raise ConfigError(f"{tag} was written by backend {saved.get('backend')!r}, not nxd")
+    wanted = {"tensorParallel": plan.tp, "pipelineParallel": plan.pp}
+    if tag != PRETRAINED:
+        wanted["zero1"] = plan.zero1
+        if plan.zero1:
+            wanted["dataParallel"] = plan.dp
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}={a} in the checkpoint but {b} now" for k, (a, b) in diff.items())
+        hint = (
+            "re-run convert-to-nxd with this attempt's degrees"
+            if tag == PRETRAINED
+            else "resume with the degrees (and node count) that wrote it"
+        )
+        raise ConfigError(f"cannot load {tag}: {detail}; NxD needs identical degrees: {hint}")
+
+
+def layout_from_record(shape: LlamaShape, saved: Mapping[str, Any]) -> NxdLayout:
+    try:
+        return plan_layout(
+            shape,
+            tp=int(saved["tensorParallel"]),
+            pp=int(saved["pipelineParallel"]),
+            kv_size_multiplier=int(saved.get("kvSizeMultiplier", 1)),
+            qkv_linear=bool(saved.get("qkvLinear", False)),
+            hw_backend=str(saved.get("hwBackend", "trn1")),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"the checkpoint's recorded layout is unusable: {exc}") from None
+
+
+def user_content(step: int, plan: NxdPlan, layout: NxdLayout, attempt: int) -> dict[str, Any]:
+    """Saved next to each tag (NxD ``user_content.pt``): enough to resume and to audit."""
+    return {
+        "step": step,
+        "consumedSequences": step * plan.dp * plan.per_replica_batch,
+        "attempt": attempt,
+        "world": world_record(plan, layout),
+    }
+
+
+def resume_step(content: Mapping[str, Any] | None, tag_step: int, tag: str) -> int:
+    """The step to continue from, cross-checked against the tag name."""
+    if content is None or "step" not in content:
+        raise RuntimeError(f"{tag} has no user_content with a step: not a cpt nxd checkpoint")
+    step = int(content["step"])
+    if step != tag_step:
+        raise RuntimeError(f"{tag} holds step {step}, its name says {tag_step}")
+    return step
+
+
+def save_due(step: int, cfg: TrainStage) -> bool:
+    return step % cfg.checkpoint.every_steps == 0 or step == cfg.max_steps
+
+
+def log_due(step: int, start: int, cfg: TrainStage) -> bool:
+    return step % cfg.log_every == 0 or step == cfg.max_steps or step == start + 1
+
+
+def tag_dirs(local_root: Path, tag: str) -> list[Path]:
+    """Directories NxD writes into: created on every node before a save (NxD creates them on
+    global rank 0 only, assuming a shared filesystem)."""
+    return [local_root / tag, local_root / tag / "model", local_root / tag / "optim"]
+
+
+def is_precompile(environ: Mapping[str, str]) -> bool:
+    return environ.get(PRECOMPILE_ENV, "") not in ("", "0")
+
+
+def steps_this_process(cfg: TrainStage, precompile: bool) -> int | None:
+    if cfg.stop_after_steps is not None:
+        return cfg.stop_after_steps
+    return PRECOMPILE_DEFAULT_STEPS if precompile else None
+
+
+def tensorboard_uri(cfg: TrainStage) -> str:
+    base = cfg.tensorboard_uri or storage.join_uri(cfg.checkpoint.uri, "tensorboard")
+    return storage.join_uri(base, f"attempt-{cfg.attempt}")
+
+
+def stack_micro_batches(micro_batches: list[Any], seq_len: int) -> Any:
+    """[grad_accum x [mbs, seq]] -> [grad_accum * mbs, seq] int64 (the PP step's batch)."""
+    import numpy as np
+
+    out = np.concatenate(micro_batches, axis=0)
+    if out.shape[1] != seq_len:
+        raise ConfigError(f"data blocks hold {out.shape[1]} tokens but seqLen is {seq_len}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run (needs torch_xla + neuronx_distributed: the trainer-neuron image)
+# ---------------------------------------------------------------------------------------------
+
+
+def _async_save_future() -> Any:
+    """This rank's background write of the tag just saved (NxD's ``g_iostate._save_task``),
+    or None when nothing is pending. Private NxD state, read defensively: if it is not there,
+    the caller falls back to waiting with ``finalize_checkpoint``."""
+    from neuronx_distributed.trainer import checkpoint as nxd_ckpt
+
+    state = getattr(nxd_ckpt, "g_iostate", None)
+    return getattr(state, "_save_task", None) if state is not None else None
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainStage, plan: NxdPlan) -> None:
+        import torch
+        import torch.distributed as dist
+        import torch_xla.core.xla_model as xm
+
+        self.cfg, self.plan = cfg, plan
+        self.torch, self.dist, self.xm = torch, dist, xm
+        self.rank = dist.get_rank()
+        self.is_main = self.rank == 0
+        self.device = xm.xla_device()
+        self.precompile = is_precompile(os.environ)
+        self.local_root = Path(cfg.checkpoint.local_dir)
+        self.local_root.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _syncer(self, collective: Any) -> Any:
+        from cpt_training.checkpoint import CheckpointSyncer
+
+        return CheckpointSyncer(
+            self.cfg.checkpoint.uri,
+            keep=self.cfg.checkpoint.keep,
+            collective=collective,
+            world_info=world_record(self.plan, self.layout),
+            on_commit=self._on_commit,
+        )
+
+    def _on_commit(self, ckpt: Any) -> None:
+        if self.progress is not None:
+            self.progress.committed(ckpt.step)
+        self._sync_tensorboard()
+
+    def _pretrained_record(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(config.json with overrides, recorded layout) of the committed pretrained_weight."""
+        from cpt_training.checkpoint import read_manifest
+
+        uri = storage.join_uri(self.cfg.checkpoint.uri, PRETRAINED)
+        try:
+            manifest = read_manifest(uri)
+        except Exception as exc:
+            raise ConfigError(
+                f"no committed {PRETRAINED} under {self.cfg.checkpoint.uri} ({exc}): the "
+                "convert-to-nxd stage must run first"
+            ) from None
+        config = storage.read_json(storage.join_uri(uri, "config.json"))
+        return apply_overrides(config, self.cfg.config_overrides), manifest.world
+
+    def _restore(self, collective: Any) -> Any:
+        from cpt_training.checkpoint import restore_distributed
+
+        return restore_distributed(
+            self.cfg.checkpoint.uri,
+            self.cfg.checkpoint.local_dir,
+            collective=collective,
+            include_pretrained=True,
+        )
+
+    # -- model -----------------------------------------------------------------------------------
+
+    def _build(self, config: dict[str, Any]) -> None:
+        import neuronx_distributed as nxd
+        import torch
+
+        from cpt_training import flops
+        from cpt_training.nxd import model as nm
+
+        spec = nm.model_spec(self.layout, sequence_parallel=self.plan.sequence_parallel)
+        kwargs = nxd_config_kwargs(
+            self.cfg,
+            self.plan,
+            transformer_layer_cls=nm.CptDecoderLayer,
+            leaf_module_cls=nm.LEAF_MODULE_NAMES,
+            activation_checkpoint=nm.activation_checkpoint_classes(
+                self.cfg.activation_checkpointing, self.plan.seq_len
+            ),
+            param_init_fn=nm.init_weights,
+        )
+        self.nxd_config = nxd.neuronx_distributed_config(**kwargs)
+        kit = nm.nxd_kit(sequence_parallel=self.plan.sequence_parallel)
+        self.model = nxd.initialize_parallel_model(
+            self.nxd_config, nm.build_model, False, spec, kit
+        )
+        opt = self.cfg.optimizer
+        self.optimizer = nxd.initialize_parallel_optimizer(
+            self.nxd_config,
+            torch.optim.AdamW,
+            param_groups(self.model.named_parameters(), opt.weight_decay),
+            lr=opt.lr,
+            betas=(opt.beta1, opt.beta2),
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+        )
+        self.shape = flops.ModelShape.from_hf_config(config)
+
+    def _load(self, ckpt: Any) -> int:
+        import neuronx_distributed as nxd
+
+        if ckpt.tag == PRETRAINED:
+            nxd.load_checkpoint(
+                self.cfg.checkpoint.local_dir, tag=PRETRAINED, model=self.model, optimizer=None
+            )
+            if self.plan.zero1:
+                # ZeRO-1 keeps its own fp32 shards: re-seed them from the loaded weights.
+                self.optimizer.optimizer.init_zero()
+            return 0
+        content = nxd.load_checkpoint(
+            self.cfg.checkpoint.local_dir,
+            tag=ckpt.tag,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=None,  # the LR is a pure function of the step
+        )
+        return resume_step(content, ckpt.step, ckpt.tag)
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def _reporting(self) -> None:
+        from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
+        from cpt_training.progress import ProgressWriter, progress_file_uri
+
+        cfg = self.cfg
+        self.progress: Any = None
+        self.sink: Any = None
+        self.tb_local: Path | None = None
+        if self.is_main and not self.precompile:
+            self.progress = ProgressWriter(
+                progress_file_uri(cfg.progress_uri, cfg.checkpoint.uri),
+                attempt=cfg.attempt,
+                max_steps=cfg.max_steps,
+            )
+            self.tb_local = self.local_root / ".tensorboard" / f"attempt-{cfg.attempt}"
+            self.sink = MetricsSink(max_steps=cfg.max_steps, tensorboard_dir=self.tb_local)
+        instance = nxd_env.instance_info(cfg.instance_type).name
+        peak = peak_flops_per_device("neuron", "neuroncore", instance)
+        self.throughput = Throughput(
+            self.shape.flops_per_token(cfg.seq_len), self.plan.world_size, peak, start_step=0
+        )
+
+    def _sync_tensorboard(self) -> None:
+        if self.sink is None or self.tb_local is None or not self.tb_local.is_dir():
+            return
+        self.sink.flush()
+        try:
+            storage.open_storage(tensorboard_uri(self.cfg)).upload_dir(self.tb_local)
+        except Exception as exc:  # metrics must never stop training
+            log.warning("TensorBoard upload failed: %s", exc)
+
+    def _log(self, step: int, loss: Any, norm: Any) -> None:
+        loss_f = float(loss) if loss is not None else float("nan")  # host sync of a log step
+        norm_f = float(norm) if norm is not None else float("nan")
+        lr = self.schedule(step - 1)
+        m = self.throughput.measure(
+            step, self.plan.tokens_per_step, loss=loss_f, lr=lr, grad_norm=norm_f
+        )
+        if self.sink is not None:
+            self.sink.write(m)
+        if self.progress is not None:
+            self.progress.update(
+                step=step, loss=loss_f, tokens_per_sec=m.tokens_per_sec, mfu=m.mfu, lr=lr
+            )
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _step(self, micro_batches: list[Any]) -> tuple[Any, Any]:
+        torch, xm = self.torch, self.xm
+        if self.plan.pp > 1:
+            batch = torch.from_numpy(stack_micro_batches(micro_batches, self.plan.seq_len))
+            ids = batch.to(self.device)
+            loss = self.model.run_train(input_ids=ids, labels=ids)
+        else:
+            from neuronx_distributed.parallel_layers import parallel_state
+
+            total = torch.zeros((), device=self.device)
+            for mb in micro_batches:
+                if mb.shape[1] != self.plan.seq_len:
+                    raise ConfigError(
+                        f"data blocks hold {mb.shape[1]} tokens but seqLen is {self.plan.seq_len}"
+                    )
+                ids = torch.from_numpy(mb).to(self.device)
+                loss = self.model(ids, ids) / self.plan.grad_accum
+                loss.backward()
+                total = total + loss.detach()
+                xm.mark_step()  # one micro-step graph, reused grad_accum times
+            loss = xm.all_reduce(
+                xm.REDUCE_SUM,
+                total / self.plan.dp,
+                groups=parallel_state.get_data_parallel_replica_groups(),
+            )
+        self.optimizer.step()
+        norm = self.optimizer.grad_norm
+        self.optimizer.zero_grad()
+        xm.mark_step()
+        return loss, norm
+
+    def _save(self, step: int) -> None:
+        import neuronx_distributed as nxd
+
+        from cpt_training.checkpoint import tag_for_step
+
+        tag = tag_for_step(step)
+        for d in tag_dirs(self.local_root, tag):
+            d.mkdir(parents=True, exist_ok=True)
+        async_save = self.cfg.checkpoint.async_save
+        nxd.save_checkpoint(
+            str(self.local_root),
+            tag=tag,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=None,
+            user_content=user_content(step, self.plan, self.layout, self.cfg.attempt),
+            num_workers=8,
+            use_xser=False,
+            num_kept_ckpts=None,  # retention is the syncer's (local and S3)
+            async_save=async_save,
+            zero1_optimizer=self.plan.zero1,
+        )
+        ready = None
+        if async_save:
+            ready = _async_save_future()
+            if ready is None and not hasattr(_nxd_iostate(), "_save_task"):
+                nxd.finalize_checkpoint()  # NxD internals changed: wait instead
+        self.syncer.submit(self.local_root / tag, step=step, ready=ready)
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        from cpt_training.checkpoint import MANIFEST_NAME, collective_for
+        from cpt_training.data import TokenBlocks
+        from cpt_training.schedule import LrSchedule
+
+        cfg, plan = self.cfg, self.plan
+        collective = collective_for()
+        config, recorded = self._pretrained_record()
+        self.layout = layout_from_record(LlamaShape.from_config(config), recorded)
+        check_resume(recorded, plan, tag=PRETRAINED)
+        ckpt = None
+        if not self.precompile:
+            ckpt = self._restore(collective)
+            if ckpt is None:
+                raise ConfigError(f"nothing committed under {cfg.checkpoint.uri} to start from")
+            assert ckpt.local_path is not None
+            saved = json.loads((ckpt.local_path / MANIFEST_NAME).read_text())["world"]
+            check_resume(saved, plan, tag=ckpt.tag)
+        self._build(config)
+        start = self._load(ckpt) if ckpt is not None else 0
+        self.syncer = self._syncer(collective)
+        self.schedule = LrSchedule.from_config(cfg.optimizer, cfg.max_steps)
+        self._reporting()
+        if ckpt is not None and ckpt.tag != PRETRAINED:
+            self.syncer.last_committed = ckpt
+            if self.progress is not None:
+                self.progress.committed(ckpt.step)
+        from neuronx_distributed.parallel_layers import parallel_state
+
+        blocks = TokenBlocks(cfg.data_uri, seed=cfg.seed)
+        data = blocks.batches(
+            parallel_state.get_data_parallel_rank(),
+            plan.dp,
+            plan.micro_batch,
+            plan.grad_accum,
+            start_step=start,
+            max_steps=cfg.max_steps,
+        )
+        step = self._loop(start, data)
+        if cfg.checkpoint.async_save and not self.precompile:
+            import neuronx_distributed as nxd
+
+            nxd.finalize_checkpoint()
+        self.syncer.finalize()
+        self._sync_tensorboard()
+        finished = step >= cfg.max_steps
+        if self.progress is not None and finished:
+            self.progress.done()
+        if self.sink is not None:
+            self.sink.close()
+        self.syncer.close()
+        last = self.syncer.last_committed
+        if finished and not self.precompile and (last is None or last.step < cfg.max_steps):
+            raise RuntimeError(
+                f"training reached step {step} but its final checkpoint was not committed: "
+                f"{self.syncer.failures[-1:] or 'unknown reason'}"
+            )
+        return 0
+
+    def _loop(self, start: int, data: Any) -> int:
+        cfg, plan = self.cfg, self.plan
+        limit = steps_this_process(cfg, self.precompile)
+        log.info(
+            "nxd training steps %d..%d: tp=%d pp=%d dp=%d micro=%d x %d seq=%d zero1=%s",
+            start + 1,
+            cfg.max_steps,
+            plan.tp,
+            plan.pp,
+            plan.dp,
+            plan.micro_batch,
+            plan.grad_accum,
+            plan.seq_len,
+            plan.zero1,
+        )
+        self.model.train()
+        step, ran = start, 0
+        self.throughput.reset(step)
+        t0 = time.perf_counter()
+        for sb in data:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.schedule(step)
+            loss, norm = self._step(sb.micro_batches)
+            step, ran = step + 1, ran + 1
+            if log_due(step, start, cfg):
+                self._log(step, loss, norm)
+                if step == start + 1:  # the first step pays for graph compilation
+                    log.info("first step took %.1fs", time.perf_counter() - t0)
+                    self.throughput.reset(step)
+            if save_due(step, cfg) and not self.precompile:
+                self._save(step)
+            self.syncer.poll()
+            if limit is not None and ran >= limit:
+                log.info("stopping after %d steps in this process (step %d)", ran, step)
+                break
+        return step
+
+
+def _nxd_iostate() -> Any:
+    from neuronx_distributed.trainer import checkpoint as nxd_ckpt
+
+    return getattr(nxd_ckpt, "g_iostate", None)
+
+
+def run(cfg: TrainStage) -> int:
+    """Entry point of ``cpt-train train`` for backend nxd (under torchrun)."""
+    plan = NxdPlan.make(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        defaults = nxd_env.neuron_env(cfg, compile_cache_uri=None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    nxd_env.apply_defaults(defaults)  # before torch_xla reads them
+    import torch.distributed as dist
+    import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+
+    dist.init_process_group("xla")
+    try:
+        return _Trainer(cfg, plan).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
