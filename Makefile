@@ -59,7 +59,7 @@ chart: install cluster-build ## Check values.schema.json, helm lint and render t
 ##@ Images
 .PHONY: images
 images: ## Build the container images with docker (where an engine exists)
-	hack/images.sh
+	images/build.sh
 
 ##@ Local cluster
 .PHONY: cluster-up cluster-down cluster-kubeconfig

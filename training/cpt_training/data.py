@@ -102,19 +102,32 @@ def _ensure_local(st: Storage, manifest: dict[str, Any], cache: Path) -> Path:
 
 
 def _load(root: Path, names: list[str]) -> Any:
-    import datasets
+    """Memory-map the Arrow files of HF ``save_to_disk`` shard dirs as one pyarrow table.
 
-    parts = [datasets.load_from_disk(str(root / n)) for n in names]
-    parts = [p for p in parts if len(p)]
-    if not parts:
+    Read with pyarrow directly rather than ``datasets.load_from_disk``: the Neuron training
+    container pins an old ``datasets`` that cannot read newer dataset dirs, and the trainer
+    needs nothing from ``datasets`` beyond the Arrow IPC files listed in ``state.json``.
+    """
+    import pyarrow as pa
+
+    tables = []
+    for name in names:
+        state = json.loads((root / name / "state.json").read_text())
+        for entry in state["_data_files"]:
+            # The table's buffers point into the map: keep it open (it closes with them).
+            source = pa.memory_map(str(root / name / entry["filename"]))
+            table = pa.ipc.open_stream(source).read_all()
+            if table.num_rows:
+                tables.append(table)
+    if not tables:
         return None
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return ds.with_format("arrow")
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def _rows(ds: Any, indices: np.ndarray, block: int) -> np.ndarray:
-    table = ds[indices.tolist()]
-    col = table.column("input_ids").combine_chunks()
+def _rows(table: Any, indices: np.ndarray, block: int) -> np.ndarray:
+    import pyarrow as pa
+
+    col = table.take(pa.array(indices, type=pa.int64())).column("input_ids").combine_chunks()
     return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).reshape(
         -1, block
     )
