@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -395,6 +396,15 @@ class _Planner:
         }
         for i, src in enumerate(s.data.sources):
             fields[f"spec.data.sources[{i}].uri"] = src.uri
+        for path, value in fields.items():
+            if value is not None:
+                self._uri_hygiene(path, value)
+        if s.output.s3_uri.rstrip("/") == s.checkpoints.s3_uri.rstrip("/"):
+            self.error(
+                "spec.output.s3Uri",
+                "must differ from spec.checkpoints.s3Uri: the exported model would be mixed "
+                "with checkpoints and tokenized data",
+            )
         if self.p.mode == "cluster":
             for path, value in fields.items():
                 if value is not None and is_local_path(value):
@@ -417,6 +427,20 @@ class _Planner:
                 "spec.runtime.hfTokenSecretRef",
                 "meta-llama models are gated on the Hugging Face Hub: set a Secret with HF_TOKEN",
             )
+
+    def _uri_hygiene(self, path: str, value: str) -> None:
+        """Hostile-looking URIs the schema lets through: invisible or control characters
+        (a U+202E override makes `kubectl get` show another path than the one used) and
+        `.`/`..` key segments (S3 keys are literal, and the workload's storage layer refuses
+        `..`, so the run would only fail later, in a pod)."""
+        odd = sorted({ch for ch in value if unicodedata.category(ch) in ("Cc", "Cf")})
+        if odd:
+            codes = ", ".join(f"U+{ord(ch):04X}" for ch in odd)
+            self.error(path, f"contains control or invisible formatting characters ({codes})")
+        if value.startswith("s3://"):
+            segments = value[len("s3://") :].split("/")[1:]
+            if any(seg in (".", "..") for seg in segments):
+                self.error(path, f"{value!r}: '.' and '..' segments are not allowed in s3:// URIs")
 
     # -- world, data parallel, batch --------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Pure builders: ContinualPretrain spec → stage configs → child manifests (dicts). No I/O."""

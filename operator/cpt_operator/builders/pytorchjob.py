@@ -1,0 +1,226 @@
+"""kubeflow.org/v1 PyTorchJobs: the training attempt and the preflight check.
+
+Shape decisions (see /work/shared/reference/peers.md §1):
+
+* Master (1) + Worker (nodes-1) replicas: only with a Master does training-operator v1 inject
+  MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/PET_NNODES, which torchrun takes from the command
+  line below (`$(VAR)` is expanded by the kubelet from the container env).
+* restartPolicy Never and backoffLimit 0: v1 restarts single pods and its backoffLimit does not
+  count them reliably, so the operator owns retries: it deletes the whole attempt and creates
+  `<run>-train-<n+1>`, which resumes from the newest committed checkpoint (the trainer finds it
+  under its checkpoint root; nothing is restored by the operator).
+* cleanPodPolicy Running: when a replica fails the job stops the others at once (they would
+  otherwise hang in a collective until a timeout) but keeps failed pods for their logs.
+* One builder for every device: trn1/trn1n (neuron + EFA, NxD env), trn2 (native on the
+  `neuron` device), NVIDIA (nvidia.com/gpu) and local-cpu (gloo; no accelerator resources and
+  no instance-type selector, so it can target any labelled node, e.g. a test executor).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.builders import meta, pods, stages
+from cpt_operator.builders.jobs import RunRef
+from cpt_operator.builders.meta import Component
+from cpt_training.config import PreflightStage, TrainStage
+from cpt_training.flops import instance_type as lookup_instance
+from cpt_training.nxd.env import neuron_env
+
+CONTAINER = "pytorch"
+PORT_NAME = "pytorchjob-port"
+PORT = 23456
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+HOSTNAME_KEY = "kubernetes.io/hostname"
+TERMINATION_GRACE_SECONDS = 60
+ACCELERATOR_TAINTS = {"neuron": "aws.amazon.com/neuron", "cuda": "nvidia.com/gpu"}
+RESUME_STEP_ANNOTATION = "cpt.dev/expected-resume-step"
+# The checkpoint syncer groups ranks by node to decide who uploads/restores a node's files;
+# the pod is the node identity (each replica pod has its own scratch volume). Its UID stays
+# unique even where the hostname is shared (hostNetwork, a test executor running pods as
+# local processes) and is never mistaken for a host name.
+NODE_ID_ENV = {"name": "CPT_NODE_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}
+RESUME_URI_ANNOTATION = "cpt.dev/expected-resume-uri"
+
+
+def torchrun_args(nproc_per_node: int, stage: str) -> list[str]:
+    """torchrun's rendezvous comes from the env the training operator injects."""
+    return [
+        "--nnodes=$(PET_NNODES)",
+        f"--nproc-per-node={nproc_per_node}",
+        "--node-rank=$(RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "-m",
+        "cpt_training.cli",
+        stage,
+    ]
+
+
+def _image(spec: ContinualPretrainSpec) -> str:
+    accel = lookup_instance(spec.training.instance_type).accelerator
+    images = spec.runtime.images
+    return {"neuron": images.trainer_neuron, "cuda": images.trainer_cuda}.get(
+        accel, images.trainer_cpu
+    )
+
+
+def _device_env(
+    spec: ContinualPretrainSpec, config: TrainStage | None, cache: str
+) -> dict[str, str]:
+    """NxD/XLA on trn1 gets the full Neuron env; native on trn2 only needs its compile cache."""
+    inst = lookup_instance(spec.training.instance_type)
+    if inst.accelerator != "neuron":
+        return {}
+    if config is not None and config.backend == "nxd":
+        return neuron_env(config, compile_cache_uri=cache)
+    return {"NEURON_COMPILE_CACHE_URL": cache}
+
+
+def _pod_template(
+    spec: ContinualPretrainSpec,
+    labels: dict[str, str],
+    stage: str,
+    config: TrainStage | PreflightStage,
+    device_env: dict[str, str],
+) -> dict[str, Any]:
+    t, rt = spec.training, spec.runtime
+    inst = lookup_instance(t.instance_type)
+    accel_resources = dict(inst.resources)
+    tolerations = []
+    taint = ACCELERATOR_TAINTS.get(inst.accelerator)
+    if taint:
+        tolerations.append({"key": taint, "operator": "Exists", "effect": "NoSchedule"})
+    tolerations += pods.tolerations(rt.tolerations)
+    node_selector: dict[str, str] = {}
+    if inst.accelerator != "cpu":
+        node_selector[INSTANCE_TYPE_LABEL] = t.instance_type
+    node_selector.update(rt.node_selector)
+    scratch = spec.checkpoints.scratch
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": _image(spec),
+        "imagePullPolicy": rt.images.pull_policy,
+        "command": ["torchrun"],
+        "args": torchrun_args(t.resolved_processes_per_node(), stage),
+        "env": [NODE_ID_ENV, *pods.stage_env(spec, config, device_env)],
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
+        "securityContext": pods.container_security_context(ipc_lock=inst.efa_devices > 0),
+        "volumeMounts": [
+            {"name": pods.SHM_VOLUME, "mountPath": "/dev/shm"},
+            {"name": pods.SCRATCH_VOLUME, "mountPath": scratch.mount_path},
+            {"name": pods.TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+    }
+    if accel_resources:
+        # Extended resources must be requested == limited; the pod owns the whole node.
+        container["resources"] = pods.resources(accel_resources, accel_resources)
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": pods.pod_security_context(),
+        "containers": [container],
+        "volumes": [pods.shm_volume(), pods.scratch_volume(scratch), pods.tmp_volume()],
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    affinity = dict(rt.affinity or {})
+    if not accel_resources and "podAntiAffinity" not in affinity:
+        # Whole-node accelerator requests already give one replica per node; without them
+        # (local-cpu) the replicas must be kept apart explicitly.
+        affinity["podAntiAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": dict(labels)}, "topologyKey": HOSTNAME_KEY}
+            ]
+        }
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if rt.service_account_name:
+        pod_spec["serviceAccountName"] = rt.service_account_name
+    if rt.priority_class_name:
+        pod_spec["priorityClassName"] = rt.priority_class_name
+    return {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
+
+
+def _gang_job(
+    spec: ContinualPretrainSpec,
+    run: RunRef,
+    component: Component,
+    config: TrainStage | PreflightStage,
+    *,
+    attempt: int | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    t, rt = spec.training, spec.runtime
+    name = meta.check_name(meta.child_name(run.name, component, attempt))
+    # The workers' pods and headless Services are `<name>-worker-<i>`.
+    meta.check_name(f"{name}-worker-{max(t.nodes - 2, 0)}")
+    labels = meta.labels(run.name, component, attempt)
+    cache = stages.paths(spec, run.name, run.namespace).compile_cache
+    device_env = _device_env(spec, config if isinstance(config, TrainStage) else None, cache)
+    template = _pod_template(spec, labels, meta.STAGE_OF[component], config, device_env)
+    replicas: dict[str, Any] = {
+        "Master": {"replicas": 1, "restartPolicy": "Never", "template": template}
+    }
+    if t.nodes > 1:
+        replicas["Worker"] = {
+            "replicas": t.nodes - 1,
+            "restartPolicy": "Never",
+            "template": copy.deepcopy(template),
+        }
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "Running", "backoffLimit": 0}
+    if rt.gang_scheduling != "none":
+        scheduling: dict[str, Any] = {"minAvailable": t.nodes}
+        if rt.priority_class_name:
+            scheduling["priorityClass"] = rt.priority_class_name
+        if spec.resiliency.pending_timeout_seconds:
+            scheduling["scheduleTimeoutSeconds"] = spec.resiliency.pending_timeout_seconds
+        run_policy["schedulingPolicy"] = scheduling
+    job_labels = dict(labels)
+    if rt.kueue_queue_name:
+        job_labels[meta.KUEUE_QUEUE_LABEL] = rt.kueue_queue_name
+    metadata: dict[str, Any] = {"name": name, "labels": job_labels}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    manifest = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": metadata,
+        "spec": {
+            "nprocPerNode": str(t.resolved_processes_per_node()),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+    return meta.adopt(manifest, run.owner())
+
+
+def training_job(
+    spec: ContinualPretrainSpec,
+    run: RunRef,
+    config: TrainStage,
+    *,
+    resume_step: int | None = None,
+    resume_uri: str | None = None,
+) -> dict[str, Any]:
+    """`<run>-train-<attempt>`. The annotations record which checkpoint the operator expected
+    this attempt to resume from, for people reading the cluster; the trainer decides itself."""
+    annotations = {}
+    if resume_step is not None:
+        annotations[RESUME_STEP_ANNOTATION] = str(resume_step)
+    if resume_uri:
+        annotations[RESUME_URI_ANNOTATION] = resume_uri
+    return _gang_job(
+        spec, run, "train", config, attempt=config.attempt, annotations=annotations or None
+    )
+
+
+def preflight_job(
+    spec: ContinualPretrainSpec, run: RunRef, config: PreflightStage
+) -> dict[str, Any]:
+    """Same gang shape and placement as training, running the all-reduce check."""
+    return _gang_job(spec, run, "preflight", config)

@@ -1,0 +1,1 @@
+"""Pure reconciliation: observed children → next status and actions. No I/O."""

@@ -1,0 +1,193 @@
+"""The real workload, orchestrated by the operator on the real control plane (issue 5, item 8).
+
+Every stage pod is placed by the scheduler onto the executor nodes (exec-0/exec-1), where
+tests/fixtures/executor.py runs it as genuine local processes: real tokenization into the S3
+server, real 2-node CPU torchrun training with checkpoints synced to S3, a worker killed
+mid-run, attempt 2 resuming from the newest committed checkpoint, and a real export to a
+Hugging Face model that loads. Nothing here writes progress or checkpoints on the trainer's
+behalf.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e.harness import Runs, s3_keys
+
+from fixtures.cluster import wait_for
+from fixtures.executor import Executor
+from fixtures.s3 import S3Server
+from fixtures.textgen import make_corpus, save_tokenizer, train_tokenizer
+
+# Minutes of real CPU work on a 2-core box shared with other suites: above the default 900 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+RUN = "real"
+MAX_STEPS = 60
+EVERY = 5
+VOCAB = 384
+
+
+def upload_dir(s3: S3Server, bucket: str, local: Path, prefix: str) -> None:
+    client = s3.client()
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local)}")
+
+
+def prepare_inputs(s3: S3Server, bucket: str) -> None:
+    """The "HF base model" (a seeded tiny Llama + its tokenizer) and a corpus, in S3."""
+    from cpt_training.testing import make_tiny_llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        docs = make_corpus(root / "corpus", n_docs=300, seed=7)
+        tok_dir = save_tokenizer(train_tokenizer(docs, vocab_size=VOCAB), root / "tok")
+        make_tiny_llama(
+            root / "base",
+            VOCAB,
+            hidden=64,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            seq=128,
+            tokenizer_dir=tok_dir,
+        )
+        upload_dir(s3, bucket, root / "corpus", "corpus")
+        upload_dir(s3, bucket, root / "base", "models/base")
+
+
+def run_spec(bucket: str, s3: S3Server) -> dict[str, Any]:
+    executor_only = {"cpt.dev/local-executor": "true"}
+    return {
+        "metadata": {"name": RUN},
+        "spec": {
+            "model": {
+                "source": f"s3://{bucket}/models/base/",
+                "configOverrides": {
+                    "vocab_size": VOCAB,
+                    "hidden_size": 64,
+                    "intermediate_size": 192,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "tie_word_embeddings": False,
+                },
+            },
+            "data": {
+                "sources": [{"uri": f"s3://{bucket}/corpus/", "format": "jsonl"}],
+                "blockSize": 64,
+                "shards": 2,
+                "heldOutFraction": 0.05,
+            },
+            "training": {
+                "instanceType": "local-cpu",
+                "nodes": 2,
+                "processesPerNode": 1,
+                "globalBatchSize": 4,
+                "microBatchSize": 2,
+                "maxSteps": MAX_STEPS,
+                "precision": "fp32",
+                "activationCheckpointing": "none",
+                "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 2},
+                "env": [
+                    {"name": "AWS_ENDPOINT_URL", "value": s3.endpoint_url},
+                    {"name": "AWS_DEFAULT_REGION", "value": s3.env["AWS_DEFAULT_REGION"]},
+                    {"name": "OMP_NUM_THREADS", "value": "1"},
+                ],
+            },
+            "checkpoints": {"s3Uri": f"s3://{bucket}/runs/{RUN}/", "everySteps": EVERY, "keep": 3},
+            "output": {"s3Uri": f"s3://{bucket}/models/{RUN}/"},
+            "runtime": {
+                "s3CredentialsSecretRef": {"name": "s3-credentials"},
+                "nodeSelector": executor_only,
+                "toolsNodeSelector": executor_only,
+                "tolerations": [
+                    {
+                        "key": "cpt.dev/local-executor",
+                        "operator": "Equal",
+                        "value": "true",
+                        "effect": "NoSchedule",
+                    }
+                ],
+            },
+            "resiliency": {"maxAttempts": 2, "preflight": {"enabled": False}},
+        },
+    }
+
+
+def committed_steps(s3: S3Server, bucket: str) -> list[int]:
+    keys = s3_keys(s3, bucket, f"runs/{RUN}/step_")
+    return sorted(int(k.split("/")[2][5:]) for k in keys if k.endswith("/cpt-commit.json"))
+
+
+def test_the_operator_runs_the_real_workload_through_a_worker_failure_to_a_loadable_model(
+    runs: Runs, executor: Executor, bucket: str, s3: S3Server
+) -> None:
+    prepare_inputs(s3, bucket)
+    runs.create_s3_secret(s3)
+    runs.create(run_spec(bucket, s3))
+
+    status = runs.wait_phase(RUN, "Training", timeout=300)  # real tokenization of 2 shards
+    assert f"runs/{RUN}/data/manifest.json" in s3_keys(s3, bucket, f"runs/{RUN}/data/")
+    pods = runs.training_pods(RUN, 1, count=2, timeout=120)
+    assert {p["spec"]["nodeName"] for p in pods} == {"exec-0", "exec-1"}
+
+    # Kill the worker once the trainer has committed a checkpoint, well before the end.
+    wait_for(
+        lambda: committed_steps(s3, bucket),
+        timeout=300,
+        what="a committed checkpoint",
+        interval=0.2,
+    )
+    worker = next(p for p in pods if "-worker-" in p["metadata"]["name"])
+    killed_after = committed_steps(s3, bucket)[-1]
+    assert killed_after < MAX_STEPS, "training finished before the fault could be injected"
+    assert executor.kill(runs.ns, worker["metadata"]["name"]) > 0
+
+    status = runs.wait(
+        RUN,
+        lambda s: s.get("attempt") == 2 and s.get("children", {}).get("train"),
+        timeout=180,
+        what="attempt 2 started",
+    )
+    resumed_from = status["resumeFrom"]["step"]
+    assert resumed_from >= killed_after and resumed_from % EVERY == 0
+    assert status["attempts"][0]["reason"] in ("PodFailed", "TrainingJobFailed")
+
+    status = runs.wait_phase(RUN, "Succeeded", timeout=600)
+    assert status["checkpoint"]["step"] == MAX_STEPS
+    assert status["progress"]["stepOfMax"] == f"{MAX_STEPS}/{MAX_STEPS}"
+    master2 = next(
+        p
+        for p in runs.pods(f"cpt.dev/run={RUN},cpt.dev/attempt=2")
+        if "-master-" in p["metadata"]["name"]
+    )
+    assert f"(step {resumed_from})" in executor.logs(runs.ns, master2["metadata"]["name"])
+
+    # The exported model: complete, evaluated, and loadable by plain transformers.
+    out = set(s3_keys(s3, bucket, f"models/{RUN}/"))
+    for name in ("_SUCCESS", "config.json", "model.safetensors", "eval.json", "tokenizer.json"):
+        assert f"models/{RUN}/{name}" in out, name
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = s3.client()
+    evaluation = json.loads(
+        client.get_object(Bucket=bucket, Key=f"models/{RUN}/eval.json")["Body"].read()
+    )
+    assert evaluation["step"] == MAX_STEPS and evaluation["loss"] > 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in out:
+            dest = Path(tmp) / key.split("/", 2)[2]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(dest))
+        model = AutoModelForCausalLM.from_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        ids = tok("Document 1. the model reads", return_tensors="pt")
+        logits = model(**ids).logits
+        assert logits.shape[-1] == VOCAB
+    reasons = runs.event_reasons(RUN)
+    assert reasons.count("AttemptFailed") == 1 and "Succeeded" in reasons

@@ -1,0 +1,138 @@
+"""The client layer (cpt_operator.k8s) and one reconcile pass against the real API server.
+
+No operator process here: the reconcile is called in-process with the real `Kube` client,
+wrapped to count writes, so "nothing to do makes no API writes" is checked on the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from e2e.harness import Runs, install_crd, spec_body
+
+from cpt_operator import handlers
+from cpt_operator.k8s.client import Kube
+from fixtures.cluster import Cluster
+from fixtures.s3 import S3Server
+
+pytestmark = pytest.mark.integration
+
+
+class CountingKube(Kube):
+    """The real client, counting the calls that write to the API."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    async def create(self, manifest: Mapping[str, Any], namespace: str) -> bool:
+        self.writes.append(f"create {manifest['metadata']['name']}")
+        return await super().create(manifest, namespace)
+
+    async def delete(self, *args: Any, **kwargs: Any) -> bool:
+        self.writes.append(f"delete {args[2]}")
+        return await super().delete(*args, **kwargs)
+
+    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self.writes.append("patch_status")
+        await super().patch_status(namespace, name, patch)
+
+    async def post_event(
+        self, run: Mapping[str, Any], type_: str, reason: str, message: str
+    ) -> None:
+        self.writes.append(f"event {reason}")
+        await super().post_event(run, type_, reason, message)
+
+
+@pytest.fixture
+def runs(cluster: Cluster, namespace: str) -> Iterator[Runs]:
+    install_crd(cluster)
+    yield Runs(cluster, namespace, None)
+
+
+def job_manifest(namespace: str, run: str, name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"cpt.dev/run": run}},
+        "spec": {
+            "template": {
+                "metadata": {"annotations": {"test.cpt.dev/hold": "true"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "busybox", "command": ["true"]}],
+                },
+            }
+        },
+    }
+
+
+def test_create_is_create_if_absent_and_delete_tolerates_absence(runs: Runs) -> None:
+    async def go() -> tuple[bool, bool, list[str], bool, bool]:
+        kube = Kube()
+        try:
+            m = job_manifest(runs.ns, "r1", "r1-tokenize")
+            first = await kube.create(m, runs.ns)
+            second = await kube.create(m, runs.ns)
+            await kube.create(job_manifest(runs.ns, "other", "other-tokenize"), runs.ns)
+            jobs, _, _ = await kube.list_children(runs.ns, "r1")
+            gone = await kube.delete("batch/v1", "Job", "r1-tokenize", runs.ns)
+            again = await kube.delete("batch/v1", "Job", "r1-tokenize", runs.ns)
+            return first, second, [j["metadata"]["name"] for j in jobs], gone, again
+        finally:
+            await kube.close()
+
+    first, second, names, gone, again = asyncio.run(go())
+    assert (first, second) == (True, False)
+    assert names == ["r1-tokenize"]
+    assert (gone, again) == (True, False)
+
+
+def test_status_patches_merge_and_events_land_on_the_run(runs: Runs, bucket: str) -> None:
+    runs.create(spec_body("patched", bucket))
+
+    async def go() -> None:
+        kube = Kube()
+        try:
+            await kube.patch_status(runs.ns, "patched", {"phase": "Planning", "message": "x"})
+            await kube.patch_status(runs.ns, "patched", {"message": None, "attempt": 2})
+            body = await kube.get_run(runs.ns, "patched")
+            assert body is not None
+            await kube.post_event(body, "Normal", "Testing", "hello from the client layer")
+            assert await kube.get_run(runs.ns, "absent") is None
+        finally:
+            await kube.close()
+
+    asyncio.run(go())
+    status = runs.status("patched")
+    assert status["phase"] == "Planning" and status["attempt"] == 2 and "message" not in status
+    (event,) = runs.events("patched")
+    assert event["reason"] == "Testing" and event["source"]["component"] == "cpt-operator"
+
+
+def test_a_reconcile_with_nothing_to_do_makes_no_writes_to_the_real_api(
+    runs: Runs, bucket: str, s3_env: S3Server
+) -> None:
+    # Preflight: its PyTorchJob pods run until told otherwise, so the run stays put.
+    runs.create(spec_body("steady", bucket))
+
+    async def go() -> tuple[list[str], list[str]]:
+        kube = CountingKube()
+        try:
+            await handlers.reconcile(kube, runs.ns, "steady", now=datetime.now(UTC))
+            first = list(kube.writes)
+            kube.writes.clear()
+            for _ in range(3):
+                await handlers.reconcile(kube, runs.ns, "steady", now=datetime.now(UTC))
+            return first, kube.writes
+        finally:
+            await kube.close()
+
+    first, later = asyncio.run(go())
+    assert "create steady-preflight" in first and first[-1] == "patch_status"
+    assert later == []
+    assert runs.status("steady")["phase"] == "Preflight"

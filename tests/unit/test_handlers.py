@@ -1,0 +1,242 @@
+"""The handler glue (read → observe → decide → apply → patch) against an in-memory API.
+
+The fake stands in for the client layer only; the same paths run against the real control
+plane in tests/integration/test_operator*.py and tests/e2e/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+
+from cpt_operator import handlers
+from cpt_operator.reconcile.patch import merge_patch
+
+pytestmark = pytest.mark.unit
+
+SPECS = Path(__file__).resolve().parents[1] / "golden" / "specs"
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+WRITES = ("create", "delete", "patch_status", "post_event")
+
+
+class FakeKube:
+    """An in-memory API with create-if-absent semantics; records every call."""
+
+    def __init__(self, run: dict[str, Any]) -> None:
+        self.run = run
+        self.children: dict[tuple[str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.events: list[tuple[str, str]] = []
+        self.fail_patch = False
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] in WRITES]
+
+    async def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get_run", name))
+        return copy.deepcopy(self.run)
+
+    async def list_children(
+        self, namespace: str, run: str
+    ) -> tuple[list[Any], list[Any], list[Any]]:
+        self.calls.append(("list_children", run))
+        by_kind: dict[str, list[Any]] = {"Job": [], "PyTorchJob": [], "Pod": []}
+        for (kind, _), obj in sorted(self.children.items()):
+            by_kind[kind].append(copy.deepcopy(obj))
+        return by_kind["Job"], by_kind["PyTorchJob"], by_kind["Pod"]
+
+    async def get_nodes(self, names: list[str]) -> list[dict[str, Any]]:
+        self.calls.append(("get_nodes", ",".join(names)))
+        return [
+            {
+                "metadata": {"name": n},
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "lastTransitionTime": "2026-03-01T00:00:00Z",
+                        }
+                    ]
+                },
+            }
+            for n in names
+        ]
+
+    async def create(self, manifest: Mapping[str, Any], namespace: str) -> bool:
+        key = (manifest["kind"], manifest["metadata"]["name"])
+        self.calls.append(("create", key[1]))
+        if key in self.children:
+            return False
+        obj = copy.deepcopy(dict(manifest))
+        obj["metadata"]["creationTimestamp"] = "2026-03-01T12:00:00Z"
+        self.children[key] = obj
+        return True
+
+    async def delete(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str,
+        *,
+        propagation: str = "Background",
+        grace_period: int | None = None,
+    ) -> bool:
+        self.calls.append(("delete", name))
+        return self.children.pop((kind, name), None) is not None
+
+    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self.calls.append(("patch_status", name))
+        if self.fail_patch:
+            raise RuntimeError("the API server went away")
+        self.run["status"] = _apply_merge(self.run.get("status") or {}, patch)
+
+    async def post_event(
+        self, run: Mapping[str, Any], type_: str, reason: str, message: str
+    ) -> None:
+        self.calls.append(("post_event", reason))
+        self.events.append((type_, reason))
+
+
+def _apply_merge(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _apply_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def new_run(name: str = "p5-native") -> dict[str, Any]:
+    body = yaml.safe_load((SPECS / f"{name}.yaml").read_text())
+    body["metadata"]["creationTimestamp"] = "2026-03-01T12:00:00Z"
+    return body
+
+
+def reconcile(kube: FakeKube, now: datetime = T0) -> Any:
+    m = kube.run["metadata"]
+    return asyncio.run(handlers.reconcile(kube, m["namespace"], m["name"], now=now))
+
+
+def complete_job(kube: FakeKube, name: str) -> None:
+    kube.children[("Job", name)]["status"] = {
+        "conditions": [{"type": "Complete", "status": "True"}]
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_s3(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_storage(body: Mapping[str, Any], *, use_cache: bool = True) -> Any:
+        return handlers.StorageView()
+
+    monkeypatch.setattr(handlers, "read_storage", no_storage)
+
+
+def test_a_reconcile_with_nothing_to_do_makes_no_api_writes() -> None:
+    kube = FakeKube(new_run())
+    reconcile(kube)
+    assert kube.run["status"]["phase"] == "Tokenizing"
+    kube.calls.clear()
+    reconcile(kube, T0 + timedelta(seconds=10))
+    reconcile(kube, T0 + timedelta(seconds=20))
+    assert kube.writes() == []
+    assert [c[0] for c in kube.calls] == ["get_run", "list_children"] * 2
+
+
+def test_children_are_created_before_the_status_that_records_them_is_patched() -> None:
+    kube = FakeKube(new_run())
+    reconcile(kube)
+    names = [c[0] for c in kube.writes()]
+    assert names.index("create") < names.index("patch_status")
+    assert names[-1] == "patch_status"
+    assert ("Job", "llama-gpu-tokenize") in kube.children
+
+
+def test_a_lost_status_patch_creates_no_duplicate_on_the_next_reconcile() -> None:
+    kube = FakeKube(new_run())
+    kube.fail_patch = True
+    with pytest.raises(RuntimeError):
+        reconcile(kube)
+    kube.fail_patch = False
+    reconcile(kube)  # the operator "restarted": status is still empty
+    creates = [c for c in kube.calls if c[0] == "create"]
+    assert creates == [("create", "llama-gpu-tokenize")]  # the second pass saw it exists
+    assert list(kube.children) == [("Job", "llama-gpu-tokenize")]
+    assert kube.run["status"]["phase"] == "Tokenizing"
+
+
+def test_the_whole_pipeline_runs_through_the_glue_with_one_child_per_stage() -> None:
+    kube = FakeKube(new_run())
+    reconcile(kube)
+    complete_job(kube, "llama-gpu-tokenize")
+    reconcile(kube)
+    assert kube.run["status"]["phase"] == "Training"
+    kube.children[("PyTorchJob", "llama-gpu-train-1")]["status"] = {
+        "conditions": [{"type": "Succeeded", "status": "True"}]
+    }
+    reconcile(kube)
+    assert kube.run["status"]["phase"] == "Converting"
+    complete_job(kube, "llama-gpu-export")
+    reconcile(kube)
+    assert kube.run["status"]["phase"] == "Succeeded"
+    assert sorted(n for _, n in kube.children) == [
+        "llama-gpu-export",
+        "llama-gpu-tokenize",
+        "llama-gpu-train-1",
+    ]
+    assert ("Normal", "Succeeded") in kube.events
+
+
+def test_a_finished_run_is_not_even_read_beyond_its_own_object() -> None:
+    kube = FakeKube(new_run())
+    kube.run["status"] = {"phase": "Succeeded"}
+    assert reconcile(kube) is None
+    assert kube.calls == [("get_run", "llama-gpu")]
+
+
+def test_the_status_patch_is_the_minimal_merge_patch() -> None:
+    kube = FakeKube(new_run())
+    reconcile(kube)
+    before = copy.deepcopy(kube.run["status"])
+    complete_job(kube, "llama-gpu-tokenize")
+    decision = reconcile(kube)
+    patch = merge_patch(before, decision.status)
+    assert patch["phase"] == "Training" and "plan" not in patch
+
+
+def test_an_invalid_spec_event_fails_the_run_and_raises_a_permanent_error() -> None:
+    body = new_run()
+    body["spec"]["training"]["tensorParallel"] = 3
+    kube = FakeKube(body)
+    handlers.STATE.kube = kube  # type: ignore[assignment]
+    try:
+        with pytest.raises(kopf.PermanentError, match="tensorParallel"):
+            asyncio.run(handlers.run_event(type="ADDED", namespace="team-b", name="llama-gpu"))
+    finally:
+        handlers.STATE.kube = None
+        handlers.STATE.runs.clear()
+        handlers.STATE.locks.clear()
+    assert kube.run["status"]["phase"] == "Failed"
+    assert kube.children == {}
+    assert kube.events == [("Warning", "InvalidSpec")]
+
+
+def test_operator_settings_use_our_prefix_and_bounded_watch_timeouts() -> None:
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings)
+    assert settings.watching.server_timeout == 120 and settings.watching.client_timeout == 150
+    assert settings.networking.request_timeout == 30
+    assert settings.persistence.finalizer == "cpt.dev/finalizer"
+    assert settings.persistence.progress_storage.prefix == "cpt.dev"  # type: ignore[attr-defined]
