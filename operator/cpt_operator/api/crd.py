@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cpt_training.config import HF_URI_PATTERN, S3_URI_PATTERN
-from cpt_training.flops import INSTANCE_TYPES
 
 from cpt_operator.api.models import (
     CATEGORIES,
@@ -48,6 +46,8 @@ from cpt_operator.api.models import (
     ContinualPretrainSpec,
     ContinualPretrainStatus,
 )
+from cpt_training.config import HF_URI_PATTERN, S3_URI_PATTERN
+from cpt_training.flops import INSTANCE_TYPES
 
 CRD_FILE = Path("crds") / f"{GROUP}_{PLURAL}.yaml"
 CHART_CRD_FILE = Path("charts") / "cpt" / "crds" / f"{GROUP}_{PLURAL}.yaml"

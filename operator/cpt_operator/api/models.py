@@ -17,6 +17,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
 from cpt_training.config import (
     HF_URI_PATTERN,
     S3_URI_PATTERN,
@@ -26,7 +28,6 @@ from cpt_training.config import (
     ParallelismConfig,
 )
 from cpt_training.flops import INSTANCE_TYPES, InstanceTypeName, instance_type
-from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 GROUP = "cpt.dev"
 VERSION = "v1alpha1"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from cpt_training.flops import GIB, DeviceSpec, InstanceType, ModelShape, instance_type
 from pydantic import ValidationError
 
 from cpt_operator.api.models import (
@@ -35,6 +34,7 @@ from cpt_operator.api.models import (
     is_hf_uri,
     is_local_path,
 )
+from cpt_training.flops import GIB, DeviceSpec, InstanceType, ModelShape, instance_type
 
 Mode = Literal["cluster", "local"]
 
