@@ -1,0 +1,165 @@
+"""``cpt-train <stage>``: the entry point of every stage container.
+
+The stage config comes from ``--config FILE`` (JSON or YAML) or, as the operator passes it, the
+``CPT_STAGE_CONFIG`` environment variable (JSON). It is validated against
+``cpt_training.config`` before anything else happens; a bad config exits 2 with the offending
+fields named and nothing changed. Logging is configured here, once, for the whole process.
+Config values are never logged wholesale and environment values never at all (credentials live
+there).
+
+Training runs under torchrun as a module::
+
+    torchrun ... -m cpt_training.cli train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from cpt_training.config import STAGE_CONFIG_ENV, parse_stage_config
+
+log = logging.getLogger("cpt_training")
+
+STAGES = ("tokenize", "train", "convert-to-nxd", "export-hf", "preflight")
+EXIT_BAD_CONFIG = 2
+
+
+class ConfigError(ValueError):
+    """A config that parsed but cannot run (e.g. batch sizes that do not divide): exit 2."""
+
+
+def setup_logging() -> None:
+    """Once per process: INFO (or ``CPT_LOG_LEVEL``) to stderr, tagged with the rank under
+    torchrun, so stdout stays free for the machine-readable lines (metrics, preflight)."""
+    level_name = os.environ.get("CPT_LOG_LEVEL", "INFO").upper()
+    level = getattr(logging, level_name, logging.INFO)
+    rank = os.environ.get("RANK")
+    tag = f"[rank {rank}] " if rank is not None else ""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Chatty third-party loggers stay at WARNING.
+    for name in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _load_raw(stage: str, config_file: str | None) -> dict[str, Any]:
+    if config_file is not None:
+        text = Path(config_file).read_text(encoding="utf-8")
+        source = config_file
+        if config_file.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    else:
+        text_env = os.environ.get(STAGE_CONFIG_ENV)
+        if not text_env:
+            raise ConfigError(f"no stage config: pass --config FILE or set {STAGE_CONFIG_ENV}")
+        source = f"${STAGE_CONFIG_ENV}"
+        try:
+            data = json.loads(text_env)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} is not valid JSON: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a JSON object, got {type(data).__name__}")
+    declared = data.get("stage")
+    if declared is None:
+        data = {**data, "stage": stage}
+    elif declared != stage:
+        raise ConfigError(f"config is for stage {declared!r} but the command is {stage!r}")
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: field path and message. Input values are left out on purpose."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("config",))
+        lines.append(f"  {loc or '<root>'}: {err.get('msg', 'invalid')}")
+    return "invalid stage config:\n" + "\n".join(lines)
+
+
+def load_stage_config(stage: str, config_file: str | None = None) -> BaseModel:
+    raw = _load_raw(stage, config_file)
+    try:
+        return parse_stage_config(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def dispatch(stage: str, cfg: Any) -> int:
+    """Run one stage; heavy modules (torch, NxD) are imported only for the stage that needs them."""
+    result: Any
+    if stage == "tokenize":
+        from cpt_training.tokenize import run_tokenize
+
+        result = run_tokenize(cfg)
+    elif stage == "train":
+        if cfg.backend == "nxd":
+            from cpt_training.nxd.train import run as nxd_train
+
+            result = nxd_train(cfg)
+        else:
+            from cpt_training.native.train import run as native_train
+
+            result = native_train(cfg)
+    elif stage == "convert-to-nxd":
+        from cpt_training.nxd.convert import run as convert_to_nxd
+
+        result = convert_to_nxd(cfg)
+    elif stage == "export-hf":
+        from cpt_training.export import run as export_hf
+
+        result = export_hf(cfg)
+    elif stage == "preflight":
+        from cpt_training.preflight import run as preflight
+
+        result = preflight(cfg)
+    else:  # argparse already restricts the choices
+        raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    return int(result) if isinstance(result, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpt-train",
+        description="Run one cpt workload stage. The config comes from --config or "
+        f"${STAGE_CONFIG_ENV} (JSON).",
+    )
+    p.add_argument("stage", choices=STAGES, help="the stage to run")
+    p.add_argument("--config", metavar="FILE", help="stage config file (JSON or YAML)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_stage_config(args.stage, args.config)
+    except (ConfigError, OSError) as exc:
+        sys.stderr.write(f"cpt-train {args.stage}: {exc}\n")
+        return EXIT_BAD_CONFIG
+    log.info("cpt-train %s starting (pid %d)", args.stage, os.getpid())
+    try:
+        return dispatch(args.stage, cfg)
+    except ConfigError as exc:
+        sys.stderr.write(f"cpt-train {args.stage}: {exc}\n")
+        return EXIT_BAD_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

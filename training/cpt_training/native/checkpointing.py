@@ -1,0 +1,304 @@
+"""DCP checkpoints of the whole training state, saved locally and handed to the syncer.
+
+A checkpoint holds model, optimizer, the training counters (step, tokens seen: the data
+position and the LR schedule are pure functions of the step) and the CPU RNG state, all
+through ``torch.distributed.checkpoint`` so the files are sharded per rank and resharding on
+load is DCP's job. Saves go to ``<checkpoint.local_dir>/step_<N>/`` (node-local scratch); the
+:class:`~cpt_training.checkpoint.CheckpointSyncer` uploads each node's files and commits the tag
+(manifest + marker) once every node is done, without the loop waiting on the network.
+
+With ``async_save`` the state is staged to host memory and written by a background thread;
+its collectives run on a dedicated gloo group so they never interleave with the training
+loop's own collectives. A new save first waits for the previous one's write (DCP keeps one
+staging buffer in flight). On CUDA (``pinned_staging``) the device-to-host copy itself runs in
+the background too, on its own stream into pinned buffers that are reused from save to save:
+the loop only calls :meth:`DcpCheckpointer.wait_staged` before the next optimizer step (the
+first in-place change of the saved state), so the copy overlaps that step's forward and
+backward. Otherwise DCP's default staging copies synchronously inside ``save``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from cpt_training.checkpoint import CheckpointSyncer, tag_for_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainCounters(Stateful):
+    """The loop's position. Everything else that depends on progress (data order, LR) is a
+    function of ``step``, which is what makes resume exact."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.tokens_seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+        self.tokens_seen = int(state_dict["tokens_seen"])
+
+
+class ModelState(Stateful):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState(Stateful):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class RngState(Stateful):
+    """The CPU generator (seeded identically on every rank, so one copy serves all)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cpu": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+
+
+def training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, counters: TrainCounters
+) -> dict[str, Stateful]:
+    return {
+        "model": ModelState(model),
+        "optim": OptimizerState(model, optimizer),
+        "train": counters,
+        "rng": RngState(),
+    }
+
+
+def _log_write_failure(step: int) -> Any:
+    """A done-callback that logs a failed background write with its traceback (the syncer
+    only reports the message when it fails the tag)."""
+
+    def callback(fut: Future[Any]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.error("checkpoint step %d: background write failed", step, exc_info=exc)
+
+    return callback
+
+
+class DcpCheckpointer:
+    """Save/load the training state; saving hands every tag to ``syncer``."""
+
+    def __init__(
+        self,
+        state: dict[str, Stateful],
+        local_dir: str,
+        syncer: CheckpointSyncer,
+        *,
+        async_save: bool,
+        is_local_main: bool,
+        pinned_staging: bool = False,
+    ) -> None:
+        self.state = state
+        self.local_dir = Path(local_dir)
+        self.syncer = syncer
+        self.async_save = async_save
+        self.is_local_main = is_local_main
+        self._in_flight: Future[Any] | None = None
+        self._staging: Future[Any] | None = None
+        self._stager: Any = _pinned_stager() if async_save and pinned_staging else None
+        self._async_group: Any = None
+        if async_save:
+            # Collective: all ranks construct the checkpointer at the same point.
+            self._async_group = dist.new_group(backend="gloo")
+
+    def _prepare_dir(self, path: Path) -> None:
+        # Leftovers of an earlier attempt at the same step would be uploaded with the new files.
+        if self.is_local_main:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+
+    def wait(self) -> None:
+        """Block until the previous asynchronous write finished (raises its error)."""
+        if self._in_flight is not None:
+            fut, self._in_flight = self._in_flight, None
+            fut.result()
+
+    def wait_staged(self) -> None:
+        """Block until the last save's copy of the state has left the device. Call before
+        anything changes the saved tensors in place (the optimizer step)."""
+        if self._staging is not None:
+            fut, self._staging = self._staging, None
+            try:
+                fut.result()
+            except Exception as exc:  # the write fails too; the syncer fails that tag
+                log.error("checkpoint staging failed: %s", exc)
+
+    def warm_up(self) -> None:
+        """Stage the state once into the pinned buffers and wait (all ranks, after the first
+        optimizer step, when the optimizer state exists). Allocating and pinning host memory
+        for the whole state takes seconds and stalls the GPU's work queue meanwhile: done here,
+        outside the measured loop, every later save reuses the buffers."""
+        if self._stager is None:
+            return
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()
+        try:
+            res = self._stager.stage(self.snapshot())
+            if isinstance(res, Future):
+                res.result()
+        except Exception as exc:  # saves fall back to DCP's default staging
+            log.warning("pinned checkpoint staging disabled (warm-up failed: %r)", exc)
+            self._stager.release()
+            self._stager = None
+            return
+        log.info("checkpoint staging buffers ready in %.1fs", time.perf_counter() - t0)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as plain nested dicts of tensors and Python values. DCP's stagers
+        deep-copy what they are given; handing them the Stateful wrappers makes some torch
+        versions copy the wrapper objects themselves (2.11: ``KeyError: <class 'type'>``)."""
+        return {key: value.state_dict() for key, value in self.state.items()}
+
+    def save(self, step: int) -> None:
+        """Write ``step_<step>`` locally and queue it for upload + commit (all ranks)."""
+        t0 = time.perf_counter()
+        path = self.local_dir / tag_for_step(step)
+        if self._in_flight is not None and not self._in_flight.done():
+            log.info("waiting for the previous checkpoint write before saving step %d", step)
+        try:
+            self.wait()
+        except Exception as exc:  # that tag is failed by the syncer; this save goes on
+            log.error("previous checkpoint write failed: %s", exc)
+        self._prepare_dir(path)
+        if self.async_save:
+            if self._stager is not None:
+                # Kernels the loop queued after its last sync must finish before the staging
+                # stream reads the state.
+                if torch.cuda.is_available():
+                    torch.cuda.current_stream().synchronize()
+                res = state_dict_saver.async_save(
+                    self.snapshot(),
+                    checkpoint_id=str(path),
+                    process_group=self._async_group,
+                    async_stager=self._stager,
+                )
+            else:
+                res = state_dict_saver.async_save(
+                    self.snapshot(), checkpoint_id=str(path), process_group=self._async_group
+                )
+            fut: Future[Any] = res if isinstance(res, Future) else res.upload_completion
+            fut.add_done_callback(_log_write_failure(step))
+            if not isinstance(res, Future):
+                self._staging = res.staging_completion
+            self._in_flight = fut
+            self.syncer.submit(path, step=step, ready=fut)
+        else:
+            state_dict_saver.save(self.state, checkpoint_id=str(path))
+            self.syncer.submit(path, step=step)
+        log.info(
+            "checkpoint step %d staged in %.2fs (%s)",
+            step,
+            time.perf_counter() - t0,
+            "async write" if self.async_save else "written",
+        )
+
+    def load(self, path: Path) -> None:
+        state_dict_loader.load(self.state, checkpoint_id=str(path))
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        except Exception as exc:
+            log.error("last checkpoint write failed: %s", exc)
+        if self._stager is not None:
+            self._stager.release()
+            self._stager = None
+        if self._async_group is not None:
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
+
+def _pinned_stager() -> Any:
+    """DCP's stager with pinned, reused host buffers and background non-blocking copies on a
+    side stream, or None where this torch lacks it or it fails its self-test (then DCP's
+    default staging is used)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+
+    class KeptStager(DefaultStager):  # type: ignore[misc]
+        """Keeps its pinned buffers from save to save. torch 2.11's ``async_save`` closes the
+        stager it is handed once the write is done, which frees the buffers and clears the
+        copier table (the next save then fails with ``KeyError: <class 'type'>``): here
+        ``close()`` is a no-op and ``release()`` really closes."""
+
+        def close(self) -> None:
+            pass
+
+        def release(self) -> None:
+            DefaultStager.close(self)
+
+    stager = KeptStager(
+        StagingOptions(
+            use_pinned_memory=True,
+            use_shared_memory=False,
+            use_async_staging=True,
+            use_non_blocking_copy=True,
+        )
+    )
+    if not _stager_self_test(stager):
+        stager.release()
+        return None
+    return stager
+
+
+def _stager_self_test(stager: Any) -> bool:
+    """Stage a small state twice, as consecutive checkpoints do. torch 2.11's stager fails the
+    second time on objects it copies by reduction (DTensors, OrderedDicts: ``KeyError: <class
+    'type'>``), which would fail every checkpoint after the first."""
+    probe = {"t": torch.zeros(8, device="cuda"), "o": collections.OrderedDict(step=1)}
+    try:
+        for _ in range(2):
+            res = stager.stage(probe)
+            if isinstance(res, Future):
+                res.result()
+    except Exception as exc:
+        log.warning("pinned checkpoint staging disabled (self-test failed: %r)", exc)
+        return False
+    return True

@@ -1,0 +1,375 @@
+"""The native training loop (``cpt-train train`` with ``backend: native``).
+
+One process per device under torchrun. The run is a pure function of (base weights, data,
+config, step): the data order and the learning rate are computed from the optimizer step, the
+model/optimizer state comes from the newest committed checkpoint, so attempt n+1 continues
+exactly where the last commit of attempt n left off.
+
+Hot path: no host synchronisation except at log steps (loss, grad norm and throughput are read
+there only); batches are pinned and copied with ``non_blocking``; FSDP2 keeps bf16 compute
+weights and fp32 master weights, gradients reduced in fp32; AdamW is fused; attention is SDPA
+(flash / cuDNN on GPUs); blocks are compiled one by one when ``compile`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from cpt_training import flops, storage
+from cpt_training.checkpoint import CheckpointSyncer, CommittedCheckpoint, restore_distributed
+from cpt_training.cli import ConfigError
+from cpt_training.config import TrainStage
+from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
+from cpt_training.native import distributed as nd
+from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state
+from cpt_training.native.data import MicroBatches, open_batches, open_blocks
+from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
+from cpt_training.native.optim import build_adamw, clip_grads, set_lr
+from cpt_training.native.parallelize import Layout, build_mesh, parallelize
+from cpt_training.native.weights import fetch_model_dir_per_node, load_hf_config, load_hf_weights
+from cpt_training.progress import ProgressWriter, progress_file_uri
+from cpt_training.schedule import LrSchedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Batch arithmetic, checked before anything expensive happens."""
+
+    layout: Layout
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.layout.dp * self.micro_batch * self.grad_accum * self.seq_len
+
+    @classmethod
+    def make(cls, cfg: TrainStage, world_size: int) -> Plan:
+        try:
+            layout = Layout.plan(
+                world_size, cfg.parallelism.tensor_parallel, cfg.parallelism.pipeline_parallel
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        per_round = cfg.micro_batch_size * layout.dp
+        if cfg.global_batch_size % per_round:
+            raise ConfigError(
+                f"globalBatchSize ({cfg.global_batch_size}) must be a multiple of "
+                f"microBatchSize x data-parallel ranks ({cfg.micro_batch_size} x {layout.dp} = "
+                f"{per_round})"
+            )
+        return cls(layout, cfg.micro_batch_size, cfg.global_batch_size // per_round, cfg.seq_len)
+
+
+def tensorboard_uri(cfg: TrainStage) -> str:
+    base = cfg.tensorboard_uri or storage.join_uri(cfg.checkpoint.uri, "tensorboard")
+    return storage.join_uri(base, f"attempt-{cfg.attempt}")
+
+
+class Trainer:
+    """Builds everything in small steps, then ``train()`` runs the loop."""
+
+    def __init__(self, cfg: TrainStage, d: nd.Dist) -> None:
+        self.cfg = cfg
+        self.d = d
+        self.plan = Plan.make(cfg, d.world_size)
+        if cfg.parallelism.sequence_parallel:
+            log.warning("parallelism.sequenceParallel is not used by the native backend")
+        torch.manual_seed(cfg.seed)
+        self.blocks = open_blocks(cfg)  # fails fast on a seqLen/blockSize mismatch
+        self.mesh: DeviceMesh = build_mesh(d.device_type, self.plan.layout)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.dp_group = self.mesh["dp"].get_group()
+        self._build_model()
+        self.optimizer = build_adamw(self.model, cfg.optimizer, d.device_type)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.schedule = LrSchedule.from_config(cfg.optimizer, cfg.max_steps)
+        self.counters = TrainCounters()
+        self._build_checkpointing()
+        self._build_reporting()
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def _build_model(self) -> None:
+        cfg, d = self.cfg, self.d
+        # Config (and tokenizer) only: a resumed run never reads the base weights.
+        self.model_dir = fetch_model_dir_per_node(cfg.model_uri, d.is_local_main, weights=False)
+        try:
+            self.hf_config = load_hf_config(self.model_dir, cfg.config_overrides)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if cfg.seq_len > self.hf_config.max_position_embeddings:
+            log.warning(
+                "seqLen %d exceeds the model's max_position_embeddings %d",
+                cfg.seq_len,
+                self.hf_config.max_position_embeddings,
+            )
+        with torch.device("meta"):
+            model = Llama.from_hf_config(self.hf_config)
+        try:
+            parallelize(
+                model,
+                self.mesh,
+                bf16=cfg.precision == "bf16",
+                activation_checkpointing=cfg.activation_checkpointing,
+                compile_model=cfg.compile,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        model.to_empty(device=d.device)
+        self.model = model
+        self.shape = flops.ModelShape.from_hf_config(self.hf_config.to_dict())
+
+    def _build_checkpointing(self) -> None:
+        cfg, d = self.cfg, self.d
+        world_info = {
+            "backend": "native",
+            "dp": self.plan.layout.dp,
+            "tp": self.plan.layout.tp,
+            "deviceType": d.device_type,
+        }
+        self.syncer = CheckpointSyncer(
+            cfg.checkpoint.uri,
+            keep=cfg.checkpoint.keep,
+            local_keep=cfg.checkpoint.keep,
+            world_info=world_info,
+            on_commit=self._on_commit,
+        )
+        self.checkpointer = DcpCheckpointer(
+            training_state(self.model, self.optimizer, self.counters),
+            cfg.checkpoint.local_dir,
+            self.syncer,
+            async_save=cfg.checkpoint.async_save,
+            is_local_main=d.is_local_main,
+            pinned_staging=d.device_type == "cuda",
+        )
+
+    def _build_reporting(self) -> None:
+        cfg, d = self.cfg, self.d
+        self.progress: ProgressWriter | None = None
+        self.sink: MetricsSink | None = None
+        self.tb_local: Path | None = None
+        if d.is_main:
+            self.progress = ProgressWriter(
+                progress_file_uri(cfg.progress_uri, cfg.checkpoint.uri),
+                attempt=cfg.attempt,
+                max_steps=cfg.max_steps,
+            )
+            self.tb_local = (
+                Path(cfg.checkpoint.local_dir) / ".tensorboard" / f"attempt-{cfg.attempt}"
+            )
+            self.sink = MetricsSink(max_steps=cfg.max_steps, tensorboard_dir=self.tb_local)
+        peak = peak_flops_per_device(d.device_type, nd.device_name(d.device), cfg.instance_type)
+        self.throughput = Throughput(
+            self.shape.flops_per_token(cfg.seq_len), d.world_size, peak, start_step=0
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _on_commit(self, ckpt: CommittedCheckpoint) -> None:
+        if self.progress is not None:
+            self.progress.committed(ckpt.step)
+        self._sync_tensorboard()
+
+    def _sync_tensorboard(self) -> None:
+        if self.sink is None or self.tb_local is None or not self.tb_local.is_dir():
+            return
+        self.sink.flush()
+        try:
+            storage.open_storage(tensorboard_uri(self.cfg)).upload_dir(self.tb_local)
+        except Exception as exc:  # metrics upload must never stop training
+            log.warning("TensorBoard upload failed: %s", exc)
+
+    def restore_or_init(self) -> int:
+        """Resume from the newest committed checkpoint, else load the base weights."""
+        ckpt = restore_distributed(
+            self.cfg.checkpoint.uri,
+            self.cfg.checkpoint.local_dir,
+            collective=self.syncer.collective,
+        )
+        if ckpt is None:
+            log.info("no committed checkpoint: starting from %s", self.cfg.model_uri)
+            model_dir = fetch_model_dir_per_node(self.cfg.model_uri, self.d.is_local_main)
+            load_hf_weights(self.model, model_dir)
+            return 0
+        assert ckpt.local_path is not None
+        t0 = time.perf_counter()
+        self.checkpointer.load(ckpt.local_path)
+        if self.counters.step != ckpt.step:
+            raise RuntimeError(
+                f"checkpoint {ckpt.uri} is tagged step {ckpt.step} but holds step "
+                f"{self.counters.step}"
+            )
+        self.syncer.last_committed = ckpt
+        if self.progress is not None:
+            self.progress.committed(ckpt.step)
+        log.info(
+            "resumed from %s (step %d) in %.1fs", ckpt.uri, ckpt.step, time.perf_counter() - t0
+        )
+        return ckpt.step
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # Host tensors come pinned from the data prefetcher: the copy overlaps compute.
+        return t.to(self.d.device, non_blocking=True)
+
+    def _global_count(self, local: int) -> torch.Tensor:
+        # torch.full is a fill kernel: unlike torch.tensor(...) it copies nothing from the host,
+        # so it does not wait for the queued work of the previous step.
+        count = torch.full((), float(local), device=self.d.device)
+        if self.plan.layout.dp > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        return count
+
+    def _step(self, batches: MicroBatches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns device tensors
+        (summed loss of this rank, target-token count of all ranks, grad norm)."""
+        # Counted on the host from host tensors: no device sync.
+        local_count = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches)
+        count = self._global_count(local_count)
+        # FSDP averages gradients over dp ranks; scaling by dp makes the result the mean over
+        # every target token of the global batch.
+        scale = self.plan.layout.dp / count.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.d.device)
+        last = len(batches) - 1
+        for i, (ids_host, labels_host) in enumerate(batches):
+            ids = self._to_device(ids_host)
+            labels = ids if labels_host is ids_host else self._to_device(labels_host)
+            self.model.set_requires_gradient_sync(i == last)  # type: ignore[operator]
+            loss = self.model(ids, shift_targets(labels))
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+        norm = clip_grads(self.params, self.cfg.optimizer.grad_clip)
+        self.checkpointer.wait_staged()  # a checkpoint copy may still be reading the state
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, count, norm
+
+    def _batches(self, start_step: int) -> Generator[MicroBatches, None, None]:
+        return open_batches(
+            self.blocks,
+            dp_rank=self.dp_rank,
+            dp_size=self.plan.layout.dp,
+            micro_batch=self.plan.micro_batch,
+            grad_accum=self.plan.grad_accum,
+            start_step=start_step,
+            pin=self.d.device_type == "cuda",
+        )
+
+    def _log(
+        self, step: int, loss_sum: torch.Tensor, count: torch.Tensor, norm: torch.Tensor
+    ) -> None:
+        loss_t = loss_sum.clone()
+        if self.plan.layout.dp > 1:
+            dist.all_reduce(loss_t, group=self.dp_group)
+        loss = float(loss_t / count.clamp(min=1.0))  # the host sync of a log step
+        lr = self.schedule(step - 1)
+        m = self.throughput.measure(
+            step, self.plan.tokens_per_step, loss=loss, lr=lr, grad_norm=float(norm)
+        )
+        if self.sink is not None:
+            self.sink.write(m)
+        if self.progress is not None:
+            self.progress.update(
+                step=step, loss=loss, tokens_per_sec=m.tokens_per_sec, mfu=m.mfu, lr=lr
+            )
+
+    def train(self) -> int:
+        cfg = self.cfg
+        start = self.restore_or_init()
+        self.counters.step = start
+        if self.progress is not None:
+            self.progress.update(step=start, force=True)  # attempt n has started
+        if start == 0 and cfg.stop_after_steps == 0:
+            # Materialise the base model as a native checkpoint (conversion checks, tests).
+            self.checkpointer.save(0)
+        elif start < cfg.max_steps:
+            self._loop(start)
+        self.checkpointer.close()
+        self.syncer.finalize()
+        finished = self.counters.step >= cfg.max_steps
+        if self.progress is not None:
+            if finished:
+                self.progress.done()
+            else:
+                self.progress.flush()
+        self._sync_tensorboard()
+        if self.sink is not None:
+            self.sink.close()
+        self.syncer.close()
+        if finished and (
+            self.syncer.last_committed is None or self.syncer.last_committed.step < cfg.max_steps
+        ):
+            raise RuntimeError(
+                f"training reached step {self.counters.step} but its final checkpoint was not "
+                f"committed: {self.syncer.failures[-1:] or 'unknown reason'}"
+            )
+        return 0
+
+    def _loop(self, start: int) -> None:
+        cfg = self.cfg
+        log.info(
+            "training steps %d..%d: dp=%d tp=%d micro=%d accum=%d seq=%d (%d tokens/step) on %s",
+            start + 1,
+            cfg.max_steps,
+            self.plan.layout.dp,
+            self.plan.layout.tp,
+            self.plan.micro_batch,
+            self.plan.grad_accum,
+            self.plan.seq_len,
+            self.plan.tokens_per_step,
+            self.d.device,
+        )
+        self.model.train()
+        step = start
+        ran = 0
+        data = self._batches(start)
+        self.throughput.reset(step)
+        every = cfg.checkpoint.every_steps
+        stop = cfg.stop_after_steps
+        try:
+            while step < cfg.max_steps and (stop is None or ran < stop):
+                set_lr(self.optimizer, self.schedule(step))
+                try:
+                    batches = next(data)
+                except StopIteration:
+                    raise RuntimeError(f"the dataset ran out of blocks at step {step}") from None
+                loss_sum, count, norm = self._step(batches)
+                step += 1
+                ran += 1
+                self.counters.step = step
+                self.counters.tokens_seen += self.plan.tokens_per_step
+                if step % cfg.log_every == 0 or step == cfg.max_steps or step == start + 1:
+                    self._log(step, loss_sum, count, norm)
+                    if step == start + 1:
+                        # The first step pays for compilation and allocator warm-up.
+                        self.checkpointer.warm_up()
+                        self.throughput.reset(step)
+                if step % every == 0 or step == cfg.max_steps:
+                    self.checkpointer.save(step)
+                self.syncer.poll()
+        finally:
+            data.close()  # stops the prefetch thread
+        if stop is not None and ran >= stop and step < cfg.max_steps:
+            log.info("stopAfterSteps=%d reached at step %d", stop, step)
+
+
+def run(cfg: TrainStage) -> int:
+    d = nd.init_distributed(cfg.device)
+    try:
+        trainer = Trainer(cfg, d)
+        return trainer.train()
+    finally:
+        nd.destroy()
