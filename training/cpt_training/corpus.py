@@ -14,8 +14,9 @@ import pkgutil
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 _WS = re.compile(r"[ \t]+")
 
@@ -92,13 +93,10 @@ def write_corpus(out_dir: str | Path, *, max_bytes: int = 4_000_000, files: int 
     return out
 
 
-def train_bpe_tokenizer(
-    texts: list[str] | Iterator[str], out_dir: str | Path, *, vocab_size: int = 4096
-) -> Path:
-    """Train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer directory
-    (``PreTrainedTokenizerFast``) with ``<s>``, ``</s>`` and ``<pad>`` special tokens."""
+def build_bpe(texts: Iterable[str], *, vocab_size: int = 4096) -> Any:
+    """Train a byte-level BPE ``tokenizers.Tokenizer`` with ``<pad>``, ``<s>``, ``</s>``
+    (ids 0, 1, 2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -107,11 +105,25 @@ def train_bpe_tokenizer(
         vocab_size=vocab_size,
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 4096
+) -> Path:
+    """Train a byte-level BPE tokenizer (:func:`build_bpe`) and save it as a Hugging Face
+    tokenizer directory (``PreTrainedTokenizerFast``)."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=build_bpe(texts, vocab_size=vocab_size),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
     )
     out = Path(out_dir)
     fast.save_pretrained(out)
