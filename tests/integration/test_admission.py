@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from cpt_operator.api.crd import CRD_FILE
 from fixtures.cluster import Cluster
 
@@ -24,12 +25,14 @@ CRD_NAME = "continualpretrains.cpt.dev"
 @pytest.fixture(scope="module")
 def crd(cluster: Cluster) -> Cluster:
     cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=cpt-tests",
-        "-f", str(ROOT / CRD_FILE),
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=cpt-tests",
+        "-f",
+        str(ROOT / CRD_FILE),
     )
-    cluster.kubectl(
-        "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s"
-    )
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     return cluster
 
 
@@ -57,64 +60,116 @@ def apply(cluster: Cluster, namespace: str, doc: dict[str, Any], *, dry_run: boo
 
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     # schema
-    ("zero nodes", edit(spec__training__nodes=0),
-     "spec.training.nodes: Invalid value: 0: spec.training.nodes in body should be greater than "
-     "or equal to 1"),
-    ("an unknown instance type", edit(spec__training__instanceType="trn9.huge"),
-     'spec.training.instanceType: Unsupported value: "trn9.huge"'),
-    ("a misspelt field", edit(spec__training__tensorparallel=2),
-     'unknown field "spec.training.tensorparallel"'),
-    ("half the data held out", edit(spec__data__heldOutFraction=0.5),
-     "spec.data.heldOutFraction: Invalid value: \"number\": must be less than 0.5"),
-    ("no data sources", edit(spec__data__sources=[]),
-     "spec.data.sources: Invalid value: 0: spec.data.sources in body should have at least 1 "
-     "items"),
+    (
+        "zero nodes",
+        edit(spec__training__nodes=0),
+        "spec.training.nodes: Invalid value: 0: spec.training.nodes in body should be greater than "
+        "or equal to 1",
+    ),
+    (
+        "an unknown instance type",
+        edit(spec__training__instanceType="trn9.huge"),
+        'spec.training.instanceType: Unsupported value: "trn9.huge"',
+    ),
+    (
+        "a misspelt field",
+        edit(spec__training__tensorparallel=2),
+        'unknown field "spec.training.tensorparallel"',
+    ),
+    (
+        "half the data held out",
+        edit(spec__data__heldOutFraction=0.5),
+        'spec.data.heldOutFraction: Invalid value: "number": must be less than 0.5',
+    ),
+    (
+        "no data sources",
+        edit(spec__data__sources=[]),
+        "spec.data.sources: Invalid value: 0: spec.data.sources in body should have at least 1 "
+        "items",
+    ),
     # CEL
-    ("tensor x pipeline parallel not dividing the world", edit(spec__training__tensorParallel=3),
-     "spec.training.tensorParallel: Invalid value: \"object\": tensorParallel x "
-     "pipelineParallel must divide nodes x processesPerNode"),
-    ("global batch not a multiple of the micro batch", edit(spec__training__microBatchSize=3),
-     "spec.training.globalBatchSize: Invalid value: \"object\": globalBatchSize must be a "
-     "multiple of microBatchSize"),
-    ("min lr above the peak", edit(spec__training__optimizer__minLr=1e-3),
-     "spec.training.optimizer.minLr: Invalid value: \"object\": minLr must not exceed lr"),
-    ("both maxSteps and maxTokens", edit(spec__training__maxTokens=10**9),
-     "spec.training.maxSteps: Invalid value: \"object\": set exactly one of maxSteps or "
-     "maxTokens"),
-    ("sequence parallel without tensor parallel",
-     edit(spec__training__tensorParallel=1, spec__training__sequenceParallel=True),
-     "spec.training.sequenceParallel: Invalid value: \"object\": sequenceParallel needs "
-     "tensorParallel > 1"),
-    ("nxd on GPUs", edit(spec__training__instanceType="p5.48xlarge"),
-     "spec.training.backend: Invalid value: \"object\": backend nxd runs on Trainium only "
-     "(instanceType p5.48xlarge); use native or auto"),
-    ("a literal credential in env",
-     edit(spec__training__env=[{"name": "WANDB_API_KEY", "value": "s3cr3t-v4lue"}]),
-     "spec.training.env[0].value: Invalid value: \"object\": env WANDB_API_KEY looks like a "
-     "credential: use valueFrom.secretKeyRef, never a literal value"),
-    ("an operator-owned env name", edit(spec__training__env=[{"name": "MASTER_PORT",
-                                                               "value": "1"}]),
-     "spec.training.env[0].name: Invalid value: \"object\": env MASTER_PORT is set by the "
-     "operator and cannot be overridden"),
-    ("a pvc scratch without a claim", edit(spec__checkpoints__scratch={"type": "pvc"}),
-     "spec.checkpoints.scratch.claimName: Invalid value: \"object\": scratch type pvc needs "
-     "claimName"),
-    ("a data source with both a dataset and a uri",
-     edit(spec__data__sources=[{"hfDataset": "x", "uri": "s3://bkt/x/"}]),
-     "spec.data.sources[0]: Invalid value: \"object\": a data source needs exactly one of "
-     "hfDataset or uri"),
-    ("a local checkpoint path", edit(spec__checkpoints__s3Uri="/local/ckpt/"),
-     "spec.checkpoints.s3Uri: Invalid value: \"string\": checkpoints.s3Uri must be an "
-     "s3://bucket/prefix/ URI (local paths work only with `cpt local`)"),
-    ("a model in another scheme", edit(spec__model__source="gs://bucket/llama"),
-     "spec.model.source: Invalid value: \"string\": model.source must be "
-     "hf://org/name[@revision] or s3://bucket/prefix/ (local paths work only with `cpt local`)"),
-    ("a run name too long for its children", edit(metadata__name="r" * 41),
-     "metadata.name must be at most 40 characters: child Jobs, pods and Services are named "
-     "after it"),
-    ("a run name starting with a digit", edit(metadata__name="70b-run"),
-     "metadata.name must start with a letter and contain only lowercase letters, digits and "
-     "'-' (it names Services)"),
+    (
+        "tensor x pipeline parallel not dividing the world",
+        edit(spec__training__tensorParallel=3),
+        'spec.training.tensorParallel: Invalid value: "object": tensorParallel x '
+        "pipelineParallel must divide nodes x processesPerNode",
+    ),
+    (
+        "global batch not a multiple of the micro batch",
+        edit(spec__training__microBatchSize=3),
+        'spec.training.globalBatchSize: Invalid value: "object": globalBatchSize must be a '
+        "multiple of microBatchSize",
+    ),
+    (
+        "min lr above the peak",
+        edit(spec__training__optimizer__minLr=1e-3),
+        'spec.training.optimizer.minLr: Invalid value: "object": minLr must not exceed lr',
+    ),
+    (
+        "both maxSteps and maxTokens",
+        edit(spec__training__maxTokens=10**9),
+        'spec.training.maxSteps: Invalid value: "object": set exactly one of maxSteps or maxTokens',
+    ),
+    (
+        "sequence parallel without tensor parallel",
+        edit(spec__training__tensorParallel=1, spec__training__sequenceParallel=True),
+        'spec.training.sequenceParallel: Invalid value: "object": sequenceParallel needs '
+        "tensorParallel > 1",
+    ),
+    (
+        "nxd on GPUs",
+        edit(spec__training__instanceType="p5.48xlarge"),
+        'spec.training.backend: Invalid value: "object": backend nxd runs on Trainium only '
+        "(instanceType p5.48xlarge); use native or auto",
+    ),
+    (
+        "a literal credential in env",
+        edit(spec__training__env=[{"name": "WANDB_API_KEY", "value": "s3cr3t-v4lue"}]),
+        'spec.training.env[0].value: Invalid value: "object": env WANDB_API_KEY looks like a '
+        "credential: use valueFrom.secretKeyRef, never a literal value",
+    ),
+    (
+        "an operator-owned env name",
+        edit(spec__training__env=[{"name": "MASTER_PORT", "value": "1"}]),
+        'spec.training.env[0].name: Invalid value: "object": env MASTER_PORT is set by the '
+        "operator and cannot be overridden",
+    ),
+    (
+        "a pvc scratch without a claim",
+        edit(spec__checkpoints__scratch={"type": "pvc"}),
+        'spec.checkpoints.scratch.claimName: Invalid value: "object": scratch type pvc needs '
+        "claimName",
+    ),
+    (
+        "a data source with both a dataset and a uri",
+        edit(spec__data__sources=[{"hfDataset": "x", "uri": "s3://bkt/x/"}]),
+        'spec.data.sources[0]: Invalid value: "object": a data source needs exactly one of '
+        "hfDataset or uri",
+    ),
+    (
+        "a local checkpoint path",
+        edit(spec__checkpoints__s3Uri="/local/ckpt/"),
+        'spec.checkpoints.s3Uri: Invalid value: "string": checkpoints.s3Uri must be an '
+        "s3://bucket/prefix/ URI (local paths work only with `cpt local`)",
+    ),
+    (
+        "a model in another scheme",
+        edit(spec__model__source="gs://bucket/llama"),
+        'spec.model.source: Invalid value: "string": model.source must be '
+        "hf://org/name[@revision] or s3://bucket/prefix/ (local paths work only with `cpt local`)",
+    ),
+    (
+        "a run name too long for its children",
+        edit(metadata__name="r" * 41),
+        "metadata.name must be at most 40 characters: child Jobs, pods and Services are named "
+        "after it",
+    ),
+    (
+        "a run name starting with a digit",
+        edit(metadata__name="70b-run"),
+        "metadata.name must start with a letter and contain only lowercase letters, digits and "
+        "'-' (it names Services)",
+    ),
 ]
 
 
@@ -128,9 +183,7 @@ def test_admission_rejects_an_invalid_spec_with_our_message(
     assert "s3cr3t-v4lue" not in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize(
-    "name", ["run.yaml", "llama31-8b-trn1.yaml", "llama32-1b-p5.yaml"]
-)
+@pytest.mark.parametrize("name", ["run.yaml", "llama31-8b-trn1.yaml", "llama32-1b-p5.yaml"])
 def test_the_cluster_examples_are_admitted(crd: Cluster, namespace: str, name: str) -> None:
     doc = yaml.safe_load((ROOT / "examples" / name).read_text())
     proc = apply(crd, namespace, doc)
@@ -143,8 +196,12 @@ def test_the_local_example_is_refused_in_a_cluster_for_its_local_paths(
     doc = yaml.safe_load((ROOT / "examples" / "tiny-local.yaml").read_text())
     proc = apply(crd, namespace, doc)
     assert proc.returncode != 0
-    for field in ("spec.model.source", "spec.checkpoints.s3Uri", "spec.output.s3Uri",
-                  "spec.data.sources[0].uri"):
+    for field in (
+        "spec.model.source",
+        "spec.checkpoints.s3Uri",
+        "spec.output.s3Uri",
+        "spec.data.sources[0].uri",
+    ):
         assert f"{field}: Invalid value" in proc.stderr, field
 
 
@@ -192,11 +249,20 @@ def test_immutable_sections_cannot_change_but_runtime_and_suspend_can(
         ("data", {"spec": {"data": {"shards": 4}}}),
         ("checkpoints", {"spec": {"checkpoints": {"everySteps": 50}}}),
     ]:
-        proc = crd.kubectl("patch", "continualpretrain", name, "-n", namespace, "--type=merge",
-                           "-p", json.dumps(patch), check=False)
+        proc = crd.kubectl(
+            "patch",
+            "continualpretrain",
+            name,
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+            check=False,
+        )
         assert proc.returncode != 0, section
         assert (
-            f"spec.{section}: Invalid value: \"object\": spec.{section} is immutable once the "
+            f'spec.{section}: Invalid value: "object": spec.{section} is immutable once the '
             "run exists: to change it, create a new ContinualPretrain"
         ) in proc.stderr
     for patch in [
@@ -204,8 +270,16 @@ def test_immutable_sections_cannot_change_but_runtime_and_suspend_can(
         {"spec": {"runtime": {"priorityClassName": "training-high"}}},
         {"spec": {"resiliency": {"maxAttempts": 9}}},
     ]:
-        crd.kubectl("patch", "continualpretrain", name, "-n", namespace, "--type=merge",
-                    "-p", json.dumps(patch))
+        crd.kubectl(
+            "patch",
+            "continualpretrain",
+            name,
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+        )
     spec = _get(crd, namespace, name)["spec"]
     assert spec["suspend"] is True and spec["resiliency"]["maxAttempts"] == 9
 
@@ -218,23 +292,57 @@ def test_status_is_kept_and_feeds_the_printer_columns(crd: Cluster, namespace: s
             "phase": "Training",
             "attempt": 2,
             "observedGeneration": 1,
-            "progress": {"step": 120, "maxSteps": 1500, "stepOfMax": "120/1500", "loss": 1.87,
-                         "tokensPerSec": 52000.5, "mfuPercent": 24.1,
-                         "updatedAt": "2026-01-02T03:04:05Z"},
-            "plan": {"backend": "nxd", "instanceType": "trn1.32xlarge", "nodes": 32,
-                     "processesPerNode": 32, "worldSize": 1024, "dataParallel": 16,
-                     "tensorParallel": 8, "pipelineParallel": 8, "microBatchSize": 1,
-                     "gradAccumSteps": 32, "tokensPerStep": 2097152, "maxSteps": 1500,
-                     "totalTokens": 3145728000, "params": 68976648192,
-                     "memoryPerDeviceGib": 8.69, "warnings": ["w"]},
-            "conditions": [{"type": "Training", "status": "True", "reason": "Running",
-                            "message": "", "lastTransitionTime": "2026-01-02T03:04:05Z"}],
+            "progress": {
+                "step": 120,
+                "maxSteps": 1500,
+                "stepOfMax": "120/1500",
+                "loss": 1.87,
+                "tokensPerSec": 52000.5,
+                "mfuPercent": 24.1,
+                "updatedAt": "2026-01-02T03:04:05Z",
+            },
+            "plan": {
+                "backend": "nxd",
+                "instanceType": "trn1.32xlarge",
+                "nodes": 32,
+                "processesPerNode": 32,
+                "worldSize": 1024,
+                "dataParallel": 16,
+                "tensorParallel": 8,
+                "pipelineParallel": 8,
+                "microBatchSize": 1,
+                "gradAccumSteps": 32,
+                "tokensPerStep": 2097152,
+                "maxSteps": 1500,
+                "totalTokens": 3145728000,
+                "params": 68976648192,
+                "memoryPerDeviceGib": 8.69,
+                "warnings": ["w"],
+            },
+            "conditions": [
+                {
+                    "type": "Training",
+                    "status": "True",
+                    "reason": "Running",
+                    "message": "",
+                    "lastTransitionTime": "2026-01-02T03:04:05Z",
+                }
+            ],
             "children": {"train": f"{name}-train-2"},
             "kopf": {"progress": {"reconcile": {"started": "2026-01-02T03:04:05Z"}}},
         }
     }
-    crd.kubectl("patch", "continualpretrain", name, "-n", namespace, "--subresource=status",
-                "--type=merge", "-p", json.dumps(status))
+    crd.kubectl(
+        "patch",
+        "continualpretrain",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
     got = _get(crd, namespace, name)["status"]
     assert got["progress"]["stepOfMax"] == "120/1500"
     assert got["plan"]["dataParallel"] == 16
@@ -242,6 +350,5 @@ def test_status_is_kept_and_feeds_the_printer_columns(crd: Cluster, namespace: s
     assert got["kopf"] == status["status"]["kopf"]  # preserved, not pruned
     table = crd.kubectl("get", "cpt", name, "-n", namespace).stdout
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "STEP", "ATTEMPT", "LOSS", "TOKENS/S", "MFU%",
-                              "AGE"]
+    assert header.split() == ["NAME", "PHASE", "STEP", "ATTEMPT", "LOSS", "TOKENS/S", "MFU%", "AGE"]
     assert row.split()[:7] == [name, "Training", "120/1500", "2", "1.87", "52000.5", "24.1"]

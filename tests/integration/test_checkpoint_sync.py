@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cpt_training import checkpoint as ck
 from cpt_training import storage
 from cpt_training.checkpoint import COMMIT_NAME, CheckpointCorruptError
@@ -177,6 +178,7 @@ def _free_port() -> int:
 
 def _dist_worker(rank: int, world: int, port: int, root: str, tmp: str, out: str) -> None:
     import torch.distributed as dist
+
     from cpt_training.checkpoint import sync as cksync
 
     dist.init_process_group(

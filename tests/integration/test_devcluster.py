@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fixtures.cluster import Cluster, devcluster, wait_for
 from fixtures.s3 import S3Server
 

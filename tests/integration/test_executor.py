@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fixtures.cluster import Cluster, wait_for
 from fixtures.executor import Executor, Rewriter, expand
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cpt_training import storage
 from cpt_training.storage import Storage, TransferSettings, open_storage
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from cpt_training import storage
 from cpt_training import tokenize as tk
 from cpt_training.config import TokenizeStage

@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
 from cpt_operator.api import crd
 
 pytestmark = pytest.mark.unit
@@ -80,7 +81,8 @@ def test_optional_sections_default_to_their_materialized_defaults() -> None:
     runtime = spec["properties"]["runtime"]["default"]
     assert runtime["images"]["trainerNeuron"] == "ghcr.io/cpt-dev/cpt-trainer-neuron:0.1.0"
     assert spec["properties"]["resiliency"]["default"]["preflight"] == {
-        "enabled": True, "minBusBandwidthGbps": 0.0
+        "enabled": True,
+        "minBusBandwidthGbps": 0.0,
     }
     assert spec["properties"]["training"]["properties"]["optimizer"]["default"]["lr"] == 1.5e-4
     assert "default" not in spec["properties"]["training"]  # required: no default
@@ -93,8 +95,19 @@ def test_status_has_no_defaults_and_keeps_kopf_fields() -> None:
     status = crd.open_api_schema()["properties"]["status"]
     assert all("default" not in n for _, n in _walk(status))
     assert status["properties"]["kopf"]["x-kubernetes-preserve-unknown-fields"] is True
-    for field in ("phase", "observedGeneration", "conditions", "attempt", "plan", "checkpoint",
-                  "progress", "tensorboardUri", "outputUri", "children", "message"):
+    for field in (
+        "phase",
+        "observedGeneration",
+        "conditions",
+        "attempt",
+        "plan",
+        "checkpoint",
+        "progress",
+        "tensorboardUri",
+        "outputUri",
+        "children",
+        "message",
+    ):
         assert field in status["properties"], field
     assert status["properties"]["phase"]["enum"][0] == "Pending"
 
@@ -137,7 +150,9 @@ def test_names_printer_columns_and_status_subresource() -> None:
     assert doc["metadata"]["name"] == "continualpretrains.cpt.dev"
     names = doc["spec"]["names"]
     assert (names["kind"], names["plural"], names["singular"]) == (
-        "ContinualPretrain", "continualpretrains", "continualpretrain"
+        "ContinualPretrain",
+        "continualpretrains",
+        "continualpretrain",
     )
     assert names["shortNames"] == ["cpt"] and "ml" in names["categories"]
     assert doc["spec"]["scope"] == "Namespaced"

@@ -9,6 +9,8 @@ from typing import Any, get_args
 
 import pytest
 import yaml
+from pydantic import ValidationError
+
 from cpt_operator.api.models import (
     DEFAULT_IMAGES,
     CheckpointsSpec,
@@ -24,7 +26,6 @@ from cpt_operator.api.models import (
     join_uri,
 )
 from cpt_training.config import CheckpointPolicy, TokenizeStage, TrainStage
-from pydantic import ValidationError
 
 pytestmark = pytest.mark.unit
 
@@ -54,10 +55,18 @@ def test_the_seed_run_example_carries_the_blog_hyperparameters() -> None:
     assert (t.nodes, t.tensor_parallel, t.pipeline_parallel) == (32, 8, 8)
     assert (t.global_batch_size, t.micro_batch_size, s.data.block_size) == (512, 1, 4096)
     assert (o.lr, o.min_lr, o.warmup_steps, o.beta1, o.beta2, o.weight_decay) == (
-        1.5e-4, 1e-5, 2000, 0.9, 0.95, 0.1
+        1.5e-4,
+        1e-5,
+        2000,
+        0.9,
+        0.95,
+        0.1,
     )
     assert (t.max_steps, t.zero1, s.checkpoints.every_steps, s.checkpoints.keep) == (
-        1500, True, 10, 1
+        1500,
+        True,
+        10,
+        1,
     )
     assert s.data.sources[0].hf_dataset == "wikicorpus"
     assert s.data.sources[0].hf_config == "raw_en"
@@ -101,9 +110,7 @@ def test_join_uri_uses_single_slashes() -> None:
     ],
 )
 def test_backend_auto_is_nxd_on_trn1_and_native_elsewhere(instance: str, backend: str) -> None:
-    t = TrainingSpec.model_validate(
-        {"instanceType": instance, "maxSteps": 1, "globalBatchSize": 8}
-    )
+    t = TrainingSpec.model_validate({"instanceType": instance, "maxSteps": 1, "globalBatchSize": 8})
     assert t.resolved_backend() == backend
 
 
@@ -196,10 +203,14 @@ def test_an_ordinary_env_var_is_accepted() -> None:
     [
         ({"type": "hostPath"}, ("path", "scratch type hostPath needs path (e.g. /local/nvme)")),
         ({"type": "pvc"}, ("claimName", "scratch type pvc needs claimName")),
-        ({"type": "emptyDir", "path": "/x"}, ("path", "scratch path is only used with type "
-                                               "hostPath")),
-        ({"type": "hostPath", "path": "/x", "claimName": "c"},
-         ("claimName", "scratch claimName is only used with type pvc")),
+        (
+            {"type": "emptyDir", "path": "/x"},
+            ("path", "scratch path is only used with type hostPath"),
+        ),
+        (
+            {"type": "hostPath", "path": "/x", "claimName": "c"},
+            ("claimName", "scratch claimName is only used with type pvc"),
+        ),
     ],
 )
 def test_scratch_needs_exactly_its_own_fields(
@@ -212,8 +223,12 @@ def test_scratch_needs_exactly_its_own_fields(
 
 @pytest.mark.parametrize(
     "scratch",
-    [{}, {"type": "hostPath", "path": "/local/nvme"}, {"type": "pvc", "claimName": "fsx"},
-     {"type": "emptyDir", "sizeLimit": "500Gi"}],
+    [
+        {},
+        {"type": "hostPath", "path": "/local/nvme"},
+        {"type": "pvc", "claimName": "fsx"},
+        {"type": "emptyDir", "sizeLimit": "500Gi"},
+    ],
 )
 def test_valid_scratch_kinds_are_accepted(scratch: dict[str, Any]) -> None:
     ScratchSpec.model_validate(scratch)
@@ -274,8 +289,12 @@ def test_status_tolerates_kopf_and_unknown_fields() -> None:
             "somethingNewer": True,
             "progress": {"step": 10, "maxSteps": 1500, "stepOfMax": "10/1500", "loss": 2.1},
             "conditions": [
-                {"type": "Training", "status": "True", "reason": "Running",
-                 "lastTransitionTime": "2026-01-02T03:04:05Z"}
+                {
+                    "type": "Training",
+                    "status": "True",
+                    "reason": "Running",
+                    "lastTransitionTime": "2026-01-02T03:04:05Z",
+                }
             ],
         }
     )
@@ -288,15 +307,29 @@ def test_status_tolerates_kopf_and_unknown_fields() -> None:
 
 def test_phases_are_the_documented_set() -> None:
     assert [p.value for p in Phase] == [
-        "Pending", "Planning", "Preflight", "Tokenizing", "PreparingWeights", "Training",
-        "Converting", "Succeeded", "Failed", "Suspended",
+        "Pending",
+        "Planning",
+        "Preflight",
+        "Tokenizing",
+        "PreparingWeights",
+        "Training",
+        "Converting",
+        "Succeeded",
+        "Failed",
+        "Suspended",
     ]
 
 
 @pytest.mark.parametrize(
     ("name", "ok"),
-    [("llama2-70b-wikicorpus", True), ("a" * 40, True), ("a" * 41, False), ("1run", False),
-     ("Run", False), ("run-", False)],
+    [
+        ("llama2-70b-wikicorpus", True),
+        ("a" * 40, True),
+        ("a" * 41, False),
+        ("1run", False),
+        ("Run", False),
+        ("run-", False),
+    ],
 )
 def test_run_names_are_short_dns_labels(name: str, ok: bool) -> None:
     obj = {**load("run.yaml"), "metadata": {"name": name}}

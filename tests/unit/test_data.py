@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cpt_training import tokenize as tk
 from cpt_training.config import TokenizeStage
 from cpt_training.data import DataError, TokenBlocks

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, get_args
 
 import pytest
+
 from cpt_training.flops import (
     DEVICES,
     INSTANCE_TYPES,
@@ -19,20 +20,38 @@ from cpt_training.flops import (
 pytestmark = pytest.mark.unit
 
 LLAMA2_7B = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=32,
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
 )
 LLAMA2_70B = dict(
-    vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-    num_attention_heads=64, num_key_value_heads=8,
+    vocab_size=32000,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
 )
 LLAMA31_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
 )
 LLAMA32_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    tie_word_embeddings=True,
 )
 
 
@@ -71,7 +90,8 @@ def test_flops_per_token_matches_the_torchtitan_anchors(
     config: dict[str, Any], seq: int, gflops: float
 ) -> None:
     assert ModelShape.from_hf_config(config).flops_per_token(seq) / 1e9 == pytest.approx(
-        gflops, abs=0.05  # the anchors are rounded to 3 significant digits
+        gflops,
+        abs=0.05,  # the anchors are rounded to 3 significant digits
     )
 
 
@@ -102,8 +122,9 @@ def test_kv_heads_default_to_the_attention_heads() -> None:
 
 def test_a_config_missing_shape_keys_names_them() -> None:
     with pytest.raises(ValueError, match="missing hidden_size, num_hidden_layers"):
-        ModelShape.from_hf_config({"vocab_size": 8, "intermediate_size": 8,
-                                   "num_attention_heads": 2})
+        ModelShape.from_hf_config(
+            {"vocab_size": 8, "intermediate_size": 8, "num_attention_heads": 2}
+        )
 
 
 def test_mfu_is_flops_times_tokens_over_devices_times_peak() -> None:
@@ -135,10 +156,14 @@ def test_the_instance_table_covers_exactly_the_api_instance_types() -> None:
     ("name", "procs", "resources", "peak", "mem"),
     [
         ("trn1.32xlarge", 32, {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 8}, 95, 16),
-        ("trn1n.32xlarge", 32, {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 16}, 95,
-         16),
-        ("trn2.48xlarge", 64, {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 16},
-         667 / 4, 24),
+        ("trn1n.32xlarge", 32, {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 16}, 95, 16),
+        (
+            "trn2.48xlarge",
+            64,
+            {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 16},
+            667 / 4,
+            24,
+        ),
         ("p5.48xlarge", 8, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 32}, 989, 80),
         ("p5e.48xlarge", 8, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 32}, 989, 141),
         ("p4d.24xlarge", 8, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 4}, 312, 40),

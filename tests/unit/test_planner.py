@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from cpt_operator.api.models import PlanSummary
 from cpt_operator.api.planner import (
     PlanError,
@@ -103,8 +104,14 @@ def test_the_seed_run_has_an_estimate_calibrated_on_trn1_and_a_list_price_cost()
     assert est.instance_hours == pytest.approx(est.wall_hours * 32)
     assert est.cost_usd == pytest.approx(est.instance_hours * 21.50)
     flops = ModelShape.from_hf_config(
-        {"vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
-         "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8}
+        {
+            "vocab_size": 32000,
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+        }
     ).flops_per_token(4096)
     assert est.step_seconds == pytest.approx(flops * 512 * 4096 / (1024 * 95e12 * est.mfu))
 
@@ -113,7 +120,9 @@ def test_summary_is_the_status_plan_object() -> None:
     summary = plan_object(RUN).summary()
     parsed = PlanSummary.model_validate(summary)
     assert (parsed.data_parallel, parsed.pipeline_microbatches, parsed.tokens_per_step) == (
-        16, 32, 2_097_152
+        16,
+        32,
+        2_097_152,
     )
     assert parsed.memory_per_device_gib == 8.69
     assert summary["warnings"] == [WARMUP]
@@ -225,25 +234,40 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "attention heads not divisible by tensor parallel",
-        edit(RUN, spec__model__source="hf://meta-llama/Llama-2-13b-hf",
-             spec__training__tensorParallel=16, spec__training__pipelineParallel=4),
+        edit(
+            RUN,
+            spec__model__source="hf://meta-llama/Llama-2-13b-hf",
+            spec__training__tensorParallel=16,
+            spec__training__pipelineParallel=4,
+        ),
         "spec.training.tensorParallel: num_attention_heads (40) must be divisible by "
         "tensorParallel (16); allowed: [1, 2, 4, 8]",
     ),
     (
         "kv heads that cannot be replicated evenly (nxd)",
-        edit(RUN, spec__model__source="hf://acme/custom-llama",
-             spec__model__configOverrides={
-                 "vocab_size": 32000, "hidden_size": 6144, "intermediate_size": 16384,
-                 "num_hidden_layers": 48, "num_attention_heads": 48, "num_key_value_heads": 6}),
+        edit(
+            RUN,
+            spec__model__source="hf://acme/custom-llama",
+            spec__model__configOverrides={
+                "vocab_size": 32000,
+                "hidden_size": 6144,
+                "intermediate_size": 16384,
+                "num_hidden_layers": 48,
+                "num_attention_heads": 48,
+                "num_key_value_heads": 6,
+            },
+        ),
         "spec.training.tensorParallel: tensorParallel (8) > num_key_value_heads (6) needs whole "
         "KV-head replication (tensorParallel / num_key_value_heads = kv_size_multiplier); "
         "allowed: [1, 2]",
     ),
     (
         "kv heads not divisible by tensor parallel (native)",
-        edit(P5, spec__training__tensorParallel=8,
-             spec__model__configOverrides={"num_key_value_heads": 4}),
+        edit(
+            P5,
+            spec__training__tensorParallel=8,
+            spec__model__configOverrides={"num_key_value_heads": 4},
+        ),
         "spec.training.tensorParallel: the native backend shards KV heads: num_key_value_heads "
         "(4) must be divisible by tensorParallel (8); allowed: [1, 2, 4]",
     ),
@@ -410,10 +434,16 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
 
 
 def test_schema_errors_are_all_reported_together() -> None:
-    doc = edit(RUN, spec__training__nodes=0, spec__training__precision="fp16",
-               spec__data__heldOutFraction=0.9)
+    doc = edit(
+        RUN,
+        spec__training__nodes=0,
+        spec__training__precision="fp16",
+        spec__data__heldOutFraction=0.9,
+    )
     assert [e.split(":")[0] for e in errors_of(doc)] == [
-        "spec.data.heldOutFraction", "spec.training.nodes", "spec.training.precision",
+        "spec.data.heldOutFraction",
+        "spec.training.nodes",
+        "spec.training.precision",
     ]
 
 
@@ -434,9 +464,13 @@ def test_kv_heads_are_replicated_when_tensor_parallel_exceeds_them_on_nxd() -> N
 def test_layers_not_divisible_by_stages_follow_the_nxd_split_with_a_warning() -> None:
     assert stage_layers(80, 8) == [10] * 8
     assert stage_layers(40, 6) == [6, 6, 7, 7, 7, 7]  # remainder to the last stages
-    doc = edit(RUN, spec__model__source="hf://meta-llama/Llama-2-13b-hf",
-               spec__training__pipelineParallel=16, spec__training__tensorParallel=2,
-               spec__training__sequenceParallel=True)
+    doc = edit(
+        RUN,
+        spec__model__source="hf://meta-llama/Llama-2-13b-hf",
+        spec__training__pipelineParallel=16,
+        spec__training__tensorParallel=2,
+        spec__training__sequenceParallel=True,
+    )
     p = plan_object(doc)
     assert p.ok, p.errors
     assert (
@@ -464,8 +498,9 @@ def test_memory_above_90_percent_is_a_warning_not_an_error() -> None:
 
 
 def test_fewer_processes_than_devices_is_allowed_with_a_warning() -> None:
-    p = plan_object(edit(RUN, spec__training__processesPerNode=16,
-                         spec__training__globalBatchSize=256))
+    p = plan_object(
+        edit(RUN, spec__training__processesPerNode=16, spec__training__globalBatchSize=256)
+    )
     assert p.ok, p.errors
     assert "spec.training.processesPerNode: 16 of 32 devices per node are used" in [
         str(w) for w in p.warnings
@@ -473,10 +508,21 @@ def test_fewer_processes_than_devices_is_allowed_with_a_warning() -> None:
 
 
 def test_an_unknown_model_plans_from_its_config_overrides() -> None:
-    shape = {"vocab_size": 50000, "hidden_size": 4096, "intermediate_size": 11008,
-             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
-    p = plan_object(edit(RUN, spec__model__source="s3://my-bucket/models/custom/",
-                         spec__model__configOverrides=shape))
+    shape = {
+        "vocab_size": 50000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    }
+    p = plan_object(
+        edit(
+            RUN,
+            spec__model__source="s3://my-bucket/models/custom/",
+            spec__model__configOverrides=shape,
+        )
+    )
     assert p.ok, p.errors
     assert p.shape is not None and p.shape.vocab_size == 50000
 
@@ -499,11 +545,19 @@ def test_gated_models_without_a_token_secret_warn() -> None:
 def _tiny_model(tmp_path: Path) -> None:
     model = tmp_path / ".demo" / "base-model"
     model.mkdir(parents=True)
-    (model / "config.json").write_text(json.dumps({
-        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-    }))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "vocab_size": 512,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 256,
+            }
+        )
+    )
 
 
 def test_the_tiny_local_example_plans_from_the_demo_model_config(tmp_path: Path) -> None:
@@ -511,7 +565,11 @@ def test_the_tiny_local_example_plans_from_the_demo_model_config(tmp_path: Path)
     p = plan_object(load_run(ROOT / "examples" / "tiny-local.yaml"), base_dir=tmp_path)
     assert p.ok, p.errors
     assert (p.mode, p.backend, p.world_size, p.data_parallel, p.grad_accum_steps) == (
-        "local", "native", 2, 2, 2
+        "local",
+        "native",
+        2,
+        2,
+        2,
     )
     assert p.estimate is None  # CPU: no peak, no MFU, no made-up time
     assert p.memory is not None and p.memory.device_bytes is None
@@ -520,12 +578,18 @@ def test_the_tiny_local_example_plans_from_the_demo_model_config(tmp_path: Path)
 def test_the_tiny_local_example_without_the_demo_model_says_what_is_missing(
     tmp_path: Path,
 ) -> None:
-    errors = [str(e) for e in plan_object(load_run(ROOT / "examples" / "tiny-local.yaml"),
-                                          base_dir=tmp_path).errors]
+    errors = [
+        str(e)
+        for e in plan_object(
+            load_run(ROOT / "examples" / "tiny-local.yaml"), base_dir=tmp_path
+        ).errors
+    ]
     assert len(errors) == 1
-    assert errors[0].startswith("spec.model.configOverrides: the planner does not know the shape "
-                                f"of '.demo/base-model' ({tmp_path}/.demo/base-model/config.json "
-                                "does not exist yet; ")
+    assert errors[0].startswith(
+        "spec.model.configOverrides: the planner does not know the shape "
+        f"of '.demo/base-model' ({tmp_path}/.demo/base-model/config.json "
+        "does not exist yet; "
+    )
 
 
 def test_local_paths_are_fine_in_local_mode_and_errors_in_cluster_mode(tmp_path: Path) -> None:
@@ -533,8 +597,12 @@ def test_local_paths_are_fine_in_local_mode_and_errors_in_cluster_mode(tmp_path:
     doc = load_run(ROOT / "examples" / "tiny-local.yaml")
     assert plan_object(doc, mode="local", base_dir=tmp_path).ok
     fields = [e.field for e in plan_object(doc, mode="cluster", base_dir=tmp_path).errors]
-    assert fields == ["spec.model.source", "spec.checkpoints.s3Uri", "spec.output.s3Uri",
-                      "spec.data.sources[0].uri"]
+    assert fields == [
+        "spec.model.source",
+        "spec.checkpoints.s3Uri",
+        "spec.output.s3Uri",
+        "spec.data.sources[0].uri",
+    ]
 
 
 def test_plan_accepts_a_parsed_spec_too() -> None:
@@ -547,13 +615,22 @@ def test_plan_accepts_a_parsed_spec_too() -> None:
 @pytest.mark.parametrize("ac", ["none", "selective", "full"])
 def test_activation_formula_follows_korthikanti(ac: str) -> None:
     shape = ModelShape.from_hf_config(
-        {"vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
-         "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8}
+        {
+            "vocab_size": 32000,
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+        }
     )
     sbh = 4096 * 8192
     got = activation_bytes_per_layer(4096, 1, shape, 8, True, ac, fused_attention=False)
-    want = {"none": sbh * (34 + 5 * 64 * 4096 / 8192) / 8, "selective": sbh * 34 / 8,
-            "full": 2 * sbh / 8}[ac]
+    want = {
+        "none": sbh * (34 + 5 * 64 * 4096 / 8192) / 8,
+        "selective": sbh * 34 / 8,
+        "full": 2 * sbh / 8,
+    }[ac]
     assert got == want
     no_sp = activation_bytes_per_layer(4096, 1, shape, 8, False, "selective")
     assert no_sp == sbh * (10 + 24 / 8)

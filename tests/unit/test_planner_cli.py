@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from cpt_operator import cli
 
 pytestmark = pytest.mark.unit
@@ -112,7 +113,8 @@ def test_cpt_local_hands_the_file_and_given_options_to_run_local(
 
 def test_the_cpt_entry_point_is_installed() -> None:
     cpt = Path(sys.executable).parent / "cpt"
-    proc = subprocess.run([str(cpt), "plan", RUN, "--json"], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [str(cpt), "plan", RUN, "--json"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["plan"]["worldSize"] == 1024

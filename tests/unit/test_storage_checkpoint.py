@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cpt_training import checkpoint as ck
 from cpt_training.checkpoint import (
     COMMIT_NAME,

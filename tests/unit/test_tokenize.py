@@ -11,6 +11,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pytest
+
 from cpt_training import tokenize as tk
 from cpt_training.config import TokenizeStage
 from fixtures.textgen import make_corpus, make_texts, train_tokenizer
