@@ -1131,6 +1131,43 @@ def status(state_dir: Path | None = None) -> dict[str, Any]:
     return out
 
 
+def stop_component(name: str, state_dir: Path | None = None) -> None:
+    """Stops one component of a running cluster by its PID (fault tests: an apiserver outage).
+    The rest keeps running; `start_component` brings it back with the same flags and ports."""
+    if name not in COMPONENTS:
+        raise DevClusterError(f"unknown component {name!r}; one of {', '.join(COMPONENTS)}")
+    State(state_dir).stop(name)
+
+
+def start_component(name: str, state_dir: Path | None = None, *, timeout: float = 60) -> int:
+    """Starts one stopped component again with the flags and ports in cluster.json and waits
+    until it serves (the apiserver's /readyz, the training-operator's /readyz). Returns its PID."""
+    state = State(state_dir)
+    cluster = state.cluster()
+    if cluster is None or name not in COMPONENTS:
+        raise DevClusterError(f"no cluster in {state.root}, or unknown component {name!r}")
+    if (pid := state.pid_of(name)) is not None:
+        return pid
+    env = {"KUBECONFIG": str(state.kubeconfig)} if name == "training-operator" else None
+    pid = state.start(name, component_argv(name, cluster.bin_dir, state, cluster.ports), env)
+    urls = {
+        "kube-apiserver": (f"{cluster.api_url}/readyz", cluster.admin_token),
+        "training-operator": (
+            f"http://127.0.0.1:{cluster.ports['training-operator-health']}/readyz",
+            None,
+        ),
+    }
+
+    def serving() -> bool:
+        if state.pid_of(name) is None:
+            raise DevClusterError(f"{name} exited on restart; see {state.logs / name}.log")
+        url, token = urls.get(name, ("", None))
+        return not url or _http_ok(url, token=token)
+
+    wait_for(serving, timeout=timeout, what=f"{name} serving again", interval=0.1)
+    return pid
+
+
 # ----------------------------------------------------------------------------- shared use (pytest)
 
 

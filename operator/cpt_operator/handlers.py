@@ -31,14 +31,22 @@ import kopf
 from lightkube import ApiError
 from pydantic import ValidationError
 
-from cpt_operator.api.models import GROUP, PLURAL, TERMINAL_PHASES, VERSION, ContinualPretrainSpec
+from cpt_operator.api.models import (
+    GROUP,
+    PLURAL,
+    TERMINAL_PHASES,
+    VERSION,
+    ContinualPretrainSpec,
+    Phase,
+)
 from cpt_operator.builders import stages
 from cpt_operator.builders.meta import RUN_LABEL
 from cpt_operator.k8s.client import Kube, KubeApi
 from cpt_operator.progress import StorageView, read_storage_async
-from cpt_operator.reconcile import conditions
+from cpt_operator.reconcile import admission, conditions
 from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
-from cpt_operator.reconcile.decide import Decision, RunMeta, decide
+from cpt_operator.reconcile.admission import Blocker
+from cpt_operator.reconcile.decide import Decision, RunMeta, decide, dump_status, load_status
 from cpt_operator.reconcile.observe import Observed, observe
 from cpt_operator.reconcile.patch import merge_patch
 
@@ -115,6 +123,34 @@ async def read_storage(body: Mapping[str, Any], *, use_cache: bool = True) -> St
     return view
 
 
+PLANNING_PHASES = {None, "", "Pending", "Planning"}
+
+
+async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Blocker, ...]:
+    """Facts a run must pass before its first child exists (reconcile/admission.py): the
+    Secrets it references exist, the namespace's Pod Security level admits its pods, and the
+    API server accepts its pod templates (server-side dry run). Unknown facts (no RBAC to
+    read them) block nothing."""
+    if (body.get("status") or {}).get("phase") not in PLANNING_PHASES:
+        return ()
+    try:
+        spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+        run = RunMeta.of(body)
+        manifests = admission.dry_run_manifests(spec, run.ref)
+    except ValueError:  # an invalid spec fails in planning with its own message
+        return ()
+    ns = run.namespace
+    found: list[Blocker] = []
+    for field_, secret in admission.secret_refs(spec):
+        if await kube.secret_exists(ns, secret) is False:
+            found.append(admission.missing_secret(field_, secret, ns))
+    found += admission.pod_security_problems(spec, await kube.pod_security_level(ns))
+    for what, field_, manifest in manifests:
+        if message := await kube.dry_run_create(manifest, ns):
+            found.append(admission.rejected(what, field_, message))
+    return tuple(found)
+
+
 async def observe_run(kube: KubeApi, body: Mapping[str, Any]) -> Observed:
     meta = body.get("metadata") or {}
     namespace, name = str(meta["namespace"]), str(meta["name"])
@@ -143,7 +179,34 @@ async def observe_run(kube: KubeApi, body: Mapping[str, Any]) -> Observed:
         progress=view.progress,
         checkpoint=view.checkpoint,
         storage_error=view.error,
+        blockers=await admission_blockers(kube, body),
     )
+
+
+async def reject_run(
+    kube: KubeApi, body: Mapping[str, Any], action: CreateChild, message: str
+) -> None:
+    """The API server refused a child built from the spec (a runtime field it validates
+    and the planning-time dry run did not see, e.g. changed mid-run): Failed, saying why."""
+    old = body.get("status") or {}
+    status = load_status(old)
+    now = datetime.now(UTC).replace(microsecond=0)
+    generation = (body.get("metadata") or {}).get("generation")
+    msg = f"the API server rejects {action.kind} {action.name} built from this spec: {message}"
+    marks: tuple[tuple[str, conditions.Status], ...] = (("Failed", "True"), ("Succeeded", "False"))
+    for type_, value in marks:
+        conditions.set_condition(
+            status, type_, value, conditions.INVALID_SPEC, msg, now=now, generation=generation
+        )
+    was = status.phase.value
+    status.phase, status.message = Phase.FAILED, f"{conditions.INVALID_SPEC}: {msg}"
+    status.completion_time = now
+    await kube.post_event(body, "Warning", conditions.INVALID_SPEC, f"{was} → Failed: {msg}")
+    patch = merge_patch(old, dump_status(status))
+    if patch:
+        await kube.patch_status(
+            str(body["metadata"]["namespace"]), str(body["metadata"]["name"]), patch
+        )
 
 
 async def apply(kube: KubeApi, body: Mapping[str, Any], decision: Decision) -> None:
@@ -153,7 +216,14 @@ async def apply(kube: KubeApi, body: Mapping[str, Any], decision: Decision) -> N
     namespace, name = str(meta["namespace"]), str(meta["name"])
     for action in decision.actions:
         if isinstance(action, CreateChild):
-            created = await kube.create(action.manifest, namespace)
+            try:
+                created = await kube.create(action.manifest, namespace)
+            except ApiError as err:
+                if err.status.code not in (400, 422):
+                    raise
+                # Invalid, and retrying cannot change that: fail the run, do not loop.
+                await reject_run(kube, body, action, str(err.status.message or err))
+                return
             log.info(
                 "%s/%s: %s %s %s",
                 namespace,

@@ -139,8 +139,15 @@ def spec_body(
     spec["checkpoints"]["s3Uri"] = f"s3://{bucket}/runs/{run}/"
     spec["output"]["s3Uri"] = f"s3://{bucket}/models/{run}/"
     spec.setdefault("runtime", {}).pop("neuronCompileCacheUri", None)
-    for absent in ("hfTokenSecretRef", "priorityClassName", "serviceAccountName"):
-        spec["runtime"].pop(absent, None)  # would need objects the test cluster lacks
+    # These would need objects the test namespace lacks (the operator checks that referenced
+    # Secrets exist before creating children); tests that want one create it and add the ref.
+    for absent in (
+        "hfTokenSecretRef",
+        "s3CredentialsSecretRef",
+        "priorityClassName",
+        "serviceAccountName",
+    ):
+        spec["runtime"].pop(absent, None)
     for dotted, value in changes.items():
         node = spec
         *path, last = dotted.split("__")

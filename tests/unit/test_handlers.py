@@ -100,6 +100,17 @@ class FakeKube:
             raise RuntimeError("the API server went away")
         self.run["status"] = _apply_merge(self.run.get("status") or {}, patch)
 
+    async def secret_exists(self, namespace: str, name: str) -> bool | None:
+        self.calls.append(("secret_exists", name))
+        return True
+
+    async def pod_security_level(self, namespace: str) -> str | None:
+        return None
+
+    async def dry_run_create(self, manifest: Mapping[str, Any], namespace: str) -> str:
+        self.calls.append(("dry_run_create", manifest["metadata"]["name"]))
+        return ""
+
     async def post_event(
         self, run: Mapping[str, Any], type_: str, reason: str, message: str
     ) -> None:

@@ -39,6 +39,17 @@ from cpt_training.flops import GIB, DeviceSpec, InstanceType, ModelShape, instan
 Mode = Literal["cluster", "local"]
 
 MEMORY_WARN_FRACTION = 0.90
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_IMAGE_DOMAIN = rf"(?:{_IMAGE_LABEL}(?:\.{_IMAGE_LABEL})*(?::[0-9]+)?/)?"
+IMAGE_REFERENCE = re.compile(
+    _IMAGE_DOMAIN
+    + _IMAGE_COMPONENT
+    + rf"(?:/{_IMAGE_COMPONENT})*"
+    + r"(?::[\w][\w.-]{0,127})?"
+    + r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+"""A container image reference (the distribution reference grammar, simplified)."""
 AC_FACTOR = {"none": 1.0, "selective": 1.0, "full": 0.75}
 """MFU multiplier per activation-checkpointing mode. Full recompute adds a forward pass (4/3
 the FLOPs of a step) that MFU does not count. Selective recomputes only the attention core,
@@ -370,6 +381,7 @@ class _Planner:
 
     def run(self) -> Plan:
         self._storage()
+        self._images()
         self._layout()
         shape = self._shape()
         if shape is not None:
@@ -427,6 +439,21 @@ class _Planner:
                 "spec.runtime.hfTokenSecretRef",
                 "meta-llama models are gated on the Hugging Face Hub: set a Secret with HF_TOKEN",
             )
+
+    def _images(self) -> None:
+        """Image fields are free strings in the schema, and the API server accepts nearly any
+        image text in a Job: a malformed reference would only show up as pods stuck in
+        InvalidImageName, so it is refused here."""
+        images = self.spec.runtime.images
+        for key in ("trainer_neuron", "trainer_cuda", "trainer_cpu", "tools"):
+            value = getattr(images, key)
+            if not IMAGE_REFERENCE.fullmatch(value):
+                camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), key)
+                self.error(
+                    f"spec.runtime.images.{camel}",
+                    f"{value!r} is not a container image reference "
+                    "(registry/repository[:tag][@sha256:digest], no spaces)",
+                )
 
     def _uri_hygiene(self, path: str, value: str) -> None:
         """Hostile-looking URIs the schema lets through: invisible or control characters

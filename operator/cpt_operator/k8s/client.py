@@ -18,7 +18,7 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import Event, Node, Pod
+from lightkube.resources.core_v1 import Event, Namespace, Node, Pod, Secret
 from lightkube.types import CascadeType, PatchType
 
 from cpt_operator.reconcile.observe import RUN_LABEL
@@ -30,6 +30,8 @@ ContinualPretrain = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
 PyTorchJob = create_namespaced_resource("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs")
 
 FIELD_MANAGER = "cpt-operator"
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
 EVENT_SOURCE = "cpt-operator"
 _MAX_EVENT_MESSAGE = 1000
 
@@ -70,6 +72,12 @@ class KubeApi(Protocol):
     ) -> bool: ...
 
     async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None: ...
+
+    async def secret_exists(self, namespace: str, name: str) -> bool | None: ...
+
+    async def pod_security_level(self, namespace: str) -> str | None: ...
+
+    async def dry_run_create(self, manifest: Mapping[str, Any], namespace: str) -> str: ...
 
     async def post_event(
         self, run: Mapping[str, Any], type_: str, reason: str, message: str
@@ -166,6 +174,41 @@ class Kube:
             namespace=namespace,
             patch_type=PatchType.MERGE,
         )
+
+    async def secret_exists(self, namespace: str, name: str) -> bool | None:
+        """Whether a Secret exists, asking for its metadata only (PartialObjectMetadata: the
+        data never reaches the operator). None when this identity may not read Secrets (the
+        chart grants no such right by default) or the answer is anything but 200/404."""
+        generic = self._client._client  # lightkube's request layer, for the Accept header
+        request = generic.prepare_request(
+            "get", Secret, name=name, namespace=namespace, headers={"Accept": PARTIAL_METADATA}
+        )
+        response = await generic.send(generic.build_adapter_request(request))  # type: ignore[no-untyped-call]
+        return {200: True, 404: False}.get(response.status_code)
+
+    async def pod_security_level(self, namespace: str) -> str | None:
+        """The namespace's enforced Pod Security level ("" when unlabelled), or None when
+        this identity may not read Namespaces."""
+        try:
+            ns = await self._client.get(Namespace, namespace)
+        except ApiError as err:
+            if err.status.code in (401, 403, 404):
+                return None
+            raise
+        labels = (ns.metadata.labels if ns.metadata else None) or {}
+        return str(labels.get(POD_SECURITY_ENFORCE, ""))
+
+    async def dry_run_create(self, manifest: Mapping[str, Any], namespace: str) -> str:
+        """Server-side dry run of a create: the API server's message when it rejects the
+        object as invalid (400/422), else "" (accepted, or it cannot tell: 403, 409)."""
+        body = dict(manifest)
+        body["metadata"] = {**(body.get("metadata") or {}), "namespace": namespace}
+        try:
+            await self._client.create(codecs.from_dict(body), dry_run=True)  # type: ignore[call-overload]
+        except ApiError as err:
+            if err.status.code in (400, 422):
+                return str(err.status.message or err)
+        return ""
 
     async def post_event(
         self, run: Mapping[str, Any], type_: str, reason: str, message: str

@@ -40,7 +40,7 @@ from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.reconcile import conditions as cond
 from cpt_operator.reconcile.actions import Action, CreateChild, DeleteChild, EmitEvent
-from cpt_operator.reconcile.observe import Observed, PodState, PyTorchJobState
+from cpt_operator.reconcile.observe import Checkpoint, Observed, PodState, PyTorchJobState
 
 Planner = Callable[[ContinualPretrainSpec], PlanSummary]
 
@@ -219,6 +219,12 @@ class _Reconcile:
             self.fail(cond.INVALID_SPEC, msg)
             return
         self.status.plan = plan
+        if self.obs.blockers:
+            first = self.obs.blockers[0]
+            msg = "; ".join(b.message for b in self.obs.blockers)
+            self.condition(ConditionType.PLANNED, "False", first.reason, msg)
+            self.fail(first.reason, msg)
+            return
         summary = (
             f"{plan.backend} on {plan.nodes} x {plan.instance_type}, TP {plan.tensor_parallel} "
             f"PP {plan.pipeline_parallel} DP {plan.data_parallel}, {plan.max_steps} steps"
@@ -406,6 +412,17 @@ class _Reconcile:
                 f"pod {stuck.name} Pending for more than {limit}s: "
                 f"{stuck.message or stuck.reason or 'not scheduled'}"
             )
+        limit = self.spec.resiliency.pending_timeout_seconds
+        live = [p for p in pods if not p.deleting]
+        expected = self.spec.training.nodes
+        created = ptj.created
+        if limit and created and len(live) < expected and _seconds(self.now - created) > limit:
+            # Pods the training operator cannot create never show up as Pending.
+            return cond.PENDING_TIMEOUT, (
+                f"PyTorchJob {name} has {len(live)} of {expected} pods after {limit}s: "
+                "the training operator could not create the others (Pod Security "
+                f"admission, a ResourceQuota, ...; see kubectl describe pytorchjob {name})"
+            )
         return None
 
     def _track_progress(self, name: str, rec: AttemptStatus) -> tuple[str, str] | None:
@@ -482,6 +499,11 @@ class _Reconcile:
 
     def _start_attempt(self, name: str, rec: AttemptStatus) -> None:
         ckpt = self.obs.checkpoint
+        if ckpt is None and self.obs.storage_error and self.status.checkpoint is not None:
+            # S3 unreadable right now: record the newest commit we know of, not "none" (the
+            # trainer finds the real one itself when it starts).
+            known = self.status.checkpoint
+            ckpt = Checkpoint(step=known.step, uri=known.uri)
         if ckpt is not None:
             self.status.resume_from = CheckpointStatus(step=ckpt.step, uri=ckpt.uri)
             rec.resume_from_step = ckpt.step
@@ -527,14 +549,7 @@ class _Reconcile:
                     f"PyTorchJob {name} disappeared (deleted outside the operator)",
                 )
                 return
-            clean = self._teardown(keep=None)
-            if clean and self.obs.storage_error:
-                # The resume point comes from S3: do not record a wrong one (and the trainer
-                # could not restore either) while it cannot be read.
-                self.status.message = (
-                    f"waiting for the checkpoint store before attempt {n}: {self.obs.storage_error}"
-                )
-            elif clean:
+            if self._teardown(keep=None):
                 self._start_attempt(name, rec)
             else:
                 self.status.message = (

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cpt_operator.builders.meta import ATTEMPT_LABEL, RUN_LABEL, STAGE_LABEL
+
+if TYPE_CHECKING:
+    from cpt_operator.reconcile.admission import Blocker
 
 __all__ = ["ATTEMPT_LABEL", "RUN_LABEL", "STAGE_LABEL"]
 
@@ -144,6 +147,9 @@ class Observed:
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None
     storage_error: str = ""
+    blockers: tuple[Blocker, ...] = ()
+    """Why the run cannot start (missing Secret, Pod Security, rejected templates): checked
+    only while planning, see reconcile/admission.py."""
 
     def pods_of(self, owner_name: str) -> list[PodState]:
         return [p for p in self.pods if p.owner_name == owner_name]
@@ -297,6 +303,7 @@ def observe(
     progress: Mapping[str, Any] | None = None,
     checkpoint: Checkpoint | None = None,
     storage_error: str = "",
+    blockers: tuple[Blocker, ...] = (),
 ) -> Observed:
     """Build the observation from raw API objects (dicts) and the S3 reads."""
     job_states = [observe_job(j) for j in jobs]
@@ -310,4 +317,5 @@ def observe(
         progress=observe_progress(progress),
         checkpoint=checkpoint,
         storage_error=storage_error,
+        blockers=blockers,
     )

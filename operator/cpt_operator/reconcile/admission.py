@@ -1,0 +1,142 @@
+"""Checks that need facts from the cluster but must pass before the first child exists.
+
+A run whose Secret is missing, whose pods the namespace's Pod Security level rejects, or whose
+pod templates the API server refuses would otherwise create children that can never start
+(the kubelet waits forever for a missing Secret; the training operator retries forever when
+admission rejects its pods). The handler gathers the facts (the client layer does the I/O:
+Secret metadata, the namespace's `pod-security.kubernetes.io/enforce` label, server-side dry
+runs); the pure functions here say what to look up and turn the answers into `Blocker`s,
+which fail the run in Planning with a condition, an event, and zero children.
+
+A fact the operator may not read (no RBAC for Secrets or Namespaces) is unknown, never a
+blocker: the run goes on and the kubelet / admission report the problem on the pods.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.builders import jobs, pytorchjob, stages
+from cpt_operator.builders.jobs import RunRef
+from cpt_training.flops import instance_type
+
+SECRET_NOT_FOUND = "SecretNotFound"
+POD_SECURITY = "PodSecurityViolation"
+REJECTED = "InvalidSpec"
+
+ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"
+LEVELS = ("privileged", "baseline", "restricted")
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why the run cannot start: a condition reason, the spec field at fault, the message."""
+
+    reason: str
+    field: str
+    message: str
+
+
+def secret_refs(spec: ContinualPretrainSpec) -> list[tuple[str, str]]:
+    """(field, Secret name) of every required Secret the pods reference."""
+    rt = spec.runtime
+    refs: list[tuple[str, str]] = []
+    if rt.hf_token_secret_ref is not None and not rt.hf_token_secret_ref.optional:
+        refs.append(("spec.runtime.hfTokenSecretRef.name", rt.hf_token_secret_ref.name))
+    if rt.s3_credentials_secret_ref is not None:
+        refs.append(("spec.runtime.s3CredentialsSecretRef.name", rt.s3_credentials_secret_ref.name))
+    for i, env in enumerate(spec.training.env):
+        ref = env.value_from.secret_key_ref if env.value_from else None
+        if ref is not None and not ref.optional:
+            refs.append((f"spec.training.env[{i}].valueFrom.secretKeyRef.name", ref.name))
+    return refs
+
+
+def missing_secret(field: str, name: str, namespace: str) -> Blocker:
+    return Blocker(
+        SECRET_NOT_FOUND,
+        field,
+        f"{field}: Secret {name!r} does not exist in namespace {namespace}; the pods could "
+        "never start. Create it, then delete and re-create this run",
+    )
+
+
+def pod_security_problems(spec: ContinualPretrainSpec, level: str | None) -> list[Blocker]:
+    """What the namespace's enforced Pod Security level rejects of the pods this run creates.
+
+    Only the departures cpt's own templates make are checked (docs/security.md §3): EFA
+    training adds IPC_LOCK (outside baseline), hostPath scratch (outside baseline), and the
+    training operator v1 injects an init container without a securityContext into every
+    Worker pod (outside restricted)."""
+    if level not in ("baseline", "restricted"):
+        return []
+    inst = instance_type(spec.training.instance_type)
+    why: list[tuple[str, str]] = []
+    if inst.efa_devices > 0:
+        why.append(
+            (
+                "spec.training.instanceType",
+                f"{spec.training.instance_type} training pods add the capability IPC_LOCK "
+                "(EFA pins RDMA memory), which only the privileged level allows",
+            )
+        )
+    if spec.checkpoints.scratch.type == "hostPath":
+        why.append(
+            (
+                "spec.checkpoints.scratch.type",
+                "hostPath scratch volumes are allowed only by the privileged level",
+            )
+        )
+    if level == "restricted" and spec.training.nodes > 1:
+        why.append(
+            (
+                "spec.training.nodes",
+                "the training operator adds an init container without a securityContext to "
+                "every Worker pod, which the restricted level rejects",
+            )
+        )
+    hint = (
+        f"the namespace enforces Pod Security level {level!r} ({ENFORCE_LABEL}); "
+        "run this in a namespace labelled "
+        + (
+            f"{ENFORCE_LABEL}=privileged"
+            if any(f != "spec.training.nodes" for f, _ in why)
+            else f"{ENFORCE_LABEL}=baseline (or privileged)"
+        )
+        + " (docs/security.md, Pod security)"
+    )
+    return [Blocker(POD_SECURITY, f, f"{f}: {msg}; {hint}") for f, msg in why]
+
+
+def dry_run_manifests(
+    spec: ContinualPretrainSpec, run: RunRef
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(what, spec field, batch/v1 Job) for a server-side dry run of every pod template the
+    run will use. A PyTorchJob's template is wrapped in a Job: the PyTorchJob schema does
+    not validate pod fields (label syntax, affinity, tolerations, names), the Job API does."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    tok = stages.tokenize_stage(spec, run.name, run.namespace)
+    out.append(("tokenize Job", "spec.runtime", jobs.tokenize_job(spec, run, tok)))
+    cfg = stages.train_stage(spec, run.name, 1, run.namespace)
+    ptj = pytorchjob.training_job(spec, run, cfg)
+    template = copy.deepcopy(ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
+    template["spec"]["restartPolicy"] = "Never"
+    wrapper = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": ptj["metadata"]["name"], "labels": ptj["metadata"]["labels"]},
+        "spec": {"template": template, "backoffLimit": 0},
+    }
+    out.append(("training pod template", "spec.runtime", wrapper))
+    return out
+
+
+def rejected(what: str, field: str, message: str) -> Blocker:
+    return Blocker(
+        REJECTED,
+        field,
+        f"{field}: the API server rejects the {what} built from this spec: {message}",
+    )
