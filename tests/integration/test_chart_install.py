@@ -62,6 +62,7 @@ CLUSTER_ALLOWED = [
     ("watch", "nodes", ""),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
+    ("get", "namespaces", ""),  # the Pod Security label of a run's namespace
 ]
 CLUSTER_DENIED = [
     ("patch", "nodes", ""),

@@ -139,12 +139,12 @@ Rules on cluster-scoped resources (Roles cannot grant them).
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-{{- if .Values.watchNamespace }}
-# Serving named namespaces, kopf lists and watches namespaces to resolve them (cluster-wide it
-# never asks). Without this it retries each refusal for about a minute, logging errors, then
-# falls back to the name it was given.
+# Namespaces, metadata only: the run namespace's Pod Security label
+# (pod-security.kubernetes.io/enforce) lets a run whose pods that level would reject fail
+# before any child exists. Serving named namespaces, kopf also lists and watches them to
+# resolve them (cluster-wide it never asks); without that it retries each refusal for about a
+# minute, logging errors, then falls back to the name it was given.
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["list", "watch"]
-{{- end }}
+  verbs: {{ if .Values.watchNamespace }}["get", "list", "watch"]{{ else }}["get"]{{ end }}
 {{- end }}
