@@ -1,8 +1,8 @@
 """``cpt``: plan a run, write the generated CRD files, or run a spec locally.
 
-    cpt plan run.yaml [--json] [--local]
-    cpt crds [--root DIR] [--check]
-    cpt local run.yaml [--workdir DIR] ...
+cpt plan run.yaml [--json] [--local]
+cpt crds [--root DIR] [--check]
+cpt local run.yaml [--workdir DIR] ...
 """
 
 from __future__ import annotations

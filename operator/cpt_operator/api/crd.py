@@ -103,8 +103,10 @@ MODEL_MESSAGE = (
 PROCESSES_BY_INSTANCE = (
     "{" + ", ".join(f"'{n}': {i.processes_per_node}" for n, i in INSTANCE_TYPES.items()) + "}"
 )
-PPN = f"(has(self.processesPerNode) ? self.processesPerNode : {PROCESSES_BY_INSTANCE}" \
+PPN = (
+    f"(has(self.processesPerNode) ? self.processesPerNode : {PROCESSES_BY_INSTANCE}"
     "[self.instanceType])"
+)
 RESERVED_NAMES = "[" + ", ".join(f"'{n}'" for n in RESERVED_ENV_NAMES) + "]"
 IMMUTABLE = (
     "spec.{0} is immutable once the run exists: to change it, create a new ContinualPretrain "
@@ -137,12 +139,21 @@ CEL_RULES: tuple[Rule, ...] = (
     _immutable("data"),
     _immutable("training"),
     _immutable("checkpoints"),
-    Rule("spec.model.source", f"self.matches({HF}) || self.matches({S3})",
-         f"model.source {MODEL_MESSAGE}"),
-    Rule("spec.model.tokenizer", f"self.matches({HF}) || self.matches({S3})",
-         f"model.tokenizer {MODEL_MESSAGE}"),
-    Rule("spec.data.sources[]", "has(self.hfDataset) != has(self.uri)",
-         "a data source needs exactly one of hfDataset or uri"),
+    Rule(
+        "spec.model.source",
+        f"self.matches({HF}) || self.matches({S3})",
+        f"model.source {MODEL_MESSAGE}",
+    ),
+    Rule(
+        "spec.model.tokenizer",
+        f"self.matches({HF}) || self.matches({S3})",
+        f"model.tokenizer {MODEL_MESSAGE}",
+    ),
+    Rule(
+        "spec.data.sources[]",
+        "has(self.hfDataset) != has(self.uri)",
+        "a data source needs exactly one of hfDataset or uri",
+    ),
     _s3("spec.data.sources[].uri", "data source uri"),
     _s3("spec.data.tokenizedUri", "data.tokenizedUri"),
     Rule(
@@ -177,8 +188,12 @@ CEL_RULES: tuple[Rule, ...] = (
         "use native or auto'",
         ".backend",
     ),
-    Rule("spec.training.optimizer", "self.minLr <= self.lr", "minLr must not exceed lr",
-         field_path=".minLr"),
+    Rule(
+        "spec.training.optimizer",
+        "self.minLr <= self.lr",
+        "minLr must not exceed lr",
+        field_path=".minLr",
+    ),
     Rule(
         "spec.training.env[]",
         "has(self.value) != has(self.valueFrom)",
@@ -585,10 +600,13 @@ def _generated_blocks() -> tuple[tuple[Path, dict[str, str]], ...]:
     from cpt_operator.api.planner import calibration_markdown
 
     return (
-        (Path("docs") / "api.md", {
-            "spec-reference": reference_markdown("spec"),
-            "status-reference": reference_markdown("status"),
-        }),
+        (
+            Path("docs") / "api.md",
+            {
+                "spec-reference": reference_markdown("spec"),
+                "status-reference": reference_markdown("status"),
+            },
+        ),
         (Path("docs") / "planner.md", {"calibration": calibration_markdown()}),
     )
 
@@ -673,12 +691,13 @@ def reference_markdown(section: str = "spec") -> str:
 
     def walk(node: dict[str, Any], path: str, required: bool) -> None:
         default = node.get("default")
-        show_default = "" if default is None or isinstance(default, dict) else (
-            f"`{json.dumps(default)}`"
+        show_default = (
+            "" if default is None or isinstance(default, dict) else (f"`{json.dumps(default)}`")
         )
         desc = node.get("description", "").rstrip(".").replace("<", "&lt;").replace(">", "&gt;")
-        notes = "; ".join(x for x in (("**required**" if required else ""), desc,
-                                      _limits(node)) if x)
+        notes = "; ".join(
+            x for x in (("**required**" if required else ""), desc, _limits(node)) if x
+        )
         if path:
             lines.append(f"| `{path}` | {_type_of(node)} | {show_default} | {notes} |")
         req = set(node.get("required", []))

@@ -386,9 +386,7 @@ class S3CredentialsSecretRef(CamelModel):
 
     name: K8sName
     access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=NAME_MAX_LENGTH)
-    secret_access_key_key: str = Field(
-        default="AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX_LENGTH
-    )
+    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX_LENGTH)
     session_token_key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
 
 

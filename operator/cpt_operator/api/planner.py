@@ -1042,9 +1042,7 @@ def _calibration_report() -> tuple[dict[str, Any], ...]:
     return tuple(report)
 
 
-def throughput_estimate(
-    spec: ContinualPretrainSpec, p: Plan, shape: ModelShape
-) -> Estimate | None:
+def throughput_estimate(spec: ContinualPretrainSpec, p: Plan, shape: ModelShape) -> Estimate | None:
     if p.instance is None or p.backend is None:
         raise RuntimeError("throughput_estimate needs the layout (_layout) first")
     group = f"{p.backend}/{device_class(p.instance.device)}"
