@@ -44,12 +44,14 @@ STEP = 10
 RUN_TIMEOUT = 240.0
 PERMISSION_ERROR = re.compile(r"[Ff]orbidden|HTTP/1\.1 403|status=403|Not enough permissions")
 # A namespace named in a log line: an API path, or kopf's "[namespace/name]" object prefix.
-NAMESPACE_IN_LOG = re.compile(r"/namespaces/([a-z0-9-]+)/|\[([a-z0-9-]+)/[a-z0-9.-]+\]")
+NAMESPACE_IN_LOG = re.compile(
+    r"/namespaces/([a-z0-9-]+)/|\[([a-z0-9-]+)/[a-z0-9.-]+\]|in namespace ([a-z0-9-]+)"
+)
 
 
 def concerns(line: str, namespace: str) -> bool:
     """Whether a log line is about `namespace` or about nothing namespaced at all."""
-    named = {a or b for a, b in NAMESPACE_IN_LOG.findall(line)}
+    named = {a or b or c for a, b, c in NAMESPACE_IN_LOG.findall(line)}
     return not named or namespace in named
 
 

@@ -296,3 +296,40 @@ def test_bad_inputs_fail_with_messages_naming_the_field(tmp_path: Path, tok_dir:
     with pytest.raises(tk.TokenizeError, match="tokenizerUri"):
         tk.load_tokenizer(str(tmp_path / "nowhere"))
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_the_piece_cache_gives_the_tokenizers_exact_ids_on_mixed_text(rust: Any) -> None:
+    cache = tk.PieceCache.wrap(rust)
+    assert isinstance(cache, tk.PieceCache)
+    texts = [
+        *make_texts(50, seed=7),
+        "Numbers 12345 and 3.14, unicode: café naïve 東京 — dashes…  double  spaces\n\n\tend",
+        "a document that quotes </s> and <pad> literally, then goes on",
+        "",
+    ]
+    expected = [list(e.ids) for e in rust.encode_batch(texts, add_special_tokens=False)]
+    assert cache.encode(texts) == expected
+    assert cache.encode(texts[::-1]) == expected[::-1]  # served from the cache now
+    assert cache.enabled and cache.ids
+
+
+def test_the_piece_cache_is_not_used_where_it_would_not_be_exact() -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    whitespace = Tokenizer(models.BPE())
+    whitespace.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tk.PieceCache.wrap(whitespace) is whitespace
+    lowercase = Tokenizer(models.BPE())
+    lowercase.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    lowercase.normalizer = normalizers.Lowercase()
+    assert tk.PieceCache.wrap(lowercase) is lowercase
+
+
+def test_the_piece_cache_switches_itself_off_when_its_first_batch_differs(rust: Any) -> None:
+    import regex  # type: ignore[import-untyped]
+
+    wrong = tk.PieceCache(rust, regex.compile(r"\S+|\s+"), None)  # not the tokenizer's split
+    texts = make_texts(5, seed=3)
+    expected = [list(e.ids) for e in rust.encode_batch(texts, add_special_tokens=False)]
+    assert wrong.encode(texts) == expected
+    assert not wrong.enabled

@@ -20,6 +20,7 @@ backward. Otherwise DCP's default staging copies synchronously inside ``save``.
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import shutil
 import time
@@ -252,46 +253,100 @@ class DcpCheckpointer:
 
 
 def _pinned_stager() -> Any:
-    """DCP's stager with pinned, reused host buffers and background non-blocking copies on a
-    side stream, or None where this torch lacks it or it fails its self-test (then DCP's
-    default staging is used)."""
-    try:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError:
-        return None
+    """Our pinned-buffer stager on CUDA, or None (then DCP's default staging is used) where
+    there is no GPU or the stager fails its self-test."""
     if not torch.cuda.is_available():
         return None
-
-    class KeptStager(DefaultStager):  # type: ignore[misc]
-        """Keeps its pinned buffers from save to save. torch 2.11's ``async_save`` closes the
-        stager it is handed once the write is done, which frees the buffers and clears the
-        copier table (the next save then fails with ``KeyError: <class 'type'>``): here
-        ``close()`` is a no-op and ``release()`` really closes."""
-
-        def close(self) -> None:
-            pass
-
-        def release(self) -> None:
-            DefaultStager.close(self)
-
-    stager = KeptStager(
-        StagingOptions(
-            use_pinned_memory=True,
-            use_shared_memory=False,
-            use_async_staging=True,
-            use_non_blocking_copy=True,
-        )
-    )
+    stager = PinnedStager()
     if not _stager_self_test(stager):
         stager.release()
         return None
     return stager
 
 
+class PinnedStager:
+    """Stages the state for ``async_save``: every device tensor is copied into a pinned host
+    buffer that the first save (or :meth:`DcpCheckpointer.warm_up`) allocates and every later
+    save reuses, with non-blocking copies on a side CUDA stream from a worker thread.
+
+    Why not DCP's ``DefaultStager``: torch 2.11's cannot stage a second time (``KeyError:
+    <class 'type'>`` from its deep copy), and ``async_save`` closes it after each save, which
+    frees its buffers, so every save would allocate and pin the whole state again (seconds for
+    a 1B model, during which the GPU's work queue stalls). DTensors stay DTensors (same spec,
+    host-side local shard), so DCP plans and writes the staged copy exactly like the original.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cpt-ckpt-stage")
+        self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+
+    # The AsyncStager interface DCP calls.
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def synchronize_staging(self) -> None:
+        """Staging completes through the returned future."""
+
+    def stage(self, state_dict: dict[str, Any]) -> Future[dict[str, Any]]:
+        # The side stream starts after everything the loop queued so far.
+        self._stream.wait_stream(torch.cuda.current_stream())
+        return self._pool.submit(self._stage, state_dict)
+
+    def close(self) -> None:
+        """No-op: ``async_save`` of some torch versions closes the stager after every save;
+        the buffers must outlive it (see :meth:`release`)."""
+
+    def release(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._buffers.clear()
+
+    def _stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        with torch.cuda.stream(self._stream):
+            out: dict[str, Any] = self._copy(state_dict, ())
+        self._stream.synchronize()
+        return out
+
+    def _buffer(self, key: tuple[Any, ...], t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            self._buffers[key] = buf
+        return buf
+
+    def _copy(self, obj: Any, key: tuple[Any, ...]) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(obj, DTensor):
+            local = self._copy(obj.to_local(), key)
+            return DTensor(local, obj._spec, requires_grad=False)  # type: ignore[call-arg]
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            if src.device.type == "cpu":
+                return src.clone()
+            buf = self._buffer(key, src)
+            buf.copy_(src, non_blocking=True)
+            return buf
+        if isinstance(obj, dict):
+            items = [(k, self._copy(v, (*key, k))) for k, v in obj.items()]
+            return (
+                collections.OrderedDict(items)
+                if isinstance(obj, collections.OrderedDict)
+                else (dict(items))
+            )
+        if isinstance(obj, list):
+            return [self._copy(v, (*key, i)) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            return tuple(self._copy(v, (*key, i)) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+
 def _stager_self_test(stager: Any) -> bool:
-    """Stage a small state twice, as consecutive checkpoints do. torch 2.11's stager fails the
-    second time on objects it copies by reduction (DTensors, OrderedDicts: ``KeyError: <class
-    'type'>``), which would fail every checkpoint after the first."""
+    """Stage a small state twice, as consecutive checkpoints do (torch 2.11's own stager fails
+    the second time with ``KeyError: <class 'type'>``, which is why we have our own)."""
     probe = {"t": torch.zeros(8, device="cuda"), "o": collections.OrderedDict(step=1)}
     try:
         for _ in range(2):

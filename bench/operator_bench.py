@@ -1,0 +1,475 @@
+"""Goal 5: the operator at scale on the local control plane.
+
+A control plane of its own (``hack/devcluster``, state in bench/work/cluster: no other test's
+cluster is disturbed), the generated CRD, a loopback S3 server, and the operator as its image
+runs it (``python -m cpt_operator``, through ``bench/operator_wrapper.py`` which only adds
+request counters), watching one namespace.
+
+1. Latency: ``--crs`` runs (default 200) are created at once (32 concurrent requests). A watch on
+   the namespace's Jobs and PyTorchJobs notes when each run's first child appears; latency =
+   first child seen - the run's create request answered (one clock, this process).
+2. Idle writes: once every run waits in a steady phase (its tokenize Job's pod cannot be
+   scheduled: a node selector no node has), the operator's request counters are read before
+   and after several resync periods. Reconciles are counted as GETs of one run (every
+   reconcile starts with one); writes are POST/PUT/PATCH/DELETE of any kind.
+3. Memory: runs are added up to ``--idle-crs`` (default 1000); once all have children and a
+   resync pass went by, the operator's resident set (VmRSS) and peak (VmHWM) are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from bench import common
+
+NS = "cpt-bench"
+API = "/apis/cpt.dev/v1alpha1"
+CRD = common.REPO / "crds" / "cpt.dev_continualpretrains.yaml"
+TEMPLATE = common.REPO / "tests" / "golden" / "specs" / "trn1-nxd.yaml"
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def run_body(name: str, bucket: str) -> dict[str, Any]:
+    """A trn1 NxD run (the golden spec) with storage in ``bucket``, no Secret references, one
+    tokenize shard, and tool pods no node can take (so the run waits, steadily)."""
+    body = yaml.safe_load(TEMPLATE.read_text())
+    body["metadata"] = {"name": name, "namespace": NS}
+    spec = body["spec"]
+    spec["model"]["source"] = f"s3://{bucket}/models/base/"
+    spec["data"]["sources"] = [{"uri": f"s3://{bucket}/corpus/", "format": "jsonl"}]
+    spec["data"]["shards"] = 1
+    spec["checkpoints"]["s3Uri"] = f"s3://{bucket}/runs/{name}/"
+    spec["output"]["s3Uri"] = f"s3://{bucket}/models/{name}/"
+    rt = spec.setdefault("runtime", {})
+    for absent in (
+        "hfTokenSecretRef",
+        "s3CredentialsSecretRef",
+        "neuronCompileCacheUri",
+        "priorityClassName",
+        "serviceAccountName",
+    ):
+        rt.pop(absent, None)
+    rt["toolsNodeSelector"] = {"bench.cpt.dev/no-such-node": "true"}
+    spec.setdefault("resiliency", {})["pendingTimeoutSeconds"] = 0
+    out: dict[str, Any] = body
+    return out
+
+
+def counts_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    keys = set(before) | set(after)
+    return {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in sorted(keys)
+        if after.get(k, 0) != before.get(k, 0)
+    }
+
+
+def writes_and_reconciles(diff: dict[str, int]) -> tuple[int, int]:
+    """(write requests, reconciles) in a counter diff (pure; unit-tested)."""
+    writes = sum(v for k, v in diff.items() if k.split(" ", 1)[0] in WRITE_METHODS)
+    reconciles = diff.get("GET run", 0)
+    return writes, reconciles
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, value = line.split(":", 1)
+            out[key] = int(value.split()[0])
+    return out
+
+
+class Watcher:
+    """First-seen time of each run's first child (Jobs and PyTorchJobs in the namespace)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.first: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.stop = False
+        self.threads = [
+            threading.Thread(target=self._watch, args=(p,), daemon=True)
+            for p in (
+                f"/apis/batch/v1/namespaces/{NS}/jobs",
+                f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs",
+            )
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _watch(self, path: str) -> None:
+        while not self.stop:
+            try:
+                resp = self.api.open(
+                    "GET",
+                    f"{path}?watch=1&labelSelector=cpt.dev%2Frun&timeoutSeconds=600",
+                    timeout=660,
+                )
+                with resp:
+                    for line in resp:
+                        now = time.perf_counter()
+                        ev = json.loads(line)
+                        run = (
+                            (ev.get("object") or {}).get("metadata", {}).get("labels") or {}
+                        ).get("cpt.dev/run")
+                        if run and ev.get("type") == "ADDED":
+                            with self.lock:
+                                self.first.setdefault(run, now)
+                        if self.stop:
+                            return
+            except Exception:  # reconnect (the apiserver ends watches now and then)
+                time.sleep(0.2)
+
+
+def bench(
+    crs: int, idle_crs: int, resync: float, idle_window: float, profile: Path | None = None
+) -> list[dict[str, Any]]:
+    common.bootstrap()
+    sys.path.insert(0, str(common.REPO / "hack" / "devcluster"))
+    import devcluster  # type: ignore[import-not-found]
+
+    from bench.ckpt_sync_bench import Moto
+
+    work = common.WORK / "operator"
+    work.mkdir(parents=True, exist_ok=True)
+    state = work / "cluster"
+    t0 = time.perf_counter()
+    cluster = devcluster.up(state, persistent=False, timeout=300)
+    print(f"control plane up in {time.perf_counter() - t0:.0f}s", flush=True)
+    moto = Moto(work / "moto.log")
+    op: subprocess.Popen[bytes] | None = None
+    try:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+        api = cluster.api
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            crd = api.get(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/continualpretrains.cpt.dev"
+            )
+            if any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in crd.get("status", {}).get("conditions") or []
+            ):
+                break
+            time.sleep(0.5)
+        api.create(
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
+        )
+        import boto3
+
+        bucket = f"bench-{uuid.uuid4().hex[:10]}"
+        boto3.client(
+            "s3",
+            **{
+                "endpoint_url": moto.url,
+                "aws_access_key_id": "testing",
+                "aws_secret_access_key": "testing",
+                "region_name": "us-east-1",
+            },
+        ).create_bucket(Bucket=bucket)
+        counts_file = work / "counts.json"
+        counts_file.unlink(missing_ok=True)
+        env = {k: v for k, v in cluster.env().items() if not k.startswith(("AWS_", "CPT_"))}
+        env.update(moto.env)
+        env.update(
+            {
+                "CPT_WATCH_NAMESPACES": NS,
+                "CPT_LIVENESS_ENDPOINT": "",
+                "CPT_RESYNC_SECONDS": str(resync),
+                "CPT_BENCH_COUNTS": str(counts_file),
+                "PYTHONUNBUFFERED": "1",
+                **({"CPT_BENCH_PROFILE": str(profile)} if profile else {}),
+                "PYTHONPATH": os.pathsep.join(
+                    [str(common.REPO), str(common.REPO / "operator"), str(common.REPO / "training")]
+                ),
+            }
+        )
+        log = open(work / "operator.log", "wb")  # noqa: SIM115 - closed below
+        op = subprocess.Popen(
+            [sys.executable, "-m", "bench.operator_wrapper"],
+            cwd=common.REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def counts() -> dict[str, int]:
+            for _ in range(50):
+                try:
+                    data: dict[str, int] = json.loads(counts_file.read_text())["counts"]
+                    return data
+                except (OSError, ValueError, KeyError):
+                    time.sleep(0.1)
+            raise RuntimeError("the operator wrote no counters (see bench/work/operator)")
+
+        # Ready: kopf has started its watches.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if counts_file.is_file() and any("(watch)" in k for k in counts()):
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+        watcher = Watcher(api)
+        time.sleep(1)
+
+        created: dict[str, float] = {}
+
+        def create(name: str) -> None:
+            api.create(
+                f"{API}/namespaces/{NS}/continualpretrains", run_body(name, bucket), exist_ok=False
+            )
+            created[name] = time.perf_counter()
+
+        names = [f"run-{i:04d}" for i in range(crs)]
+        print(f"creating {crs} runs at once ...", flush=True)
+        state_pids = json.loads((state / "pids" / "kube-apiserver.pid").read_text())
+        apiserver = int(state_pids["pid"])
+        cpu0 = {"operator": cpu_seconds(op.pid), "kube-apiserver": cpu_seconds(apiserver)}
+        c_burst0 = counts()
+        t_burst = time.perf_counter()
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(create, names))
+        burst_seconds = time.perf_counter() - t_burst
+
+        def wait_children(want: list[str], timeout: float) -> None:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                with watcher.lock:
+                    if all(n in watcher.first for n in want):
+                        return
+                time.sleep(0.2)
+            with watcher.lock:
+                missing = [n for n in want if n not in watcher.first]
+            raise RuntimeError(f"{len(missing)} runs got no child in {timeout}s: {missing[:5]}")
+
+        wait_children(names, 600)
+        burst_wall = time.perf_counter() - t_burst
+        burst_cpu = {
+            "operator": cpu_seconds(op.pid) - cpu0["operator"],
+            "kube-apiserver": cpu_seconds(apiserver) - cpu0["kube-apiserver"],
+        }
+        burst_requests = counts_diff(c_burst0, counts())
+        lat = [watcher.first[n] - created[n] for n in names]
+        print(
+            f"first child: p50 {common.percentile(lat, 50):.2f}s "
+            f"p99 {common.percentile(lat, 99):.2f}s",
+            flush=True,
+        )
+
+        def phases() -> dict[str, int]:
+            items = api.get(f"{API}/namespaces/{NS}/continualpretrains")["items"]
+            out: dict[str, int] = {}
+            for it in items:
+                ph = (it.get("status") or {}).get("phase") or "?"
+                out[ph] = out.get(ph, 0) + 1
+            return out
+
+        # Idle: wait until nothing moves, then count requests over whole resync periods.
+        time.sleep(2 * resync)
+        ph = phases()
+        c0 = counts()
+        time.sleep(idle_window)
+        c1 = counts()
+        ph_after = phases()
+        diff = counts_diff(c0, c1)
+        writes, reconciles = writes_and_reconciles(diff)
+        print(f"idle: {reconciles} reconciles, {writes} writes; phases {ph}", flush=True)
+        rss_at_crs = rss_kib(op.pid)
+
+        # Memory with many runs.
+        more = [f"run-{i:04d}" for i in range(crs, idle_crs)]
+        if more:
+            print(f"adding {len(more)} runs ...", flush=True)
+            with ThreadPoolExecutor(32) as pool:
+                list(pool.map(create, more))
+            wait_children(names + more, 900)
+            time.sleep(3 * resync)
+        rss_many = rss_kib(op.pid)
+        total = len(names) + len(more)
+        print(
+            f"operator RSS with {total} runs: {rss_many['VmRSS'] / 1024:.0f} MiB "
+            f"(peak {rss_many['VmHWM'] / 1024:.0f} MiB)",
+            flush=True,
+        )
+        watcher.stop = True
+    finally:
+        if op is not None:
+            op.terminate()
+            try:
+                op.wait(30)
+            except subprocess.TimeoutExpired:
+                op.kill()
+        moto.stop()
+        devcluster.down(state, force=True)
+        shutil.rmtree(state / "etcd", ignore_errors=True)
+
+    machine = common.cpu_machine() + ", local control plane (devcluster) on loopback"
+    cfg = {
+        "runs": crs,
+        "createConcurrency": 32,
+        "resyncSeconds": resync,
+        "workerLimit": "chart default (CPT_WORKER_LIMIT unset: 32)",
+        "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable tool pods",
+    }
+    return [
+        common.measurement(
+            "operator.first_child.p50",
+            machine,
+            cfg,
+            "s",
+            common.percentile(lat, 50),
+            goal=common.goal("<=", 1.0),
+            details={
+                "p90": common.percentile(lat, 90),
+                "max": max(lat),
+                "createBurstSeconds": burst_seconds,
+                "latencies": sorted(lat),
+                "untilAllChildrenSeconds": burst_wall,
+                "cpuSecondsDuringBurst": burst_cpu,
+                "requestsDuringBurst": burst_requests,
+                "loadAvg": common.load_average(),
+            },
+        ),
+        common.measurement(
+            "operator.first_child.p99",
+            machine,
+            cfg,
+            "s",
+            common.percentile(lat, 99),
+            goal=common.goal("<=", 5.0),
+        ),
+        common.measurement(
+            "operator.idle.writes_per_reconcile",
+            machine,
+            {**cfg, "idleWindowSeconds": idle_window},
+            "writes/reconcile",
+            writes / reconciles if reconciles else float("nan"),
+            goal=common.goal("<=", 0.0),
+            details={
+                "writes": writes,
+                "reconciles": reconciles,
+                "requests": diff,
+                "phasesBefore": ph,
+                "phasesAfter": ph_after,
+            },
+        ),
+        common.measurement(
+            "operator.rss",
+            machine,
+            {**cfg, "runs": total},
+            "MiB",
+            rss_many["VmRSS"] / 1024,
+            goal=common.goal("<=", 150.0),
+            details={
+                "peakMiB": rss_many["VmHWM"] / 1024,
+                "rssMiBAt": {
+                    str(crs): rss_at_crs["VmRSS"] / 1024,
+                    str(total): rss_many["VmRSS"] / 1024,
+                },
+            },
+        ),
+    ]
+
+
+def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
+    """The operator's profile: functions by own time, and our code / the HTTP client by
+    cumulative time (what a reconcile costs and where)."""
+    import pstats
+
+    st = pstats.Stats(str(path))
+    rows = []
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}({func})",
+                "path": file,
+                "calls": nc,
+                "ownSeconds": tt,
+                "cumulativeSeconds": ct,
+            }
+        )
+    own = sorted(rows, key=lambda r: -r["ownSeconds"])[:top]
+    ours = sorted(
+        (
+            r
+            for r in rows
+            if "cpt_operator" in r["path"] or "httpcore2" in r["path"] or "lightkube" in r["path"]
+        ),
+        key=lambda r: -r["cumulativeSeconds"],
+    )[:top]
+    for r in own + ours:
+        r.pop("path", None)
+    return {
+        "totalSeconds": st.total_tt,  # type: ignore[attr-defined]
+        "byOwnTime": own,
+        "oursAndHttpByCumulative": ours,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--crs", type=int, default=200)
+    p.add_argument("--idle-crs", type=int, default=1000, help="runs for the memory reading")
+    p.add_argument("--resync", type=float, default=10.0, help="CPT_RESYNC_SECONDS (default 10)")
+    p.add_argument("--idle-window", type=float, default=30.0)
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--profile", type=Path, help="cProfile the operator into this file")
+    args = p.parse_args(argv)
+    items = bench(
+        args.crs, max(args.idle_crs, args.crs), args.resync, args.idle_window, args.profile
+    )
+    for m in items:
+        print(f"{m['name']:40s} {m['value']:.3f} {m['metric']}")
+    if args.profile:
+        # A profiled operator runs slower: its numbers go to their own file, with the profile.
+        lat = items[0]
+        reqs = lat["details"]["requestsDuringBurst"]
+        prof = common.measurement(
+            "operator.profile.run_reads_per_run",
+            lat["machine"],
+            {**lat["config"], "profiled": True},
+            "GET run per run (burst)",
+            reqs.get("GET run", 0) / args.crs,
+            details={
+                "latencyUnderProfile": {k: lat["details"][k] for k in ("p90", "max")}
+                | {"p50": lat["value"]},
+                "requestsDuringBurst": reqs,
+                "cpuSecondsDuringBurst": lat["details"]["cpuSecondsDuringBurst"],
+                "profile": profile_summary(args.profile),
+            },
+        )
+        if not args.no_write:
+            print("wrote", common.write_results("operator-profile", [prof]))
+        return 0
+    if not args.no_write:
+        print("wrote", common.write_results("operator", items))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
