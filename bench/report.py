@@ -264,6 +264,8 @@ def runs_table(items: list[dict[str, Any]], prefix: str) -> str | None:
         if "runs" in d:
             variants.append(("ours", d["runs"]))
         for key, sub in d.items():
+            if key == "runs":
+                continue
             if isinstance(sub, dict) and isinstance(sub.get("runs"), list):
                 variants.append((key, sub["runs"]))
             elif isinstance(sub, list) and sub and isinstance(sub[0], dict) and "seconds" in sub[0]:
@@ -307,6 +309,18 @@ def operator_profile_table(items: list[dict[str, Any]]) -> str | None:
     ]
     for k, v in sorted((d.get("requestsDuringBurst") or {}).items(), key=lambda kv: -kv[1]):
         lines.append(_row([k, str(v)]))
+    plain = _find(items, "operator.first_child.p50")
+    pd = (plain or {}).get("details") or {}
+    if pd.get("cpuSecondsDuringBurst"):
+        cpu0 = ", ".join(f"{k} {fmt(v)}" for k, v in pd["cpuSecondsDuringBurst"].items())
+        reads = (pd.get("requestsDuringBurst") or {}).get("GET run", 0)
+        runs = (plain or {}).get("config", {}).get("runs") or 1
+        lines += [
+            "",
+            f"The same burst without the profiler (`{(plain or {}).get('source', '')}`): CPU "
+            f"seconds {cpu0}, over {fmt(pd.get('untilAllChildrenSeconds'))} s until every run "
+            f"had a child; {fmt(reads / runs)} GETs of each run.",
+        ]
     prof = d.get("profile") or {}
     for title, key, col in (
         ("own time", "byOwnTime", "ownSeconds"),
@@ -330,7 +344,10 @@ def render_blocks(items: list[dict[str, Any]]) -> dict[str, str]:
     """Block name -> generated markdown (pure; unit-tested)."""
     sections: dict[str, list[dict[str, Any]]] = {}
     for m in items:
-        sections.setdefault(m["name"].split(".", 1)[0], []).append(m)
+        parts = m["name"].split(".")
+        sections.setdefault(parts[0], []).append(m)
+        if len(parts) > 2:  # e.g. "ckpt-sync", "ckpt-stall": a sub-section of its own
+            sections.setdefault(f"{parts[0]}-{parts[1]}", []).append(m)
     blocks = {name: section_table(ms) for name, ms in sections.items()}
     blocks["goals"] = goals_table(items)
     blocks["configs"] = config_table(items)
