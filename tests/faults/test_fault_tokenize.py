@@ -95,3 +95,32 @@ def test_a_shard_failing_on_bad_config_fails_the_run_at_once_and_starts_no_train
     assert runs.child_names("badshard") == ["badshard-tokenize"]
     warnings = [e for e in runs.events("badshard") if e["type"] == "Warning"]
     assert any("TokenizationFailed" in e["message"] for e in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    ("changes", "expect"),
+    [
+        # The gate never opens: the shard pods stay unschedulable.
+        ({"gated": True}, "Pending for more than 5s: Unschedulable"),
+        # The Job controller cannot create pods naming a missing PriorityClass; the
+        # planning-time dry run validates the Job, not its pods, so this is the first sign.
+        ({"runtime__priorityClassName": "no-such-class"}, "has no pods after 5s"),
+    ],
+    ids=["unschedulable", "missing-priority-class"],
+)
+def test_a_tokenize_job_that_never_starts_fails_the_run_after_the_pending_timeout(
+    runs: Runs, bucket: str, changes: dict[str, Any], expect: str
+) -> None:
+    body = fault_spec("nostart", bucket, resiliency={"pendingTimeoutSeconds": 5}, **changes)
+    runs.create(body)
+    status = runs.wait_phase("nostart", "Failed", timeout=90)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "TokenizationFailed", failed
+    assert "Job nostart-tokenize" in failed["message"] and expect in failed["message"], failed
+    ready = condition(status, "DataReady")
+    assert ready["status"] == "False" and ready["reason"] == "PendingTimeout", ready
+    # The Job goes, so its pods cannot start later for a run that already failed.
+    wait_for(lambda: not runs.jobs("nostart"), timeout=30, what="the tokenize Job removed")
+    assert not runs.pytorchjobs("nostart")
+    warnings = [e for e in runs.events("nostart") if e["type"] == "Warning"]
+    assert any(expect in e["message"] for e in warnings), warnings

@@ -278,6 +278,79 @@ def test_a_tokenization_job_out_of_retries_fails_the_run_naming_the_shards() -> 
     assert creates(d) == []
 
 
+def tool_pod(
+    name: str, job_name: str, *, waiting: str = "", scheduled: bool = True
+) -> dict[str, Any]:
+    """A Job's pod that never started: unschedulable, or scheduled with a container that
+    cannot be created (`waiting` reason)."""
+    body = pod(name, job_name, phase="Pending", stage="tokenize", attempt=None)
+    body["metadata"]["ownerReferences"] = [{"kind": "Job", "name": job_name, "controller": True}]
+    if scheduled:
+        body["spec"]["nodeName"] = "cpu-0"
+        body["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+    if waiting:
+        body["status"]["containerStatuses"] = [
+            {
+                "name": "tokenize",
+                "state": {"waiting": {"reason": waiting, "message": 'secret "hf" not found'}},
+            }
+        ]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("pods", "expect"),
+    [
+        (
+            [tool_pod("llama-cpt-tokenize-0-x", "llama-cpt-tokenize", scheduled=False)],
+            "Pending for more than 300s: Unschedulable: 0/8 nodes are available",
+        ),
+        (
+            [
+                tool_pod(
+                    "llama-cpt-tokenize-0-x",
+                    "llama-cpt-tokenize",
+                    waiting="CreateContainerConfigError",
+                )
+            ],
+            'Pending for more than 300s: CreateContainerConfigError: secret "hf" not found',
+        ),
+        ([], "has no pods after 300s: the Job controller could not create them"),
+    ],
+    ids=["unschedulable", "container-cannot-be-created", "no-pods-at-all"],
+)
+def test_a_tool_job_that_never_starts_fails_the_run_after_the_pending_timeout(
+    pods: list[dict[str, Any]], expect: str
+) -> None:
+    body = body_of("trn1-nxd", resiliency={"pendingTimeoutSeconds": 300})
+    status = status_in("Tokenizing", body)
+    seen = {"jobs": [job("llama-cpt-tokenize")], "pods": pods}
+    early = run(body, status, T0 + timedelta(seconds=299), **seen)
+    assert early.status["phase"] == "Tokenizing" and early.actions == []
+    d = run(body, status, T0 + timedelta(seconds=301), **seen)
+    assert d.status["phase"] == "Failed"
+    failed = condition(d.status, "Failed")
+    assert failed["reason"] == cond.TOKENIZATION_FAILED
+    assert expect in failed["message"] and "llama-cpt-tokenize" in failed["message"]
+    assert condition(d.status, "DataReady")["reason"] == cond.PENDING_TIMEOUT
+    assert deletes(d) == [("Job", "llama-cpt-tokenize", None)] and creates(d) == []
+    assert ("Warning", "Failed") in events(d)
+
+
+def test_a_tool_job_with_running_pods_or_no_timeout_is_left_alone() -> None:
+    body = body_of("trn1-nxd", resiliency={"pendingTimeoutSeconds": 300})
+    status = status_in("Tokenizing", body)
+    running = pod("llama-cpt-tokenize-0-x", "llama-cpt-tokenize", stage="tokenize", node="cpu-0")
+    running["metadata"]["ownerReferences"][0]["kind"] = "Job"
+    later = T0 + timedelta(hours=5)
+    d = run(body, status, later, jobs=[job("llama-cpt-tokenize")], pods=[running])
+    assert d.status["phase"] == "Tokenizing" and d.actions == []
+    off = body_of("trn1-nxd", resiliency={"pendingTimeoutSeconds": 0})
+    status = status_in("Tokenizing", off)
+    d = run(off, status, later, jobs=[job("llama-cpt-tokenize")])
+    assert d.status["phase"] == "Tokenizing" and d.actions == []
+
+
 def test_converted_weights_start_training_attempt_1_from_the_base_model() -> None:
     body = body_of("trn1-nxd")
     status = status_in("PreparingWeights", body)

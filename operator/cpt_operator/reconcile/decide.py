@@ -40,7 +40,13 @@ from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.reconcile import conditions as cond
 from cpt_operator.reconcile.actions import Action, CreateChild, DeleteChild, EmitEvent
-from cpt_operator.reconcile.observe import Checkpoint, Observed, PodState, PyTorchJobState
+from cpt_operator.reconcile.observe import (
+    Checkpoint,
+    JobState,
+    Observed,
+    PodState,
+    PyTorchJobState,
+)
 
 Planner = Callable[[ContinualPretrainSpec], PlanSummary]
 
@@ -299,6 +305,13 @@ class _Reconcile:
                 detail += f" (failed shard indexes {job.failed_indexes})"
             self.condition(ready, "False", failed_reason, detail)
             self.fail(failed_reason, detail)
+            return
+        stuck = self._tool_job_not_started(job)
+        if stuck:
+            # Deleted so its pods cannot start later for a run that already failed.
+            self.delete("batch/v1", "Job", name)
+            self.condition(ready, "False", cond.PENDING_TIMEOUT, stuck)
+            self.fail(failed_reason, stuck)
 
     def tokenizing(self) -> None:
         cfg = stages.tokenize_stage(self.spec, self.run.name, self.run.namespace)
@@ -364,6 +377,28 @@ class _Reconcile:
             if waiting and pod.created and _seconds(self.now - pod.created) > limit:
                 return pod
         return None
+
+    def _tool_job_not_started(self, job: JobState) -> str:
+        """Why a tool Job (tokenize, weights, export) never got going within
+        pendingTimeoutSeconds, or "": a pod still Pending (unschedulable, or a container that
+        cannot be created, e.g. a missing Secret), or no pod at all (the Job controller was
+        refused: a ResourceQuota, a missing PriorityClass, Pod Security admission)."""
+        limit = self.spec.resiliency.pending_timeout_seconds
+        if not limit or job.created is None:
+            return ""
+        pods = self.obs.pods_of(job.name)
+        stuck = self._pending_too_long(pods)
+        if stuck is not None:
+            why = ": ".join(x for x in (stuck.reason, stuck.message) if x) or "not started"
+            return f"Job {job.name}: pod {stuck.name} Pending for more than {limit}s: {why}"
+        started = pods or job.active or job.succeeded or job.failed_pods
+        if not started and _seconds(self.now - job.created) > limit:
+            return (
+                f"Job {job.name} has no pods after {limit}s: the Job controller could not "
+                "create them (a ResourceQuota, a missing PriorityClass, Pod Security admission, "
+                f"...; see kubectl describe job {job.name})"
+            )
+        return ""
 
     def _bad_node(self, pods: list[PodState]) -> tuple[PodState, str] | None:
         """A pod whose node is NotReady past the grace period, or gone."""

@@ -224,18 +224,26 @@ def observe_pod(obj: Mapping[str, Any]) -> PodState:
     )
     exit_code: int | None = None
     reason, message = str(status.get("reason") or ""), str(status.get("message") or "")
+    waiting: Mapping[str, Any] = {}
     for cs in status.get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")
         if term and (exit_code is None or term.get("exitCode")):
             exit_code = _int(term.get("exitCode"))
             reason = reason or str(term.get("reason") or "")
             message = message or str(term.get("message") or "")
+        # Why a container cannot start (CreateContainerConfigError: a missing Secret,
+        # ImagePullBackOff, ...); the benign ContainerCreating says nothing.
+        wait = (cs.get("state") or {}).get("waiting") or {}
+        if wait.get("reason") not in (None, "", "ContainerCreating") and not waiting:
+            waiting = wait
     ready = False
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Ready":
             ready = cond.get("status") == "True"
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and not reason:
             reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
+    if not reason and waiting:
+        reason, message = str(waiting.get("reason") or ""), str(waiting.get("message") or "")
     return PodState(
         name=str(meta.get("name", "")),
         phase=str(status.get("phase") or "Pending"),
