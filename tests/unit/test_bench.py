@@ -158,7 +158,14 @@ def test_planner_held_out_summary_takes_max_and_mean_per_group_with_a_goal_on_tr
     rows = [
         {"id": "a", "group": "nxd/trn1", "measured_mfu": 0.3, "loo_mfu": 0.33, "loo_error": 0.1},
         {"id": "b", "group": "nxd/trn1", "measured_mfu": 0.3, "loo_mfu": 0.24, "loo_error": -0.2},
-        {"id": "c", "group": "native/h100", "measured_mfu": 0.4, "loo_mfu": 0.44, "loo_error": 0.1},
+        {
+            "id": "c",
+            "group": "native/h100",
+            "measured_mfu": 0.4,
+            "loo_mfu": 0.44,
+            "loo_error": 0.1,
+            "lso_error": -0.25,
+        },
         {
             "id": "d",
             "group": "native/a100",
@@ -172,7 +179,85 @@ def test_planner_held_out_summary_takes_max_and_mean_per_group_with_a_goal_on_tr
     assert ms["planner.loo.nxd_trn1.mean"]["value"] == pytest.approx(0.15)
     assert common.goal_met(ms["planner.loo.nxd_trn1.max"]) is False
     assert "goal" not in ms["planner.loo.native_h100.max"]
-    assert not any("a100" in n for n in ms)
+    assert ms["planner.lso.native_h100.max"]["value"] == pytest.approx(0.25)
+    assert "planner.lso.nxd_trn1.max" not in ms
+    # A group with one row cannot be held out: reported as not measurable, never as met.
+    single = ms["planner.loo.native_a100.held_out_rows"]
+    assert single["value"] == 0 and "goal" not in single
+    assert single["details"]["status"].startswith("not measurable")
+    assert "planner.loo.native_a100.max" not in ms
+
+
+def test_planner_own_rows_are_leave_one_out_predictions_with_a_goal() -> None:
+    rows = [
+        {
+            "id": "pub",
+            "group": "native/h100",
+            "measured_mfu": 0.4,
+            "loo_mfu": 0.5,
+            "loo_error": 0.25,
+            "measured_by": "published",
+        },
+        {
+            "id": "ours",
+            "group": "native/h100",
+            "measured_mfu": 0.5,
+            "loo_mfu": 0.45,
+            "loo_error": -0.1,
+            "lso_mfu": 0.4,
+            "lso_error": -0.2,
+            "measured_by": "cpt",
+        },
+    ]
+    (m,) = planner_bench.own_row_measurements(rows, "m")
+    assert m["name"] == "planner.own.ours" and m["value"] == pytest.approx(0.1)
+    assert common.goal_met(m) is True
+    assert m["details"]["leaveStudyOutError"] == pytest.approx(-0.2)
+    alone = [{**rows[1], "loo_mfu": None, "loo_error": None}]
+    with pytest.raises(ValueError, match="cannot hold it out"):
+        planner_bench.own_row_measurements(alone, "m")
+
+
+def test_planner_bench_refuses_gpu_results_that_are_not_calibration_rows() -> None:
+    results = [
+        {
+            "file": "bench/results/train-h100.json",
+            "name": "train.native.mfu",
+            "tokensPerSecPerDevice": 100.0,
+        },
+        {
+            "file": "bench/results/scaling-h200x2.json",
+            "name": "scaling.fsdp2.2gpu.mfu",
+            "tokensPerSecPerDevice": 50.0,
+        },
+    ]
+    anchors = [
+        {
+            "source": "bench/results/train-h100.json train.native.mfu (1x H100)",
+            "tokens_per_sec_per_device": 100.0,
+        },
+        {
+            "source": "bench/results/scaling-h200x2.json scaling.fsdp2.2gpu.mfu (2x H200)",
+            "tokens_per_sec_per_device": 49.0,
+        },
+    ]
+    assert planner_bench.unanchored(results, anchors) == [
+        "bench/results/scaling-h200x2.json scaling.fsdp2.2gpu.mfu"
+    ]
+    assert planner_bench.unanchored(results[:1], anchors) == []
+
+
+def test_planner_bench_finds_every_gpu_result_in_the_calibration_rows() -> None:
+    common.bootstrap()
+    from cpt_operator.api import planner
+
+    ours = [
+        {"source": a.source, "tokens_per_sec_per_device": a.tokens_per_sec_per_device}
+        for a in planner.anchors()
+        if a.measured_by == "cpt"
+    ]
+    found = planner_bench.result_rows(common.RESULTS)
+    assert found and planner_bench.unanchored(found, ours) == []
 
 
 def test_operator_requests_are_classified_by_method_and_object() -> None:

@@ -6,7 +6,7 @@ does it fit in device memory, and roughly how long and how much. Every problem i
 (not first-only) as ``spec.<field path>: message`` with the allowed values or a fix.
 
 The formulas are documented in docs/planner.md; the throughput model is calibrated on the
-published rows in ``data/calibration.yaml`` (see ``calibration_report``).
+published rows and our own GPU runs in ``data/calibration.yaml`` (see ``calibration_report``).
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ IMAGE_REFERENCE = re.compile(
     + r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
 )
 """A container image reference (the distribution reference grammar, simplified)."""
-AC_FACTOR = {"none": 1.0, "selective": 1.0, "full": 0.75}
-"""MFU multiplier per activation-checkpointing mode. Full recompute adds a forward pass (4/3
-the FLOPs of a step) that MFU does not count. Selective recomputes only the attention core,
-which the calibration rows already include. An assumption, not calibrated."""
+RECOMPUTE_POLICIES = ("none", "selective", "full", "selective-op", "selective-layer")
+"""Activation-checkpointing policies the throughput model knows. The first three are the API's
+(``spec.training.activationCheckpointing``); the last two only describe published calibration
+rows: torchtitan's per-op selective AC (recomputes every second matmul of a block) and its
+per-layer selective AC (recomputes every second block)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,6 +858,45 @@ def tp_slice_efficiency(hidden: int, tp: int, x0: float) -> float:
     return x / (x + x0)
 
 
+def recompute_flops_per_token(shape: ModelShape, seq_len: int, policy: str) -> float:
+    """Forward FLOPs per token that activation checkpointing runs a second time (hardware FLOPs
+    that MFU does not count), from the model shape, per policy:
+
+    * ``none``: nothing.
+    * ``selective`` (ours): the native trainer saves every matmul and attention output and
+      recomputes only norms, RoPE, SiLU and adds (no matmul FLOPs); NxD's selective
+      recomputes the attention core, which FlashAttention's backward recomputes anyway.
+    * ``full``: the forward of every decoder block (the LM head is not checkpointed).
+    * ``selective-op`` (torchtitan): the K, O and up projections (every second matmul).
+    * ``selective-layer`` (torchtitan): the forward of every second block.
+    """
+    if policy in ("none", "selective"):
+        return 0.0
+    h, q = shape.hidden_size, shape.dim_per_head
+    qd, kvd = shape.num_heads * q, shape.num_kv_heads * q
+    block = 2.0 * shape.layer_params + 4.0 * shape.num_heads * q * seq_len
+    if policy == "full":
+        return shape.num_layers * block
+    if policy == "selective-layer":
+        return (shape.num_layers // 2) * block
+    if policy == "selective-op":
+        return shape.num_layers * 2.0 * (h * kvd + qd * h + h * shape.intermediate_size)
+    raise ValueError(
+        f"activation checkpointing {policy!r}; allowed: {', '.join(RECOMPUTE_POLICIES)}"
+    )
+
+
+def recompute_efficiency(shape: ModelShape, seq_len: int, policy: str) -> float:
+    """Model FLOPs / (model FLOPs + recomputed FLOPs): the share of the device's work that MFU
+    counts (0.75 for full recompute of a model without LM head; 1 without recompute)."""
+    model = shape.flops_per_token(seq_len)
+    return model / (model + recompute_flops_per_token(shape, seq_len, policy))
+
+
+MEASURED_BY_US = "cpt"
+"""``measured_by`` of calibration rows this project measured itself (bench/results/*.json)."""
+
+
 @dataclass(frozen=True)
 class Anchor:
     id: str
@@ -873,15 +913,27 @@ class Anchor:
     ac: str
     compile: bool
     source: str
+    study: str
+    """Rows of one study (one publication, or our own benchmark runs) share setup beyond what
+    the model sees; leave-study-out holds them out together."""
+    measured_by: str = "published"
+    devices: int | None = None
+    """World size when the run used fewer devices than ``nodes`` full instances."""
+    device_class: str | None = None
+    """Overrides the device class of the instance type where the source ran other hardware."""
 
     @property
     def group(self) -> str:
-        return f"{self.backend}/{device_class(instance_type(self.instance_type).device)}"
+        dev = self.device_class or device_class(instance_type(self.instance_type).device)
+        return f"{self.backend}/{dev}"
+
+    @property
+    def world(self) -> int:
+        return self.devices or self.nodes * instance_type(self.instance_type).processes_per_node
 
     @property
     def microbatches(self) -> int:
-        world = self.nodes * instance_type(self.instance_type).processes_per_node
-        dp = world // (self.tp * self.pp)
+        dp = self.world // (self.tp * self.pp)
         return self.gbs // (dp * self.micro)
 
     @property
@@ -895,7 +947,7 @@ class Anchor:
         return (
             tp_slice_efficiency(self.shape.hidden_size, self.tp, x0)
             * pipeline_efficiency(self.pp, self.microbatches)
-            * AC_FACTOR[self.ac]
+            * recompute_efficiency(self.shape, self.seq, self.ac)
         )
 
 
@@ -905,11 +957,15 @@ def anchors() -> tuple[Anchor, ...]:
     for row in _data("calibration.yaml")["anchors"]:
         cfg = row.get("shape") or known_models()[row["model"].lower()]
         inst = instance_type(row["instance_type"])
+        world = row.get("devices") or row["nodes"] * inst.processes_per_node
         if "tokens_per_sec_per_device" in row:
             tps = float(row["tokens_per_sec_per_device"])
         else:
-            world = row["nodes"] * inst.processes_per_node
             tps = float(row["sequences_per_sec"]) * row["seq_len"] / world
+        if row["activation_checkpointing"] not in RECOMPUTE_POLICIES:
+            raise ValueError(
+                f"anchor {row['id']}: activation_checkpointing not in {RECOMPUTE_POLICIES}"
+            )
         out.append(
             Anchor(
                 id=row["id"],
@@ -926,6 +982,10 @@ def anchors() -> tuple[Anchor, ...]:
                 ac=row["activation_checkpointing"],
                 compile=bool(row.get("compile", False)),
                 source=row["source"],
+                study=row["study"],
+                measured_by=row.get("measured_by", "published"),
+                devices=row.get("devices"),
+                device_class=row.get("device_class"),
             )
         )
     return tuple(out)
@@ -933,7 +993,7 @@ def anchors() -> tuple[Anchor, ...]:
 
 @dataclass(frozen=True)
 class EfficiencyModel:
-    """mfu = group efficiency x tp_slice(hidden/TP) x pipeline bubble x AC x compile."""
+    """mfu = group efficiency x tp_slice(hidden/TP) x pipeline bubble x recompute x compile."""
 
     group_efficiency: dict[str, float]
     x0: float
@@ -943,7 +1003,8 @@ class EfficiencyModel:
     def predict(
         self,
         group: str,
-        hidden: int,
+        shape: ModelShape,
+        seq_len: int,
         tp: int,
         pp: int,
         microbatches: int,
@@ -956,47 +1017,60 @@ class EfficiencyModel:
         eff = self.group_efficiency.get(group)
         basis = f"calibrated ({group})"
         if eff is None:
-            # No published anchor: borrow the Trainium NxD efficiency, say so.
+            # No anchor: borrow the Trainium NxD efficiency, say so.
             eff = self.group_efficiency.get("nxd/trn1", 0.25)
-            basis = f"uncalibrated ({group} has no published anchor; nxd/trn1 used)"
+            basis = f"uncalibrated ({group} has no anchor; nxd/trn1 used)"
         mfu = (
             eff
-            * tp_slice_efficiency(hidden, tp, self.x0)
+            * tp_slice_efficiency(shape.hidden_size, tp, self.x0)
             * pipeline_efficiency(pp, microbatches)
-            * AC_FACTOR[ac]
+            * recompute_efficiency(shape, seq_len, ac)
             * (self.compile_factor if compile and group.startswith("native/") else 1.0)
         )
         return mfu, basis
 
 
+_X0_GRID = tuple(10.0 * step for step in range(401))
+
+
 def fit_efficiency(rows: tuple[Anchor, ...] | list[Anchor]) -> EfficiencyModel:
     """Least squares in log space: grid over x0; per x0 the compile factor and the per-group
     efficiencies are closed-form means of the log residuals."""
+    if not rows:
+        raise ValueError("no calibration rows")
+    # Everything but the TP slice term is independent of x0: compute it once per row.
+    prepared = [
+        (
+            a.group,
+            a.compile,
+            a.shape.hidden_size / a.tp,
+            math.log(a.mfu)
+            - math.log(pipeline_efficiency(a.pp, a.microbatches))
+            - math.log(recompute_efficiency(a.shape, a.seq, a.ac)),
+        )
+        for a in rows
+    ]
+    groups = sorted({g for g, _, _, _ in prepared})
     best: tuple[float, EfficiencyModel] | None = None
-    for step in range(0, 401):
-        x0 = step * 10.0
-        resid = {a.id: math.log(a.mfu / a.structural_factor(x0)) for a in rows}
+    for x0 in _X0_GRID:
+        resid = [(g, c, fixed - math.log(x / (x + x0))) for g, c, x, fixed in prepared]
         # Compile factor: mean log gap between compile and eager rows of the same group.
         gaps = []
-        for group in {a.group for a in rows}:
-            eager = [resid[a.id] for a in rows if a.group == group and not a.compile]
-            comp = [resid[a.id] for a in rows if a.group == group and a.compile]
+        for group in groups:
+            eager = [r for g, c, r in resid if g == group and not c]
+            comp = [r for g, c, r in resid if g == group and c]
             if eager and comp:
                 gaps.append(sum(comp) / len(comp) - sum(eager) / len(eager))
         log_cf = sum(gaps) / len(gaps) if gaps else 0.0
-        groups: dict[str, list[float]] = {}
-        for a in rows:
-            groups.setdefault(a.group, []).append(resid[a.id] - (log_cf if a.compile else 0.0))
-        eff = {g: math.exp(sum(v) / len(v)) for g, v in groups.items()}
-        err = sum(
-            (resid[a.id] - (log_cf if a.compile else 0.0) - math.log(eff[a.group])) ** 2
-            for a in rows
-        )
-        model = EfficiencyModel(eff, x0, math.exp(log_cf), len(rows))
+        by_group: dict[str, list[float]] = {}
+        for g, c, r in resid:
+            by_group.setdefault(g, []).append(r - (log_cf if c else 0.0))
+        log_eff = {g: sum(v) / len(v) for g, v in by_group.items()}
+        err = sum((r - (log_cf if c else 0.0) - log_eff[g]) ** 2 for g, c, r in resid)
         if best is None or err < best[0] - 1e-12:
-            best = (err, model)
-    if best is None:
-        raise ValueError("no calibration rows")
+            eff = {g: math.exp(v) for g, v in log_eff.items()}
+            best = (err, EfficiencyModel(eff, x0, math.exp(log_cf), len(rows)))
+    assert best is not None
     return best[1]
 
 
@@ -1006,15 +1080,16 @@ def efficiency_model() -> EfficiencyModel:
 
 
 def _predict_anchor(model: EfficiencyModel, a: Anchor) -> float | None:
-    result = model.predict(
-        a.group, a.shape.hidden_size, a.tp, a.pp, a.microbatches, a.ac, a.compile
-    )
+    if a.group not in model.group_efficiency:
+        return None
+    result = model.predict(a.group, a.shape, a.seq, a.tp, a.pp, a.microbatches, a.ac, a.compile)
     return None if result is None else result[0]
 
 
 def calibration_report() -> list[dict[str, Any]]:
-    """Per anchor: measured MFU, in-sample prediction, and the leave-one-out prediction (the
-    model refitted without that row); LOO is None when the row is its group's only anchor."""
+    """Per anchor: measured MFU, in-sample prediction, the leave-one-out prediction (the model
+    refitted without that row) and the leave-study-out one (refitted without every row of its
+    study). Held-out predictions are None when no other row of the group remains."""
     return [dict(r) for r in _calibration_report()]
 
 
@@ -1024,19 +1099,23 @@ def _calibration_report() -> tuple[dict[str, Any], ...]:
     full = efficiency_model()
     report = []
     for a in rows:
-        rest = [b for b in rows if b.id != a.id]
-        loo = None
+        loo = _predict_anchor(fit_efficiency([b for b in rows if b.id != a.id]), a)
+        lso = None
+        rest = [b for b in rows if b.study != a.study]
         if any(b.group == a.group for b in rest):
-            loo = _predict_anchor(fit_efficiency(rest), a)
-        fit = _predict_anchor(full, a)
+            lso = _predict_anchor(fit_efficiency(rest), a)
         report.append(
             {
                 "id": a.id,
                 "group": a.group,
+                "study": a.study,
+                "measured_by": a.measured_by,
                 "measured_mfu": a.mfu,
-                "fitted_mfu": fit,
+                "fitted_mfu": _predict_anchor(full, a),
                 "loo_mfu": loo,
                 "loo_error": None if loo is None else loo / a.mfu - 1.0,
+                "lso_mfu": lso,
+                "lso_error": None if lso is None else lso / a.mfu - 1.0,
             }
         )
     return tuple(report)
@@ -1049,7 +1128,8 @@ def throughput_estimate(spec: ContinualPretrainSpec, p: Plan, shape: ModelShape)
     t = spec.training
     result = efficiency_model().predict(
         group,
-        shape.hidden_size,
+        shape,
+        p.seq_len,
         p.tensor_parallel,
         p.pipeline_parallel,
         p.grad_accum_steps,
@@ -1161,26 +1241,43 @@ def render_text(p: Plan, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:+.1f}%" if signed else f"{100 * x:.1f}%"
+
+
 def calibration_markdown() -> str:
     """The calibration table in docs/planner.md (a unit test keeps the two in step)."""
     model = efficiency_model()
+    report = calibration_report()
     lines = [
-        "| anchor | group | measured MFU | fitted | leave-one-out | LOO error |",
-        "|---|---|---:|---:|---:|---:|",
+        "| anchor | group | measured by | measured MFU | fitted | leave-one-out | LOO error "
+        "| leave-study-out error |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in calibration_report():
-        loo = "n/a (only anchor)" if r["loo_mfu"] is None else f"{100 * r['loo_mfu']:.1f}%"
-        err = "n/a" if r["loo_error"] is None else f"{100 * r['loo_error']:+.1f}%"
+    for r in report:
         lines.append(
-            f"| {r['id']} | {r['group']} | {100 * r['measured_mfu']:.1f}% | "
-            f"{100 * (r['fitted_mfu'] or 0):.1f}% | {loo} | {err} |"
+            f"| {r['id']} | {r['group']} | {r['measured_by']} | {_pct(r['measured_mfu'])} | "
+            f"{_pct(r['fitted_mfu'])} | {_pct(r['loo_mfu'])} | {_pct(r['loo_error'], True)} | "
+            f"{_pct(r['lso_error'], True)} |"
         )
-    errors = [abs(r["loo_error"]) for r in calibration_report() if r["loo_error"] is not None]
     effs = ", ".join(f"{g} {100 * e:.1f}%" for g, e in sorted(model.group_efficiency.items()))
     lines += [
         "",
-        f"Fitted: group efficiencies {effs}; x0 = {model.x0:g}; compile factor "
-        f"{model.compile_factor:.2f}. Mean |LOO error| {100 * sum(errors) / len(errors):.1f}%, "
-        f"max {100 * max(errors):.1f}% over {len(errors)} held-out rows.",
+        f"Fitted on {model.anchors_used} rows: group efficiencies {effs}; x0 = {model.x0:g}; "
+        f"compile factor {model.compile_factor:.2f}.",
+        "",
+        "| group | rows | mean \\|LOO error\\| | max \\|LOO error\\| | max \\|leave-study-out\\| |",
+        "|---|---:|---:|---:|---:|",
     ]
+    for group in sorted({r["group"] for r in report}):
+        rows = [r for r in report if r["group"] == group]
+        loo = [abs(r["loo_error"]) for r in rows if r["loo_error"] is not None]
+        lso = [abs(r["lso_error"]) for r in rows if r["lso_error"] is not None]
+        mean = _pct(sum(loo) / len(loo)) if loo else "not measurable (one row)"
+        lines.append(
+            f"| {group} | {len(rows)} | {mean} | {_pct(max(loo) if loo else None)} | "
+            f"{_pct(max(lso) if lso else None)} |"
+        )
     return "\n".join(lines) + "\n"
