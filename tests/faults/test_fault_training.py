@@ -149,8 +149,9 @@ def test_a_node_going_not_ready_replaces_the_attempt_on_other_nodes(
     pods2 = runs.training_pods("nodefail", 2, count=2, timeout=60)
     nodes2 = {p["spec"]["nodeName"] for p in pods2}
     assert bad not in nodes2 and len(nodes2) == 2, nodes2
-    # What keeps attempt 2 off the bad node: the lifecycle controller's NoSchedule taint,
-    # which the training pods do not tolerate (the operator adds no exclusion of its own).
+    # Two things keep attempt 2 off the bad node: the lifecycle controller's NoSchedule taint,
+    # which the training pods do not tolerate, and (once the taint is gone, see case 2b) the
+    # operator's own exclusion.
     taints = runs.api.get(f"/api/v1/nodes/{bad}")["spec"].get("taints") or []
     assert any(
         t["key"] in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
@@ -162,6 +163,8 @@ def test_a_node_going_not_ready_replaces_the_attempt_on_other_nodes(
     assert not any(
         t.get("key", "").startswith("node.kubernetes.io/") for t in template.get("tolerations", [])
     )
+    assert avoided_nodes(ptj2) == [[bad], [bad]]
+    assert [(e["node"], e["reason"]) for e in status["excludedNodes"]] == [(bad, "NodeNotReady")]
     failed = events_of(runs, "nodefail", "AttemptFailed")
     assert len(failed) == 1 and "NodeNotReady" in failed[0]["message"]
     assert time.monotonic() - t0 < 90
@@ -169,6 +172,106 @@ def test_a_node_going_not_ready_replaces_the_attempt_on_other_nodes(
     fault_cluster.set_node_ready(bad, True)
     status = finish(runs, "nodefail", 2, trainer)
     assert status["attempt"] == 2 and committed_steps(s3_env, bucket, "runs/nodefail/")[0] == 10
+
+
+def avoided_nodes(ptj: dict[str, Any]) -> list[list[str]]:
+    """Per replica: the nodes its required node affinity keeps it off (hostname NotIn)."""
+    out = []
+    for replica in ptj["spec"]["pytorchReplicaSpecs"].values():
+        affinity = replica["template"]["spec"].get("affinity") or {}
+        required = (affinity.get("nodeAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ) or {}
+        for term in required.get("nodeSelectorTerms") or [{}]:
+            out.append(
+                [
+                    v
+                    for e in term.get("matchExpressions") or []
+                    if e["key"] == "kubernetes.io/hostname" and e["operator"] == "NotIn"
+                    for v in e["values"]
+                ]
+            )
+    return out
+
+
+def test_a_node_that_failed_an_attempt_gets_no_later_attempt_even_once_it_is_ready_again(
+    runs: Runs, fault_cluster: Cluster, fault_ns: str, bucket: str, s3_env: S3Server
+) -> None:
+    pending = 20
+    body = fault_spec(
+        "exclude",
+        bucket,
+        resiliency={"nodeNotReadySeconds": 4, "pendingTimeoutSeconds": pending},
+    )
+    pods = start_training(runs, body)
+    trainer = FakeTrainer(body["spec"]["checkpoints"]["s3Uri"])
+    trainer.commit(10)
+    trainer.progress(attempt=1, step=14, max_steps=MAX_STEPS, committed=10)
+    nodes = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in pods}
+    bad = next(n for name, n in nodes.items() if "-worker-" in name)
+    good = next(n for name, n in nodes.items() if "-master-" in name)
+    # Every other trn1 node is taken: attempt 2 can only have `good` and, were it not
+    # excluded, `bad`.
+    others = [f"trn1-{i}" for i in range(4) if f"trn1-{i}" not in (bad, good)]
+    holders = occupy_nodes(fault_cluster, fault_ns, others)
+
+    fault_cluster.set_node_ready(bad, False)
+    status = wait_attempt(runs, "exclude", 2, timeout=120)
+    assert status["attempts"][0]["reason"] == "NodeNotReady"
+    (excluded,) = status["excludedNodes"]
+    assert (excluded["node"], excluded["reason"], excluded["attempt"]) == (bad, "NodeNotReady", 1)
+    assert excluded["since"]
+    (event,) = events_of(runs, "exclude", "NodeExcluded")
+    assert event["type"] == "Warning" and f"node {bad} is excluded" in event["message"]
+    ptj2 = next(
+        j for j in runs.pytorchjobs("exclude") if j["metadata"]["name"] == "exclude-train-2"
+    )
+    assert avoided_nodes(ptj2) == [[bad], [bad]]
+
+    # The node comes back (Ready, not-ready taint lifted: set_node_ready waits for both). The
+    # scheduler would now place attempt 2's second pod there; the exclusion keeps it Pending.
+    fault_cluster.set_node_ready(bad, True)
+    current = runs.status("exclude")
+    assert current["attempt"] == 2 and not current["attempts"][1].get("reason"), (
+        "attempt 2 timed out before the node was Ready again; raise `pending`"
+    )
+
+    def nothing_on_bad() -> bool:
+        return all(
+            p["spec"].get("nodeName") != bad
+            for p in runs.pods("cpt.dev/run=exclude,cpt.dev/stage=train")
+        )
+
+    stays(nothing_on_bad, seconds=4, what=f"no training pod on the excluded node {bad}")
+    status = runs.wait(
+        "exclude",
+        lambda s: len(s.get("attempts") or []) >= 2 and s["attempts"][1].get("reason"),
+        timeout=60,
+        what="attempt 2 ended",
+    )
+    second = status["attempts"][1]
+    assert second["reason"] == "PendingTimeout", second
+    assert f"Pending for more than {pending}s" in second["message"]
+    assert (
+        f"1 node is excluded by this run after failing an earlier attempt: {bad} "
+        in (second["message"])
+    )
+    assert "node affinity" in second["message"], second["message"]  # the scheduler's words
+    assert nothing_on_bad()
+
+    # Capacity frees up: attempt 3 runs on `good` and the freed node, still not on `bad`.
+    runs.api.delete(f"/api/v1/namespaces/{fault_ns}/pods/{holders[0]}")
+    wait_attempt(runs, "exclude", 3, timeout=60)
+    pods3 = runs.training_pods("exclude", 3, count=2, timeout=60)
+    assert {p["spec"]["nodeName"] for p in pods3} == {good, others[0]}
+    status = finish(runs, "exclude", 3, trainer)
+    assert [a["reason"] for a in status["attempts"]] == [
+        "NodeNotReady",
+        "PendingTimeout",
+        "Completed",
+    ]
+    assert [e["node"] for e in status["excludedNodes"]] == [bad]
+    assert status["attempts"][2]["resumeFromStep"] == 10
 
 
 # ------------------------------------------------------------------------------------ case 3

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.unit
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 SPECS = sorted(p.stem for p in (GOLDEN / "specs").glob("*.yaml"))
 UPDATE = os.environ.get("CPT_UPDATE_GOLDEN") == "1"
+EXCLUDED_NODE = "ip-10-0-7-41.us-west-2.compute.internal"
 
 
 def load(name: str) -> tuple[ContinualPretrainSpec, RunRef]:
@@ -37,7 +38,8 @@ def load(name: str) -> tuple[ContinualPretrainSpec, RunRef]:
 
 
 def render_all(spec: ContinualPretrainSpec, run: RunRef) -> list[dict[str, Any]]:
-    """Every child the operator can create for the run (attempt 2 resumes from step 40)."""
+    """Every child the operator can create for the run (attempt 2 resumes from step 40 and
+    avoids the node attempt 1 failed on)."""
     n, ns = run.name, run.namespace
     out = [
         pytorchjob.preflight_job(spec, run, stages.preflight_stage(spec, n, ns)),
@@ -53,6 +55,7 @@ def render_all(spec: ContinualPretrainSpec, run: RunRef) -> list[dict[str, Any]]
             stages.train_stage(spec, n, 2, ns),
             resume_step=40,
             resume_uri=f"{spec.checkpoints.s3_uri}step_40",
+            exclude_nodes=[EXCLUDED_NODE],
         )
     )
     out.append(jobs.export_job(spec, run, stages.export_stage(spec, n, ns)))
@@ -289,6 +292,77 @@ def test_local_cpu_variant_has_no_accelerator_resources_and_targets_the_given_no
     assert term["labelSelector"]["matchLabels"]["cpt.dev/attempt"] == "1"
     cfg = json.loads(env_of(c)[STAGE_CONFIG_ENV])
     assert cfg["device"] == "cpu"
+
+
+NOT_IN_FAILED = {
+    "key": "kubernetes.io/hostname",
+    "operator": "NotIn",
+    "values": ["trn1-bad-1", "trn1-bad-2"],
+}
+
+
+def train_job_avoiding(spec: ContinualPretrainSpec, run: RunRef, nodes: list[str]) -> Any:
+    cfg = stages.train_stage(spec, run.name, 3, run.namespace)
+    return pytorchjob.training_job(spec, run, cfg, exclude_nodes=nodes)
+
+
+def test_later_attempts_keep_every_replica_off_the_excluded_nodes() -> None:
+    spec, run = load("trn1-nxd")
+    ptj = train_job_avoiding(spec, run, ["trn1-bad-1", "trn1-bad-2", "trn1-bad-1"])
+    for ps in pod_specs(ptj):
+        required = ps["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert required == {"nodeSelectorTerms": [{"matchExpressions": [NOT_IN_FAILED]}]}
+    # No exclusions, no affinity at all (the golden files pin the attempt-1 shape).
+    for ps in pod_specs(train_job_avoiding(spec, run, [])):
+        assert "affinity" not in ps
+
+
+def test_excluded_nodes_are_anded_into_every_term_of_the_users_node_affinity() -> None:
+    spec, run = load("trn1-nxd")
+    zone = {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-west-2d"]}
+    capacity = {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["reserved"]}
+    by_name = {"key": "metadata.name", "operator": "In", "values": ["trn1-7"]}
+    preferred = [{"weight": 1, "preference": {"matchExpressions": [capacity]}}]
+    user = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [zone]}, {"matchFields": [by_name]}]
+            },
+            "preferredDuringSchedulingIgnoredDuringExecution": preferred,
+        },
+        "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": []},
+    }
+    before = json.dumps(user, sort_keys=True)
+    spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"affinity": user})})
+    ptj = train_job_avoiding(spec, run, ["trn1-bad-1", "trn1-bad-2"])
+    for ps in pod_specs(ptj):
+        aff = ps["affinity"]
+        # Terms are ORed: a term without the NotIn would let the scheduler pick a bad node.
+        terms = aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
+        assert terms == [
+            {"matchExpressions": [zone, NOT_IN_FAILED]},
+            {"matchFields": [by_name], "matchExpressions": [NOT_IN_FAILED]},
+        ]
+        assert aff["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] == preferred
+        assert aff["podAffinity"] == user["podAffinity"]
+    assert json.dumps(user, sort_keys=True) == before  # the spec's own affinity is not modified
+    # Attempt 1 (nothing excluded) passes the user's affinity through unchanged.
+    (first, *_) = pod_specs(train_job_avoiding(spec, run, []))
+    assert first["affinity"] == user
+
+
+def test_a_cpu_gang_keeps_its_anti_affinity_next_to_the_exclusions() -> None:
+    spec, run = load("local-cpu")
+    for ps in pod_specs(train_job_avoiding(spec, run, ["exec-1"])):
+        assert ps["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        (term,) = ps["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
+        assert term["matchExpressions"] == [
+            {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["exec-1"]}
+        ]
 
 
 def test_a_single_node_run_has_only_a_master_replica() -> None:

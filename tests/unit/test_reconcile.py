@@ -710,6 +710,208 @@ def test_an_attempt_counter_bumped_before_a_crash_still_tears_the_old_attempt_do
     assert d.status["attempt"] == 2
 
 
+# -- failed nodes are kept out of later attempts ----------------------------------------------
+
+UNHEALTHY = (
+    "Pod was rejected: Allocate failed due to no healthy devices present; cannot allocate "
+    "unhealthy devices aws.amazon.com/neuron, which is unexpected"
+)
+
+
+def not_ready_end(body: dict[str, Any], status: dict[str, Any], attempt: int = 1) -> Decision:
+    """Attempt `attempt` (master on trn1-0, worker on trn1-1) loses trn1-1 past the grace."""
+    return run(
+        body,
+        status,
+        T0 + timedelta(seconds=61),
+        pytorchjobs=[ptj(f"llama-cpt-train-{attempt}", attempt)],
+        pods=gang(attempt),
+        nodes=[node("trn1-0"), node("trn1-1", ready=False, since=T0)],
+    )
+
+
+def start_next(body: dict[str, Any], status: dict[str, Any]) -> Decision:
+    """The previous attempt is gone: the next one is created."""
+    d = run(body, status, T0 + timedelta(seconds=70), checkpoint=Checkpoint(20, "s3://c/step_20"))
+    assert len(creates(d)) == 1, d.actions
+    return d
+
+
+def required_terms(d: Decision) -> list[list[dict[str, Any]]]:
+    """Each replica's required node selector terms in the created PyTorchJob."""
+    (action,) = [a for a in d.actions if isinstance(a, CreateChild)]
+    out = []
+    for replica in action.manifest["spec"]["pytorchReplicaSpecs"].values():
+        aff = replica["template"]["spec"].get("affinity") or {}
+        req = (aff.get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+        out.append((req or {}).get("nodeSelectorTerms", []))
+    return out
+
+
+def event_messages(d: Decision, reason: str) -> list[str]:
+    return [a.message for a in d.actions if isinstance(a, EmitEvent) and a.reason == reason]
+
+
+def test_a_node_not_ready_past_the_grace_is_recorded_and_attempt_2_avoids_it() -> None:
+    body = body_of("trn1-nxd")
+    d = not_ready_end(body, training_status(body))
+    assert d.status["excludedNodes"] == [
+        {
+            "node": "trn1-1",
+            "reason": cond.EXCLUDED_NOT_READY,
+            "attempt": 1,
+            "since": ts(T0 + timedelta(seconds=61)),
+        }
+    ]
+    assert ("Warning", cond.NODE_EXCLUDED) in events(d)
+    (msg,) = event_messages(d, cond.NODE_EXCLUDED)
+    assert (
+        "node trn1-1" in msg and "NodeNotReady in attempt 1" in msg and "NodeStatusUnknown" in msg
+    )
+    started = start_next(body, d.status)
+    not_in = {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["trn1-1"]}
+    assert required_terms(started) == [[{"matchExpressions": [not_in]}]] * 2
+    (msg,) = event_messages(started, "AttemptStarted")
+    assert "avoiding node(s) trn1-1" in msg
+    # Ready again (the NotReady taint is gone): still excluded, and a later failure adds to it.
+    again = run(
+        body,
+        started.status,
+        T0 + timedelta(seconds=80),
+        pytorchjobs=[ptj("llama-cpt-train-2", 2)],
+        pods=[
+            pod("llama-cpt-train-2-master-0", "llama-cpt-train-2", attempt=2, node="trn1-2"),
+            pod("llama-cpt-train-2-worker-0", "llama-cpt-train-2", attempt=2, node="trn1-3"),
+        ],
+        nodes=[node("trn1-1"), node("trn1-2")],  # trn1-3 was deleted (the node group replaced it)
+    )
+    assert d.status["attempts"][0]["reason"] == cond.NODE_NOT_READY
+    assert again.status["attempts"][1]["reason"] == cond.NODE_NOT_READY
+    assert [(e["node"], e["reason"], e["attempt"]) for e in again.status["excludedNodes"]] == [
+        ("trn1-1", cond.EXCLUDED_NOT_READY, 1),
+        ("trn1-3", cond.EXCLUDED_GONE, 2),
+    ]
+    third = start_next(body, again.status)
+    for (term,) in required_terms(third):
+        assert term["matchExpressions"][0]["values"] == ["trn1-1", "trn1-3"]
+
+
+def test_a_pod_the_kubelet_refuses_for_unhealthy_devices_excludes_its_node() -> None:
+    body = body_of("trn1-nxd")
+    status = training_status(body)
+    pods = gang(1)
+    refused = pod("llama-cpt-train-1-worker-0", "llama-cpt-train-1", phase="Failed", node="trn1-1")
+    refused["status"].update(reason="UnexpectedAdmissionError", message=UNHEALTHY)
+    pods[1] = refused
+    d = run(
+        body,
+        status,
+        pytorchjobs=[ptj("llama-cpt-train-1", 1)],
+        pods=pods,
+        nodes=[node("trn1-0"), node("trn1-1")],
+    )
+    assert d.status["attempts"][0]["reason"] == cond.POD_FAILED
+    ((name, reason),) = [(e["node"], e["reason"]) for e in d.status["excludedNodes"]]
+    assert (name, reason) == ("trn1-1", cond.EXCLUDED_DEVICE_UNHEALTHY)
+    (msg,) = event_messages(d, cond.NODE_EXCLUDED)
+    assert "aws.amazon.com/neuron" in msg
+
+
+def test_an_ordinary_pod_failure_or_a_short_not_ready_excludes_no_node() -> None:
+    body = body_of("trn1-nxd")
+    status = training_status(body)
+    pods = gang(1)
+    pods[1] = pod(
+        "llama-cpt-train-1-worker-0",
+        "llama-cpt-train-1",
+        phase="Failed",
+        node="trn1-1",
+        exit_code=137,
+    )
+    d = run(
+        body,
+        status,
+        T0 + timedelta(seconds=30),
+        pytorchjobs=[ptj("llama-cpt-train-1", 1)],
+        pods=pods,
+        # trn1-0 is NotReady, but only for 30 of the 60 s grace.
+        nodes=[node("trn1-0", ready=False, since=T0), node("trn1-1")],
+    )
+    assert d.status["attempt"] == 2 and d.status["excludedNodes"] == []
+    assert cond.NODE_EXCLUDED not in [r for _, r in events(d)]
+    assert required_terms(start_next(body, d.status)) == [[], []]
+
+
+def test_with_exclusion_switched_off_no_node_is_recorded_or_avoided() -> None:
+    body = body_of("trn1-nxd", resiliency__excludeFailedNodes=False)
+    d = not_ready_end(body, training_status(body))
+    assert d.status["attempts"][0]["reason"] == cond.NODE_NOT_READY
+    assert d.status["excludedNodes"] == [] and cond.NODE_EXCLUDED not in [r for _, r in events(d)]
+    assert required_terms(start_next(body, d.status)) == [[], []]
+
+
+def test_past_max_excluded_nodes_the_oldest_exclusion_drops_out_with_an_event() -> None:
+    body = body_of("trn1-nxd", resiliency__maxExcludedNodes=1)
+    first = not_ready_end(body, training_status(body))
+    status = start_next(body, first.status).status
+    pods = [
+        pod("llama-cpt-train-2-master-0", "llama-cpt-train-2", attempt=2, node="trn1-2"),
+        pod("llama-cpt-train-2-worker-0", "llama-cpt-train-2", attempt=2, node="trn1-3"),
+    ]
+    d = run(
+        body,
+        status,
+        T0 + timedelta(seconds=200),
+        pytorchjobs=[ptj("llama-cpt-train-2", 2)],
+        pods=pods,
+        nodes=[node("trn1-2"), node("trn1-3", ready=False, since=T0 + timedelta(seconds=100))],
+    )
+    assert [e["node"] for e in d.status["excludedNodes"]] == ["trn1-3"]
+    (dropped,) = event_messages(d, cond.NODE_EXCLUSION_DROPPED)
+    assert "node trn1-1" in dropped and "at most 1 nodes" in dropped
+    assert "spec.resiliency.maxExcludedNodes" in dropped
+    for (term,) in required_terms(start_next(body, d.status)):
+        assert term["matchExpressions"][0]["values"] == ["trn1-3"]
+
+
+def test_a_pending_timeout_names_the_nodes_this_run_excludes() -> None:
+    body = body_of("trn1-nxd", resiliency__pendingTimeoutSeconds=300)
+    started = start_next(body, not_ready_end(body, training_status(body)).status)
+    pending = [
+        pod("llama-cpt-train-2-master-0", "llama-cpt-train-2", attempt=2, phase="Pending"),
+        pod("llama-cpt-train-2-worker-0", "llama-cpt-train-2", attempt=2, phase="Pending"),
+    ]
+    d = run(
+        body,
+        started.status,
+        T0 + timedelta(seconds=301),
+        pytorchjobs=[ptj("llama-cpt-train-2", 2)],
+        pods=pending,
+    )
+    second = d.status["attempts"][1]
+    assert second["reason"] == cond.PENDING_TIMEOUT
+    assert "0/8 nodes are available" in second["message"]
+    assert "1 node is excluded by this run" in second["message"]
+    assert "trn1-1 (NodeNotReady in attempt 1)" in second["message"]
+    assert "status.excludedNodes" in second["message"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, "spec.resiliency.maxExcludedNodes: Input should be greater than or equal to 1"),
+        (257, "spec.resiliency.maxExcludedNodes: Input should be less than or equal to 256"),
+        ("many", "spec.resiliency.maxExcludedNodes: Input should be a valid integer"),
+    ],
+)
+def test_an_out_of_range_max_excluded_nodes_is_refused_naming_the_field(
+    value: Any, expected: str
+) -> None:
+    d = run(body_of("trn1-nxd", resiliency__maxExcludedNodes=value), None)
+    assert d.status["phase"] == "Failed" and creates(d) == []
+    assert expected in condition(d.status, "Failed")["message"]
+
+
 # -- suspend and resume ------------------------------------------------------------------------
 
 

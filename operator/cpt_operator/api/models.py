@@ -70,6 +70,11 @@ MSG_GBS_MULTIPLE = "globalBatchSize must be a multiple of microBatchSize"
 MSG_MP_DIVIDES_WORLD = "tensorParallel x pipelineParallel must divide nodes x processesPerNode"
 """Messages shared with the CRD's CEL rules; Python appends the numbers after a colon."""
 
+DEFAULT_MAX_EXCLUDED_NODES = 8
+MAX_EXCLUDED_NODES_LIMIT = 256
+"""spec.resiliency.maxExcludedNodes: its default and upper bound (the node affinity's NotIn list
+is copied into every training pod, so it stays short)."""
+
 DEFAULT_IMAGE_TAG = "0.1.0"
 DEFAULT_IMAGES = {
     "trainer_neuron": f"ghcr.io/cpt-dev/cpt-trainer-neuron:{DEFAULT_IMAGE_TAG}",
@@ -460,6 +465,20 @@ class ResiliencySpec(CamelModel):
         description="A training pod's node NotReady this long → restart the attempt (its pods "
         "on that node are force-deleted).",
     )
+    exclude_failed_nodes: bool = Field(
+        default=True,
+        description="Keep a node that failed an attempt (NotReady past nodeNotReadySeconds, "
+        "gone, or its kubelet reported the accelerator devices unhealthy) out of every later "
+        "attempt of this run, even after it is Ready again (status.excludedNodes; a "
+        "kubernetes.io/hostname NotIn node affinity on the training pods).",
+    )
+    max_excluded_nodes: int = Field(
+        default=DEFAULT_MAX_EXCLUDED_NODES,
+        ge=1,
+        le=MAX_EXCLUDED_NODES_LIMIT,
+        description="At most this many nodes are excluded at once; beyond it the oldest "
+        "exclusion drops out (event NodeExclusionDropped) and that node may be used again.",
+    )
     preflight: PreflightSpec = Field(default_factory=PreflightSpec)
 
 
@@ -642,6 +661,19 @@ class AttemptStatus(StatusModel):
     )
 
 
+class ExcludedNode(StatusModel):
+    """A node the run's later training attempts avoid (spec.resiliency.excludeFailedNodes)."""
+
+    node: str = Field(max_length=NAME_MAX_LENGTH, description="The node's name (its hostname).")
+    reason: str = Field(
+        max_length=1024,
+        description="NodeNotReady (NotReady past nodeNotReadySeconds), NodeGone (deleted) or "
+        "DeviceUnhealthy (the kubelet refused a training pod: unhealthy accelerator devices).",
+    )
+    attempt: int = Field(ge=1, description="The attempt that failed on the node.")
+    since: datetime | None = Field(default=None, description="When the exclusion was recorded.")
+
+
 class ContinualPretrainStatus(StatusModel):
     phase: Phase = Phase.PENDING
     observed_generation: int | None = None
@@ -664,6 +696,12 @@ class ContinualPretrainStatus(StatusModel):
     )
     suspended_phase: Phase | None = Field(
         default=None, description="The phase to continue with when spec.suspend is cleared."
+    )
+    excluded_nodes: list[ExcludedNode] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDED_NODES_LIMIT,
+        description="Nodes later training attempts avoid (spec.resiliency.excludeFailedNodes), "
+        "oldest first.",
     )
     kopf: dict[str, Any] | None = Field(
         default=None, description="kopf's own bookkeeping (progress storage); opaque."
@@ -700,6 +738,7 @@ __all__ = [
     "ContinualPretrainStatus",
     "DataSpec",
     "EnvVar",
+    "ExcludedNode",
     "ModelSpec",
     "Phase",
     "PlanSummary",

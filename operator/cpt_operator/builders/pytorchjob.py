@@ -19,6 +19,7 @@ Shape decisions (see /work/shared/reference/peers.md §1):
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from cpt_operator.api.models import ContinualPretrainSpec
@@ -79,12 +80,42 @@ def _device_env(
     return {"NEURON_COMPILE_CACHE_URL": cache}
 
 
+def avoid_nodes(affinity: dict[str, Any] | None, nodes: Sequence[str]) -> dict[str, Any]:
+    """`affinity` (not modified) plus a required `kubernetes.io/hostname NotIn nodes`.
+
+    Node selector terms are ORed, so the expression goes into *every* existing term (each
+    term's own requirements are ANDed with it); without terms it becomes the only one. The
+    other parts of the affinity (preferred terms, pod (anti-)affinity) are kept as they are.
+    """
+    out = copy.deepcopy(affinity or {})
+    hosts = list(dict.fromkeys(nodes))
+    if not hosts:
+        return out
+    node_affinity = out.get("nodeAffinity") or {}
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = required.get("nodeSelectorTerms") or [{}]
+    required["nodeSelectorTerms"] = [
+        {
+            **term,
+            "matchExpressions": [
+                *(term.get("matchExpressions") or []),
+                {"key": HOSTNAME_KEY, "operator": "NotIn", "values": list(hosts)},
+            ],
+        }
+        for term in terms
+    ]
+    node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = required
+    out["nodeAffinity"] = node_affinity
+    return out
+
+
 def _pod_template(
     spec: ContinualPretrainSpec,
     labels: dict[str, str],
     stage: str,
     config: TrainStage | PreflightStage,
     device_env: dict[str, str],
+    exclude_nodes: Sequence[str] = (),
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
     inst = lookup_instance(t.instance_type)
@@ -128,7 +159,7 @@ def _pod_template(
         pod_spec["nodeSelector"] = node_selector
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    affinity = dict(rt.affinity or {})
+    affinity = avoid_nodes(rt.affinity, exclude_nodes)
     if not accel_resources and "podAntiAffinity" not in affinity:
         # Whole-node accelerator requests already give one replica per node; without them
         # (local-cpu) the replicas must be kept apart explicitly.
@@ -154,6 +185,7 @@ def _gang_job(
     *,
     attempt: int | None = None,
     annotations: dict[str, str] | None = None,
+    exclude_nodes: Sequence[str] = (),
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
     name = meta.check_name(meta.child_name(run.name, component, attempt))
@@ -162,7 +194,9 @@ def _gang_job(
     labels = meta.labels(run.name, component, attempt)
     cache = stages.paths(spec, run.name, run.namespace).compile_cache
     device_env = _device_env(spec, config if isinstance(config, TrainStage) else None, cache)
-    template = _pod_template(spec, labels, meta.STAGE_OF[component], config, device_env)
+    template = _pod_template(
+        spec, labels, meta.STAGE_OF[component], config, device_env, exclude_nodes
+    )
     replicas: dict[str, Any] = {
         "Master": {"replicas": 1, "restartPolicy": "Never", "template": template}
     }
@@ -206,16 +240,25 @@ def training_job(
     *,
     resume_step: int | None = None,
     resume_uri: str | None = None,
+    exclude_nodes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`<run>-train-<attempt>`. The annotations record which checkpoint the operator expected
-    this attempt to resume from, for people reading the cluster; the trainer decides itself."""
+    this attempt to resume from, for people reading the cluster; the trainer decides itself.
+    `exclude_nodes`: nodes earlier attempts failed on (status.excludedNodes), kept out by a
+    required node affinity."""
     annotations = {}
     if resume_step is not None:
         annotations[RESUME_STEP_ANNOTATION] = str(resume_step)
     if resume_uri:
         annotations[RESUME_URI_ANNOTATION] = resume_uri
     return _gang_job(
-        spec, run, "train", config, attempt=config.attempt, annotations=annotations or None
+        spec,
+        run,
+        "train",
+        config,
+        attempt=config.attempt,
+        annotations=annotations or None,
+        exclude_nodes=exclude_nodes,
     )
 
 

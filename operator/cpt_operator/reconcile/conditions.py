@@ -29,6 +29,15 @@ JOB_DELETED: Final = "TrainingJobDeleted"
 SUSPENDED: Final = "Suspended"
 COMPLETED: Final = "Completed"
 
+# Why a node is in status.excludedNodes (spec.resiliency.excludeFailedNodes).
+EXCLUDED_NOT_READY: Final = "NodeNotReady"
+EXCLUDED_GONE: Final = "NodeGone"
+EXCLUDED_DEVICE_UNHEALTHY: Final = "DeviceUnhealthy"
+
+# Events about node exclusions.
+NODE_EXCLUDED: Final = "NodeExcluded"
+NODE_EXCLUSION_DROPPED: Final = "NodeExclusionDropped"
+
 Status = Literal["True", "False", "Unknown"]
 
 

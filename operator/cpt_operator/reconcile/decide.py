@@ -32,6 +32,7 @@ from cpt_operator.api.models import (
     ConditionType,
     ContinualPretrainSpec,
     ContinualPretrainStatus,
+    ExcludedNode,
     Phase,
     PlanSummary,
     ProgressStatus,
@@ -52,6 +53,13 @@ Planner = Callable[[ContinualPretrainSpec], PlanSummary]
 
 MAX_TRANSITIONS = 10
 """Instant transitions chained in one reconcile (Pending → Planning → first stage)."""
+
+DEVICE_FAULT_MARKER = "cannot allocate unhealthy devices"
+"""The kubelet's device manager refusing a pod because the node's device plugin reports its
+accelerator devices (aws.amazon.com/neuron, vpc.amazonaws.com/efa, nvidia.com/gpu) unhealthy:
+the pod fails with reason UnexpectedAdmissionError and this text in its message. Neuron
+runtime and EFA errors (NRT/libfabric) only reach the container log, never the pod status, so
+they are no signal here."""
 
 
 @dataclass(frozen=True)
@@ -418,6 +426,74 @@ class _Reconcile:
                     )
         return None
 
+    def _failed_nodes(self, pods: list[PodState]) -> list[tuple[str, str, str]]:
+        """(node, exclusion reason, why) for every node of `pods` that failed the attempt:
+        gone, NotReady past the grace period, or refusing a pod for unhealthy devices."""
+        grace = self.spec.resiliency.node_not_ready_seconds
+        found: dict[str, tuple[str, str]] = {}
+        for pod in pods:
+            if not pod.node_name or pod.node_name in found:
+                continue
+            node = self.obs.nodes.get(pod.node_name)
+            if node is None:
+                found[pod.node_name] = (cond.EXCLUDED_GONE, "the node no longer exists")
+            elif not node.ready and _seconds(self.now - (node.since or self.now)) >= grace:
+                found[pod.node_name] = (
+                    cond.EXCLUDED_NOT_READY,
+                    f"NotReady for {grace}s or more ({node.reason or 'no reason'})",
+                )
+            elif pod.phase == "Failed" and DEVICE_FAULT_MARKER in pod.message:
+                found[pod.node_name] = (
+                    cond.EXCLUDED_DEVICE_UNHEALTHY,
+                    f"the kubelet refused pod {pod.name}: {pod.message}",
+                )
+        return [(node, reason, why) for node, (reason, why) in found.items()]
+
+    def _exclusions_on(self) -> bool:
+        return self.spec.resiliency.exclude_failed_nodes
+
+    def _exclude_failed_nodes(self, name: str, attempt: int) -> None:
+        """Record the nodes attempt `attempt` failed on, so later attempts avoid them even
+        once they are Ready again (a NotReady taint goes away with the condition)."""
+        if not self._exclusions_on():
+            return
+        known = {e.node for e in self.status.excluded_nodes}
+        for node, reason, why in self._failed_nodes(self.obs.pods_of(name)):
+            if node in known:
+                continue
+            known.add(node)
+            self.status.excluded_nodes.append(
+                ExcludedNode(node=node, reason=reason, attempt=attempt, since=self.now)
+            )
+            self.event(
+                "Warning",
+                cond.NODE_EXCLUDED,
+                f"node {node} is excluded from the later attempts of this run: {reason} in "
+                f"attempt {attempt}: {why}",
+            )
+        self._bound_exclusions()
+
+    def _bound_exclusions(self) -> None:
+        """At most maxExcludedNodes: the oldest exclusions drop out (their nodes may be used
+        again), so a run on a small or churning node group cannot exclude itself off it."""
+        limit = self.spec.resiliency.max_excluded_nodes
+        while len(self.status.excluded_nodes) > limit:
+            old = self.status.excluded_nodes.pop(0)
+            self.event(
+                "Normal",
+                cond.NODE_EXCLUSION_DROPPED,
+                f"node {old.node} (excluded after attempt {old.attempt}: {old.reason}) may be "
+                f"used again: at most {limit} nodes are excluded "
+                "(spec.resiliency.maxExcludedNodes)",
+            )
+
+    def _excluded_nodes(self) -> list[ExcludedNode]:
+        """The exclusions the current attempt was built with (recorded by earlier attempts)."""
+        if not self._exclusions_on():
+            return []
+        n = self.status.attempt
+        return [e for e in self.status.excluded_nodes if e.attempt < n]
+
     def _node_gone_or_not_ready(self, node_name: str) -> bool:
         node = self.obs.nodes.get(node_name)
         return node is None or not node.ready
@@ -443,9 +519,19 @@ class _Reconcile:
         stuck = self._pending_too_long(pods)
         if stuck is not None:
             limit = self.spec.resiliency.pending_timeout_seconds
+            excluded = self._excluded_nodes()
+            note = ""
+            if excluded:
+                # The scheduler only says "didn't match Pod's node affinity/selector".
+                names = ", ".join(f"{e.node} ({e.reason} in attempt {e.attempt})" for e in excluded)
+                nodes = "1 node is" if len(excluded) == 1 else f"{len(excluded)} nodes are"
+                note = (
+                    f"; {nodes} excluded by this run after failing an earlier attempt: {names} "
+                    "(status.excludedNodes; spec.resiliency.excludeFailedNodes, maxExcludedNodes)"
+                )
             return cond.PENDING_TIMEOUT, (
                 f"pod {stuck.name} Pending for more than {limit}s: "
-                f"{stuck.message or stuck.reason or 'not scheduled'}"
+                f"{stuck.message or stuck.reason or 'not scheduled'}{note}"
             )
         limit = self.spec.resiliency.pending_timeout_seconds
         live = [p for p in pods if not p.deleting]
@@ -497,6 +583,7 @@ class _Reconcile:
         self.event(
             "Warning", "AttemptFailed", f"attempt {n} of {max_attempts}: {reason}: {message}"
         )
+        self._exclude_failed_nodes(name, n)
         self._teardown(keep=None)
         if n >= max_attempts:
             msg = f"all {max_attempts} training attempts failed; the last one: {reason}: {message}"
@@ -546,6 +633,9 @@ class _Reconcile:
             self.status.resume_from = None
             rec.resume_from_step = None
         cfg = stages.train_stage(self.spec, self.run.name, self.status.attempt, self.run.namespace)
+        if self._exclusions_on():
+            self._bound_exclusions()  # maxExcludedNodes may have been lowered since
+        avoid = [e.node for e in self._excluded_nodes()]
         self.create(
             pytorchjob.training_job(
                 self.spec,
@@ -553,6 +643,7 @@ class _Reconcile:
                 cfg,
                 resume_step=ckpt.step if ckpt else None,
                 resume_uri=ckpt.uri if ckpt else None,
+                exclude_nodes=avoid,
             )
         )
         rec.start_time = self.now
@@ -566,7 +657,8 @@ class _Reconcile:
         msg = f"attempt {self.status.attempt} of {self.spec.resiliency.max_attempts}: {frm}"
         self.status.message = msg
         self.condition(ConditionType.TRAINING, "True", "AttemptRunning", msg)
-        self.event("Normal", "AttemptStarted", f"created PyTorchJob {name}; {frm}")
+        avoiding = f"; avoiding node(s) {', '.join(avoid)} (status.excludedNodes)" if avoid else ""
+        self.event("Normal", "AttemptStarted", f"created PyTorchJob {name}; {frm}{avoiding}")
 
     def training(self) -> None:
         if self.status.attempt < 1:
