@@ -85,6 +85,8 @@ CASES = [
          {"resiliency__maxAttempts": 0}),
     Case("negative-timeout", "admission", ("spec.resiliency.pendingTimeoutSeconds", "greater"),
          {"resiliency__pendingTimeoutSeconds": -1}),
+    Case("no-excluded-nodes", "admission", ("spec.resiliency.maxExcludedNodes", "greater"),
+         {"resiliency__maxExcludedNodes": 0}),
     Case("negative-lr", "admission", ("spec.training.optimizer.lr", "greater than 0"),
          {"training__optimizer": {"lr": -1}}),
     Case("held-out-too-big", "admission", ("spec.data.heldOutFraction", "less than 0.5"),
