@@ -445,6 +445,7 @@ def bench(repeat: int, reps: int, seed_reps: int) -> list[dict[str, Any]]:
             go("plain-1", "plain", one)
             if ncores >= 2:
                 go("ours-2", "ours", two)
+                go("shards-1", "shards", one)
                 go("shards-2", "shards", two)
         if i < seed_reps:
             go("seed-1", "seed", one)
@@ -584,7 +585,7 @@ def bench(repeat: int, reps: int, seed_reps: int) -> list[dict[str, Any]]:
                 },
             )
         )
-        sh = best("shards-2")
+        sh, sh1 = best("shards-2"), best("shards-1")
         out.append(
             common.measurement(
                 "tokenize.scaling.2shards",
@@ -592,13 +593,16 @@ def bench(repeat: int, reps: int, seed_reps: int) -> list[dict[str, Any]]:
                 {**cfg, "cores": 2, "shards": 2, "workersPerShard": 1},
                 "tokens/s",
                 sh["tokensPerSec"],
-                baseline=("ours, 1 shard, 1 worker", o1["tokensPerSec"]),
+                baseline=("one shard process, timed the same way", sh1["tokensPerSec"]),
                 goal=common.goal(">=", 1.7, "ratio"),
                 details={
                     **summary("shards-2"),
+                    "oneShard": summary("shards-1"),
                     "cpuEfficiency": common.median([r["tokensPerCpuSec"] for r in runs["shards-2"]])
-                    / common.median([r["tokensPerCpuSec"] for r in runs["ours-1"]]),
-                    "what": "two shard processes at once (the Indexed Job's pods), one core each",
+                    / common.median([r["tokensPerCpuSec"] for r in runs["shards-1"]]),
+                    "what": "two shard processes at once (the Indexed Job's pods), one core each, "
+                    "against one shard process on one core; both timed from process start "
+                    "(interpreter, imports, tokenizer load included)",
                 },
             )
         )

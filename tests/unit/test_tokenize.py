@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +248,36 @@ def test_worker_processes_produce_identical_output(tmp_path: Path, tok_dir: Path
     assert (load_ids(tmp_path / "o1", name) == load_ids(tmp_path / "o2", name)).all()
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_file_slices_worker_processes_and_file_cuts_do_not_change_the_blocks(
+    tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch, start: str
+) -> None:
+    import multiprocessing as mp
+
+    monkeypatch.setattr(tk, "_pool_context", lambda: mp.get_context(start))
+    make_corpus(tmp_path / "c", 150, seed=4, files=2)
+    with (tmp_path / "c" / "part-002.jsonl").open("w") as f:  # rows without text, mid-file
+        for i, t in enumerate(make_texts(40, seed=5)):
+            f.write(json.dumps({"text": t} if i % 7 else {"other": i}) + "\n")
+    kw: dict[str, Any] = {"shard_index": 0, "held_out_fraction": 0.2}
+    whole = tk.run_tokenize(cfg_for(tmp_path / "c", tok_dir, tmp_path / "o1", **kw))
+    monkeypatch.setattr(tk, "TASK_BYTES", 700)  # many slices per file
+    monkeypatch.setattr(tk, "FILE_BYTES", 9 * BLOCK * 5)  # 5 blocks per Arrow file
+    spans = tk._jsonl_spans(tmp_path / "c" / "part-000.jsonl")
+    data = (tmp_path / "c" / "part-000.jsonl").read_bytes()
+    assert len(spans) > 5 and spans[0][0] == 0 and spans[-1][1] == len(data)
+    assert all(
+        a[1] == b[0] and data[b[0] - 1 : b[0]] == b"\n" for a, b in itertools.pairwise(spans)
+    )
+    sliced = tk.run_tokenize(cfg_for(tmp_path / "c", tok_dir, tmp_path / "o2", workers=2, **kw))
+    assert sliced.to_json() | {"seconds": 0} == whole.to_json() | {"seconds": 0}
+    for name in (tk.shard_name(0, 1), tk.heldout_name(0, 1)):
+        assert (load_ids(tmp_path / "o1", name) == load_ids(tmp_path / "o2", name)).all()
+    files = sorted(p.name for p in (tmp_path / "o2" / tk.shard_name(0, 1)).glob("*.arrow"))
+    n = len(files)
+    assert n == -(-whole.blocks // 5) and files[-1] == f"data-{n - 1:05d}-of-{n:05d}.arrow"
+
+
 def test_a_local_hf_dataset_is_read_by_id_and_split_by_node(
     tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,10 +358,185 @@ def test_the_piece_cache_is_not_used_where_it_would_not_be_exact() -> None:
 
 
 def test_the_piece_cache_switches_itself_off_when_its_first_batch_differs(rust: Any) -> None:
-    import regex  # type: ignore[import-untyped]
+    import re
 
-    wrong = tk.PieceCache(rust, regex.compile(r"\S+|\s+"), None)  # not the tokenizer's split
+    wrong = tk.PieceCache(rust, re.compile(r"(?<=e)"))  # cuts inside pieces: not exact
     texts = make_texts(5, seed=3)
     expected = [list(e.ids) for e in rust.encode_batch(texts, add_special_tokens=False)]
     assert wrong.encode(texts) == expected
     assert not wrong.enabled
+
+
+_WS = [
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    " \n",
+    "\t",
+    " \t ",
+    "\r\n",
+    "\u3000",
+    "\xa0",
+    "\u2009",
+    "\x1c",
+    "\x85",
+    "\u200b",
+    "\ufeff",
+    "\u2028",
+    "\x0b",
+    "\x0c",
+    " \u00a0 ",
+]
+_WORDS = [
+    "it's",
+    "we'll",
+    "they've",
+    "I'm",
+    "'d",
+    "Don't",
+    "12345",
+    "3.14",
+    "1,000,000",
+    "x²",
+    "½",
+    "Ⅻ",
+    "٣٤",
+    "café",
+    "naïve",
+    "東京",
+    "Ελλάδα",
+    "Привет",
+    "e\u0301",
+    "🙂",
+    "👩‍💻",
+    "(parens)",
+    "--flag",
+    "a_b",
+    "[x]",
+    "...",
+    "!!",
+    "#",
+    "$5",
+    "C++",
+    "mid-word",
+    "ﬁ",
+    "İstanbul",
+    "\x00",
+    "\x7f",
+    "\ud7ff",
+    "\U0001d518\U0001d52b\U0001d526",
+    "</s>",
+    "<pad>x",
+    "x<s>",
+]
+
+
+def _varied_docs(n: int, seed: int) -> list[str]:
+    """Documents mixing English words, digits, unicode letters and marks, emoji, every kind
+    of whitespace run (leading, trailing, doubled, unicode spaces and controls) and added
+    tokens' text: everything where the chunk split could disagree with GPT-2's."""
+    import random
+
+    rng = random.Random(seed)
+    english = " ".join(make_texts(20, seed=seed)).split(" ")
+    docs = ["", " ", "  leading", "trailing  ", "\n", "a", " a", "a ", "'s", " 's"]
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 60)):
+            r = rng.random()
+            parts.append(rng.choice(_WORDS) if r < 0.3 else rng.choice(english))
+            parts.append(rng.choice(_WS) if r < 0.5 or rng.random() < 0.2 else " ")
+        docs.append(("" if rng.random() < 0.7 else rng.choice(_WS)) + "".join(parts))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def varied_rust() -> Any:
+    """A tokenizer trained on the varied text itself, so whitespace runs, digits and unicode
+    have merges of their own (where a wrong cut would change the ids)."""
+    return train_tokenizer(_varied_docs(300, seed=1) + make_texts(100, seed=2), vocab_size=1200)
+
+
+@pytest.mark.parametrize("which", ["english", "varied"])
+def test_the_fast_encoder_equals_the_tokenizers_encode_on_varied_text(
+    rust: Any, varied_rust: Any, which: str
+) -> None:
+    rust = rust if which == "english" else varied_rust
+    docs = _varied_docs(400, seed=11)
+    expected = [rust.encode(d, add_special_tokens=False).ids for d in docs]
+    cache = tk.PieceCache.wrap(rust)
+    assert isinstance(cache, tk.PieceCache)
+    cache.SELF_CHECK_DOCS = 0  # the self-check must not be what makes it right
+    eos = 7
+    flat = [i for ids in expected for i in [*ids, eos]]
+    for _ in range(2):  # cold, then served from the caches
+        assert cache.encode(docs) == expected
+        assert tk._encode(cache, eos, docs).tolist() == flat
+        assert cache.enabled
+    assert cache.ids and cache.heads and cache.pieces
+    # Batch by batch as the stage calls it, in another order: the same ids per document.
+    fresh = tk.PieceCache.wrap(rust)
+    order = list(range(len(docs)))[::-1]
+    got = [
+        d
+        for i in range(0, len(order), 37)
+        for d in fresh.encode([docs[j] for j in order[i : i + 37]])
+    ]
+    assert got == [expected[j] for j in order]
+    assert fresh.enabled
+
+
+def test_the_chunk_split_only_cuts_where_gpt2s_split_starts_a_piece() -> None:
+    import regex  # type: ignore[import-untyped]
+
+    pieces = regex.compile(tk.PIECE_SPLIT)
+    for doc in _varied_docs(300, seed=5):
+        starts = {0}
+        pos = 0
+        for p in pieces.findall(doc):
+            pos += len(p)
+            starts.add(pos)
+        assert "".join(pieces.findall(doc)) == doc
+        cuts = [m.start() for m in tk.CHUNK_SPLIT.finditer(doc)]
+        assert set(cuts) <= starts, doc
+        assert len(tk.CHUNK_SPLIT.split(doc)) == len(cuts) + 1
+
+
+def test_no_character_the_tokenizer_counts_as_whitespace_is_cut_before() -> None:
+    """The cut needs the character after the space to be non-whitespace to the tokenizer's
+    regex. Every candidate (Python whitespace, separators, controls, format characters) is
+    asked of the Rust pre-tokenizer itself (an exhaustive run over all code points found
+    exactly Unicode's 25 White_Space characters)."""
+    import sys
+    import unicodedata
+
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    candidates = [
+        chr(c)
+        for c in range(sys.maxunicode + 1)
+        if not 0xD800 <= c < 0xE000
+        and (chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf"))
+    ]
+    assert len(candidates) > 200
+    not_space = re.compile(tk._NOT_SPACE)
+    for c in candidates:
+        whitespace = pre.pre_tokenize_str(" " + c + "x")[0][0] == "Ġ"  # the space stood alone
+        if whitespace:
+            assert not not_space.match(c), hex(ord(c))
+    assert {c for c in candidates if not not_space.match(c)} >= {" ", "\u3000", "\xa0", "\x85"}
+
+
+def test_a_full_cache_starts_over_and_stays_exact(
+    rust: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tk, "PIECE_CACHE_ENTRIES", 30)
+    docs = _varied_docs(200, seed=8)
+    expected = [rust.encode(d, add_special_tokens=False).ids for d in docs]
+    cache = tk.PieceCache.wrap(rust)
+    got = [d for i in range(0, len(docs), 16) for d in cache.encode(docs[i : i + 16])]
+    assert got == expected and cache.enabled
+    assert len(cache.ids) + len(cache.heads) < 30 + 16 * 60

@@ -27,9 +27,10 @@ Held-out: a document is held out when ``blake2b(seed, text)`` mapped to [0, 1) i
 ``held_out_fraction``: deterministic, independent of sharding and order. Held-out documents
 are packed the same way into ``heldout-XXXXX-of-YYYYY/``.
 
-Output (``output_uri``): ``shard-XXXXX-of-YYYYY/`` (HF ``save_to_disk``, read with
-``load_from_disk``), optional ``heldout-…/``, then ``shard-….done.json`` (counts and the
-config hash), and finally ``manifest.json`` written by whichever shard completes the set.
+Output (``output_uri``): ``shard-XXXXX-of-YYYYY/`` (the HF ``save_to_disk`` layout, written
+with pyarrow; read with ``load_from_disk``), optional ``heldout-…/``, then
+``shard-….done.json`` (counts and the config hash), and finally ``manifest.json`` written by
+whichever shard completes the set.
 Data is staged in a local temp dir and uploaded before the done file, so a partial shard is
 never visible as complete. A rerun with the same config hash skips finished shards and
 re-checks the manifest; any different config hash in the output fails with a clear error.
@@ -38,9 +39,12 @@ Tokenizer (``tokenizer_uri``): a local dir, an ``s3://`` dir (downloaded to a te
 ``hf://org/name[@rev]`` (tokenizer files via ``huggingface_hub.snapshot_download``,
 ``HF_TOKEN`` from the env). ``tokenizer.json`` is loaded with the ``tokenizers`` library and EOS
 read from ``tokenizer_config.json``/``special_tokens_map.json`` (no transformers/torch import);
-slow-only tokenizers are converted with ``AutoTokenizer``. The Rust tokenizer encodes batches
-(``encode_batch_fast``); ``workers > 1`` runs that many spawned processes with one tokenizer
-each (one Rayon thread per process).
+slow-only tokenizers are converted with ``AutoTokenizer``. Byte-level BPE tokenizers encode
+through :class:`PieceCache` (the same ids, a fraction of the cost), others through the Rust
+``encode_batch_fast``. The shard's work is a list of tasks (jsonl files in ``TASK_BYTES``
+line-aligned slices) that read, split off held-out documents and encode by themselves;
+``workers > 1`` adds ``workers - 1`` pool processes (one Rayon thread each) beside the main
+process, which packs the returned ids in task order.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import re
 import shutil
 import tempfile
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +77,8 @@ DOC_BATCH = 1024
 """Documents per encode_batch call (and per worker task)."""
 FLUSH_BLOCKS = 2048
 """Blocks per Arrow record batch written."""
+FILE_BYTES = 512 << 20
+"""Bytes per Arrow file of a shard's dataset dir at most (as ``save_to_disk`` would cut)."""
 _EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 
 
@@ -313,56 +320,90 @@ def _column_texts(table: Any, field: str, where: str) -> list[str]:
 
 def _read_unit(unit: Unit, field: str, tmp: Path) -> Iterator[list[str]]:
     """Batches of document texts of one unit, in file order."""
-    import pyarrow as pa
-
     path = _local_copy(unit.uri, tmp)
     try:
-        if unit.format == "txt":
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if _txt_split() == "paragraph":
-                docs = [p.strip() for p in re.split(r"\n\s*\n", text)]
-            else:
-                docs = [text.strip()]
-            docs = [d for d in docs if d]
-            yield docs[unit.piece :: unit.pieces]
-            return
-        if unit.format == "jsonl":
-            import pyarrow.json as pj
-
-            try:
-                table = pj.read_json(
-                    path, read_options=pj.ReadOptions(block_size=16 << 20, use_threads=True)
-                )
-            except pa.ArrowInvalid as exc:
-                raise TokenizeError(f"{unit.uri}: not valid JSON lines: {exc}") from exc
-            if unit.pieces > 1:
-                table = table.take(np.arange(unit.piece, table.num_rows, unit.pieces))
-            texts = _column_texts(table, field, unit.uri)
-            for i in range(0, len(texts), DOC_BATCH):
-                yield texts[i : i + DOC_BATCH]
-            return
-        if unit.format == "parquet":
-            import pyarrow.parquet as pq
-
-            pf = pq.ParquetFile(path)
-            if field not in pf.schema_arrow.names:
-                raise TokenizeError(
-                    f"{unit.uri} has no field {field!r} (textField); "
-                    f"fields: {sorted(pf.schema_arrow.names)}"
-                )
-            row0 = 0
-            for rb in pf.iter_batches(batch_size=DOC_BATCH, columns=[field]):
-                if unit.pieces > 1:
-                    first = (unit.piece - row0) % unit.pieces
-                    idx = np.arange(first, rb.num_rows, unit.pieces)
-                    row0 += rb.num_rows
-                    rb = rb.take(pa.array(idx))
-                yield _column_texts(pa.Table.from_batches([rb]), field, unit.uri)
-            return
-        raise TokenizeError(f"unsupported format {unit.format!r} for {unit.uri}")
+        yield from _read_local(unit, path, field)
     finally:
         if open_storage(unit.uri).local_path() is None:
             path.unlink(missing_ok=True)
+
+
+def _read_local(
+    unit: Unit, path: Path, field: str, span: tuple[int, int] | None = None, threads: bool = True
+) -> Iterator[list[str]]:
+    """Batches of document texts of ``unit`` read from its local copy ``path``; ``span``: only
+    the jsonl lines in that byte range (cut at line starts by :func:`_jsonl_spans`)."""
+    import pyarrow as pa
+
+    if unit.format == "txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if _txt_split() == "paragraph":
+            docs = [p.strip() for p in re.split(r"\n\s*\n", text)]
+        else:
+            docs = [text.strip()]
+        docs = [d for d in docs if d]
+        yield docs[unit.piece :: unit.pieces]
+        return
+    if unit.format == "jsonl":
+        import pyarrow.json as pj
+
+        source: Any = path
+        if span is not None:
+            with open(path, "rb") as f:
+                f.seek(span[0])
+                source = pa.BufferReader(f.read(span[1] - span[0]))
+        try:
+            table = pj.read_json(
+                source, read_options=pj.ReadOptions(block_size=16 << 20, use_threads=threads)
+            )
+        except pa.ArrowInvalid as exc:
+            raise TokenizeError(f"{unit.uri}: not valid JSON lines: {exc}") from exc
+        if unit.pieces > 1:
+            table = table.take(np.arange(unit.piece, table.num_rows, unit.pieces))
+        if span is not None and span[0] > 0 and field not in table.column_names:
+            return  # no row of this slice has the field (the file's first slice would say so)
+        texts = _column_texts(table, field, unit.uri)
+        for i in range(0, len(texts), DOC_BATCH):
+            yield texts[i : i + DOC_BATCH]
+        return
+    if unit.format == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if field not in pf.schema_arrow.names:
+            raise TokenizeError(
+                f"{unit.uri} has no field {field!r} (textField); "
+                f"fields: {sorted(pf.schema_arrow.names)}"
+            )
+        row0 = 0
+        for rb in pf.iter_batches(batch_size=DOC_BATCH, columns=[field]):
+            if unit.pieces > 1:
+                first = (unit.piece - row0) % unit.pieces
+                idx = np.arange(first, rb.num_rows, unit.pieces)
+                row0 += rb.num_rows
+                rb = rb.take(pa.array(idx))
+            yield _column_texts(pa.Table.from_batches([rb]), field, unit.uri)
+        return
+    raise TokenizeError(f"unsupported format {unit.format!r} for {unit.uri}")
+
+
+TASK_BYTES = 2 << 20
+"""Bytes of jsonl per task: a worker reads and encodes its own slice of a file."""
+
+
+def _jsonl_spans(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges of about ``TASK_BYTES`` covering the file, each starting at a line start."""
+    size = TASK_BYTES
+    total = path.stat().st_size
+    cuts = [0]
+    with open(path, "rb") as f:
+        while cuts[-1] + size < total:
+            f.seek(cuts[-1] + size)
+            f.readline()
+            if f.tell() >= total:
+                break
+            cuts.append(f.tell())
+    return list(zip(cuts, [*cuts[1:], total], strict=True))
 
 
 def _read_hf(src: DataSource, field: str, shard: int, shards: int) -> Iterator[list[str]]:
@@ -426,20 +467,53 @@ def is_held_out(texts: Sequence[str], fraction: float, seed: int) -> np.ndarray:
 
 _WORKER_TOK: Any = None
 _WORKER_EOS = 0
+_WORKER_OPTS: Any = None
 
-_BYTE_LEVEL_SPLIT = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_NOT_SPACE = (
+    "[^\\s\\x00-\\x1f\\x7f-\\xa0\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u206f"
+    "\\u3000\\ufeff]"
 )
-"""The split of ``pre_tokenizers.ByteLevel(use_regex=True)`` (GPT-2's)."""
+"""A character that is surely not whitespace to the tokenizer's regex: everything Python or
+Unicode counts as whitespace, and the controls and format characters near it, are left out
+(leaving out too many only makes chunks longer, never wrong)."""
+CHUNK_SPLIT = re.compile(" (?=" + _NOT_SPACE + ")")
+"""Where a document is cut into chunks: at a space followed by a non-space. GPT-2's split
+(``pre_tokenizers.ByteLevel(use_regex=True)``: ``'s|'t|…| ?\\p{L}+| ?\\p{N}+|
+?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``) always starts a piece there: the space joins the
+next piece (` ?X`), and a whitespace run before it stops short of it (``\\s+(?!\\S)``). So
+every chunk is a whole number of pieces and encoding it alone gives exactly its ids in the
+document."""
+PIECE_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""GPT-2's split, as in ``pre_tokenizers.ByteLevel(use_regex=True)`` (needs the ``regex``
+module for ``\\p{L}``): used only on chunks the cache has not seen."""
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> character table (``pre_tokenizers.ByteLevel.alphabet()``), keyed by
+    the code point of the byte read as latin-1, for ``str.translate``."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in keep]
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(256 + i) for i, b in enumerate(moved)})
+    return table
+
+
+_BYTES = _byte_chars()
 PIECE_CACHE_ENTRIES = 1 << 20
-"""Pieces cached per process before the cache starts over (bounded memory on huge corpora)."""
+"""Chunks (and pieces) cached per process before the cache starts over (bounded memory)."""
 
 
 class PieceCache:
-    """Encodes documents through a cache from pre-tokenized pieces to their ids, in front of
-    the Rust tokenizer: about twice its speed per core on English text (docs/PERFORMANCE.md,
-    tokenization), because a corpus repeats its words and the encoder's per-document work
-    (encodings, offsets, Python objects) is skipped.
+    """Encodes documents through caches in front of the Rust tokenizer: 2-4x its speed per
+    core on English text (docs/PERFORMANCE.md, tokenization), because a corpus repeats its
+    words and the encoder's per-document work (pre-tokenizer, encodings, offsets, Python
+    objects) is skipped.
+
+    A document is cut into chunks at :data:`CHUNK_SPLIT` (the standard library's ``re`` on one
+    literal: C speed), each chunk's ids are looked up (``ids``; a document's first chunk, which
+    has no space before it, in ``heads``) and joined as bytes. Chunks not seen before are split
+    into GPT-2 pieces (:data:`PIECE_SPLIT`, in one ``regex`` call per batch), and the pieces
+    not seen before (``pieces``) are encoded by the Rust tokenizer in one call per batch.
 
     Exact only where the encoder handles every piece on its own anyway: BPE without dropout
     behind the plain byte-level pre-tokenizer (GPT-2's split, no prefix space) and no
@@ -452,21 +526,25 @@ class PieceCache:
     """Documents of the first batch encoded directly too and compared (then 8 documents of
     every 256th batch: a rare character the two splits treat differently is caught too)."""
 
-    def __init__(self, rust: Any, split: Any, added: Any) -> None:
+    def __init__(
+        self, rust: Any, split: Any = CHUNK_SPLIT, added: Any = None, pieces: Any = None
+    ) -> None:
         self.rust = rust
         self._batch = getattr(rust, "encode_batch_fast", None) or rust.encode_batch
-        self._split = split.findall
+        self._split = split.split
+        self._pieces = pieces.findall if pieces is not None else None
         self._added = added
-        self.ids: dict[str, list[int]] = {}
+        self.ids: dict[str, bytes] = {}
+        """Chunk after a cut (the space before it implied) -> int32 ids of space + chunk."""
+        self.heads: dict[str, bytes] = {}
+        """A document's first chunk (no space before it) -> its int32 ids."""
+        self.pieces: dict[str, bytes] = {}
+        """GPT-2 piece -> its int32 ids (only to encode new chunks)."""
         self.enabled = True
         self._calls = 0
 
     @classmethod
     def wrap(cls, rust: Any) -> Any:
-        try:
-            import regex  # type: ignore[import-untyped]
-        except ImportError:
-            return rust
         spec = json.loads(rust.to_str())
         pre = spec.get("pre_tokenizer") or {}
         model = spec.get("model") or {}
@@ -480,98 +558,236 @@ class PieceCache:
         ):
             return rust
         added = [str(t["content"]) for t in spec.get("added_tokens") or [] if t.get("content")]
-        added_re = regex.compile("|".join(map(regex.escape, added))) if added else None
-        return cls(rust, regex.compile(_BYTE_LEVEL_SPLIT), added_re)
+        added_re = re.compile("|".join(map(re.escape, added))) if added else None
+        try:
+            import regex  # type: ignore[import-untyped]
+
+            pieces = regex.compile(PIECE_SPLIT)
+        except ImportError:  # new chunks then go to the Rust tokenizer whole
+            pieces = None
+        return cls(rust, CHUNK_SPLIT, added_re, pieces)
+
+    def _rust_ids(self, texts: list[str]) -> list[bytes]:
+        return [array("i", e.ids).tobytes() for e in self._batch(texts, add_special_tokens=False)]
+
+    def _model_ids(self, pieces: list[str]) -> list[bytes]:
+        """Ids of single pieces from the BPE model itself, on their byte-level characters
+        (what the byte-level pre-tokenizer hands it): half the cost of a full encode."""
+        tokenize = self.rust.model.tokenize
+        return [
+            array(
+                "i", [t.id for t in tokenize(p.encode().decode("latin-1").translate(_BYTES))]
+            ).tobytes()
+            for p in pieces
+        ]
 
     def _direct(self, texts: list[str]) -> list[list[int]]:
         return [list(e.ids) for e in self._batch(texts, add_special_tokens=False)]
 
-    def _cached(self, texts: list[str]) -> list[list[int]]:
-        """Split every document and join its pieces' cached ids; the batch's unseen pieces are
-        encoded in one Rust call first. The per-piece work stays in C (``map``, set
-        difference): a Python loop over pieces would cost as much as the encoder saves."""
-        from itertools import chain
-
-        cache = self.ids
+    def _new_chunks(self, keys: list[str]) -> list[bytes]:
+        """Ids of ``" " + key`` for chunks not seen before. They are joined into one text
+        (every cut is a piece boundary there too), split into pieces in one call, and the
+        pieces not seen before are encoded by the Rust tokenizer in one call: the Rust
+        encoder costs microseconds per sequence, and a chunk holds a rare word more often
+        than a piece does."""
+        if self._pieces is None:
+            return self._rust_ids([" " + k for k in keys])
+        pieces: list[str] = self._pieces(" " + " ".join(keys))
+        ends = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
+        chunk_ends = np.cumsum(np.fromiter((len(k) + 1 for k in keys), dtype=np.int64))
+        cut = np.searchsorted(ends, chunk_ends, side="right")
+        if cut[-1] != len(pieces) or not np.array_equal(ends[cut - 1], chunk_ends):
+            return self._rust_ids([" " + k for k in keys])  # a piece crosses a cut: not GPT-2's
+        cache = self.pieces
         if len(cache) > PIECE_CACHE_ENTRIES:
             cache.clear()
-        get = cache.get
+        new = list(set(pieces).difference(cache))
+        cache.update(zip(new, self._model_ids(new), strict=True))
+        get = cache.__getitem__
+        out: list[bytes] = []
+        start = 0
+        for stop in cut.tolist():
+            out.append(b"".join(map(get, pieces[start:stop])))
+            start = stop
+        return out
+
+    def _chunked(self, texts: list[str]) -> list[list[bytes]]:
+        """Each document's ids as the list of its chunks' int32 ids (bytes). The per-chunk
+        work stays in C (``split``, ``map``, set difference): a Python loop over chunks would
+        cost as much as the encoder saves."""
+        from itertools import islice
+
+        cache, heads = self.ids, self.heads
+        if len(cache) + len(heads) > PIECE_CACHE_ENTRIES:
+            cache.clear()
+            heads.clear()
+        get, hget = cache.get, heads.get
         split = self._split
-        out: list[list[int] | None] = []
+        out: list[list[Any]] = []
         pending: list[tuple[int, list[str]]] = []
         whole: list[int] = []
         miss: set[str] = set()
+        miss_heads: set[str] = set()
         for i, text in enumerate(texts):
             if self._added is not None and self._added.search(text):
-                out.append(None)  # holds an added token's text: the Rust tokenizer, whole
+                out.append([])  # holds an added token's text: the Rust tokenizer, whole
                 whole.append(i)
                 continue
-            pieces = split(text)
-            found: list[Any] = list(map(get, pieces))
+            parts = split(text)
+            found: list[Any] = list(map(get, parts))
+            found[0] = hget(parts[0])
             if None in found:
-                out.append(None)
-                pending.append((i, pieces))
-                miss.update(set(pieces).difference(cache))
-            else:
-                out.append(list(chain.from_iterable(found)))
+                pending.append((i, parts))
+                if found[0] is None:
+                    miss_heads.add(parts[0])
+                miss.update(set(parts[1:]).difference(cache))
+            out.append(found)
         if miss:
             keys = list(miss)
-            for piece, enc in zip(keys, self._batch(keys, add_special_tokens=False), strict=True):
-                cache[piece] = enc.ids
-        ids = cache.__getitem__
-        for i, pieces in pending:
-            out[i] = list(chain.from_iterable(map(ids, pieces)))
-        for i, doc in zip(whole, self._direct([texts[i] for i in whole]), strict=True):
-            out[i] = doc
-        return [doc if doc is not None else [] for doc in out]
+            cache.update(zip(keys, self._new_chunks(keys), strict=True))
+        if miss_heads:
+            keys = list(miss_heads)
+            heads.update(zip(keys, self._rust_ids(keys), strict=True))
+        for i, parts in pending:
+            found = [heads[parts[0]]]
+            found.extend(map(cache.__getitem__, islice(parts, 1, None)))
+            out[i] = found
+        for i, doc in zip(whole, self._rust_ids([texts[i] for i in whole]), strict=True):
+            out[i] = [doc]
+        return out
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each document (no special tokens added)."""
-        if not self.enabled:
-            return self._direct(texts)
-        out = self._cached(texts)
+    def _checked(self, texts: list[str]) -> list[list[bytes]] | None:
+        """The chunked ids, or None once a sample differs from the Rust tokenizer's."""
+        out = self._chunked(texts)
         self._calls += 1
         n = self.SELF_CHECK_DOCS if self._calls == 1 else 8 if self._calls % 256 == 0 else 0
-        if n and out[:n] != self._direct(texts[:n]):
+        if n and [_ids(d) for d in out[:n]] != self._direct(texts[:n]):
             log.warning("piece cache disabled: it differs from the tokenizer on this input")
             self.enabled = False
             self.ids.clear()
-            return self._direct(texts)
+            self.heads.clear()
+            self.pieces.clear()
+            return None
         return out
 
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each document (no special tokens added)."""
+        out = self._checked(texts) if self.enabled else None
+        if out is None:
+            return self._direct(texts)
+        return [_ids(d) for d in out]
 
-def _encode(tok: Any, eos: int, texts: list[str]) -> np.ndarray:
-    """Token ids of documents, each followed by EOS, as one flat uint32 array."""
-    if not texts:
-        return np.zeros(0, dtype=np.uint32)
-    if isinstance(tok, PieceCache):
-        flat: list[int] = []
-        for doc in tok.encode(texts):
-            flat.extend(doc)
-            flat.append(eos)
-        return np.array(flat, dtype=np.uint32)
-    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
-    encs = encode(texts, add_special_tokens=False)
-    eos_arr = np.array([eos], dtype=np.uint32)
+    def encode_flat(self, texts: list[str], eos: int) -> np.ndarray:
+        """Ids of the documents, each followed by ``eos``, as one flat int32 array: one
+        ``bytes.join`` over the chunks' ids, no Python int per token."""
+        out = self._checked(texts) if self.enabled else None
+        if out is None:
+            return _flat([np.asarray(d, dtype=np.int32) for d in self._direct(texts)], eos)
+        end = np.array([eos], dtype=np.int32).tobytes()
+        seq: list[bytes] = []
+        for doc in out:
+            seq.extend(doc)
+            seq.append(end)
+        return np.frombuffer(b"".join(seq), dtype=np.int32)
+
+
+def _ids(chunks: list[bytes]) -> list[int]:
+    ids: list[int] = np.frombuffer(b"".join(chunks), dtype=np.int32).tolist()
+    return ids
+
+
+def _flat(docs: list[np.ndarray], eos: int) -> np.ndarray:
+    """Documents' id arrays, each followed by EOS, as one flat int32 array."""
+    if not docs:
+        return np.zeros(0, dtype=np.int32)
+    eos_arr = np.array([eos], dtype=np.int32)
     parts: list[np.ndarray] = []
-    for e in encs:  # per document; the per-token work happens in C
-        parts.append(np.asarray(e.ids, dtype=np.uint32))
+    for d in docs:
+        parts.append(d)
         parts.append(eos_arr)
     return np.concatenate(parts)
 
 
-def _worker_init(spec: str, eos: int) -> None:
+def _encode(tok: Any, eos: int, texts: list[str]) -> np.ndarray:
+    """Token ids of documents, each followed by EOS, as one flat int32 array."""
+    if not texts:
+        return np.zeros(0, dtype=np.int32)
+    if isinstance(tok, PieceCache):
+        return tok.encode_flat(texts, eos)
+    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+    encs = encode(texts, add_special_tokens=False)
+    # per document; the per-token work happens in C
+    return _flat([np.asarray(e.ids, dtype=np.int32) for e in encs], eos)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One piece of a shard's work, done by any process: a local file unit (``span``: a byte
+    range of a jsonl file) or documents already read (HF sources)."""
+
+    unit: Unit | None = None
+    path: str = ""
+    span: tuple[int, int] | None = None
+    texts: list[str] | None = None
+    cleanup: str = ""
+    """A downloaded copy to delete once this task (the unit's last) is consumed."""
+
+
+@dataclass(frozen=True)
+class _Opts:
+    field: str
+    held_out_fraction: float
+    seed: int
+    threads: bool
+
+
+def _worker_init(spec: str | None, eos: int, opts: _Opts) -> None:
+    """``spec`` None: forked, the encoder the parent set up before the fork is used."""
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _WORKER_TOK, _WORKER_EOS
-    from tokenizers import Tokenizer
+    global _WORKER_TOK, _WORKER_EOS, _WORKER_OPTS
+    if spec is not None:
+        from tokenizers import Tokenizer
 
-    _WORKER_TOK = PieceCache.wrap(Tokenizer.from_str(spec))
+        _WORKER_TOK = PieceCache.wrap(Tokenizer.from_str(spec))
     _WORKER_EOS = eos
+    _WORKER_OPTS = opts
 
 
-def _worker_encode(texts: list[str]) -> np.ndarray:
-    return _encode(_WORKER_TOK, _WORKER_EOS, texts)
+def _worker_run(task: _Task) -> tuple[np.ndarray, int, np.ndarray, int]:
+    return _run_task(_WORKER_TOK, _WORKER_EOS, _WORKER_OPTS, task)
+
+
+def _run_task(
+    tok: Any, eos: int, opts: _Opts, task: _Task
+) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """Read the task's documents, split off the held-out ones, encode: (train ids, train
+    docs, held-out ids, held-out docs), each document's ids followed by EOS."""
+    if task.texts is not None:
+        batches: Iterable[list[str]] = [task.texts]
+    else:
+        assert task.unit is not None
+        batches = _read_local(task.unit, Path(task.path), opts.field, task.span, opts.threads)
+    train: list[np.ndarray] = []
+    held: list[np.ndarray] = []
+    ntrain = nheld = 0
+    for texts in batches:
+        if opts.held_out_fraction > 0:
+            mask = is_held_out(texts, opts.held_out_fraction, opts.seed)
+            if mask.any():
+                out = [t for t, m in zip(texts, mask, strict=True) if m]
+                held.append(_encode(tok, eos, out))
+                nheld += len(out)
+            texts = [t for t, m in zip(texts, mask, strict=True) if not m]
+        train.append(_encode(tok, eos, texts))
+        ntrain += len(texts)
+    empty = np.zeros(0, dtype=np.int32)
+    return (
+        np.concatenate(train) if train else empty,
+        ntrain,
+        np.concatenate(held) if held else empty,
+        nheld,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,27 +796,46 @@ def _worker_encode(texts: list[str]) -> np.ndarray:
 
 
 class BlockWriter:
-    """Packs a token stream into ``block_size`` blocks and streams them to an Arrow file; the
-    remainder carries over between ``add`` calls and the final partial block is dropped."""
+    """Packs a token stream into ``block_size`` blocks and streams them into a dataset dir in
+    the layout of HF ``save_to_disk`` (``data-XXXXX-of-YYYYY.arrow`` Arrow IPC streams of at
+    most ``FILE_BYTES``, ``state.json``, ``dataset_info.json``), written directly rather than
+    re-saved through ``datasets`` (an import of about a second and a copy of every byte).
+    The remainder carries over between ``add`` calls and the final partial block is dropped."""
 
-    def __init__(self, path: Path, block_size: int) -> None:
+    def __init__(self, out_dir: Path, block_size: int, fingerprint: str) -> None:
         import pyarrow as pa
 
         self.pa = pa
-        self.path = path
+        self.dir = out_dir
         self.block = block_size
+        self.fingerprint = fingerprint
+        self.features = {
+            name: {"feature": {"dtype": dtype, "_type": "Value"}, "length": block_size}
+            | {"_type": "List"}
+            for name, dtype in (
+                ("input_ids", "int32"),
+                ("labels", "int32"),
+                ("attention_mask", "int8"),
+            )
+        }
         self.schema = pa.schema(
             [
                 ("input_ids", pa.list_(pa.int32(), block_size)),
                 ("labels", pa.list_(pa.int32(), block_size)),
                 ("attention_mask", pa.list_(pa.int8(), block_size)),
-            ]
+            ],
+            metadata={"huggingface": json.dumps({"info": {"features": self.features}})},
         )
-        self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, self.schema)
-        self._carry = np.zeros(0, dtype=np.uint32)
+        self.file_blocks = max(1, FILE_BYTES // (9 * block_size))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._files: list[Path] = []
+        self._sink: Any = None
+        self._writer: Any = None
+        self._in_file = 0
+        self._carry = np.zeros(0, dtype=np.int32)
         self._pending: list[np.ndarray] = []
         self._pending_blocks = 0
+        self._ones = np.ones(0, dtype=np.int8)
         self.blocks = 0
         self.tokens_in = 0
         self.docs = 0
@@ -617,35 +852,68 @@ class BlockWriter:
         if self._pending_blocks >= FLUSH_BLOCKS:
             self._flush()
 
+    def _open(self) -> None:
+        path = self.dir / f".data-{len(self._files):05d}.arrow"
+        self._files.append(path)
+        self._sink = self.pa.OSFile(str(path), "wb")
+        self._writer = self.pa.ipc.new_stream(self._sink, self.schema)
+        self._in_file = 0
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
     def _flush(self) -> None:
         if not self._pending:
             return
         pa = self.pa
         arr = np.concatenate(self._pending).astype(np.int32, copy=False)
-        flat = pa.array(arr.reshape(-1), type=pa.int32())
-        ids = pa.FixedSizeListArray.from_arrays(flat, self.block)
-        mask = pa.FixedSizeListArray.from_arrays(
-            pa.array(np.ones(arr.size, dtype=np.int8), type=pa.int8()), self.block
-        )
-        self._writer.write_batch(pa.record_batch([ids, ids, mask], schema=self.schema))
-        self.blocks += arr.shape[0]
         self._pending, self._pending_blocks = [], 0
+        while arr.shape[0]:
+            if self._writer is None or self._in_file >= self.file_blocks:
+                self._close_file()
+                self._open()
+            part, arr = np.split(arr, [self.file_blocks - self._in_file])
+            if self._ones.size < part.size:
+                self._ones = np.ones(part.size, dtype=np.int8)
+            ids = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), self.block)
+            mask = pa.FixedSizeListArray.from_arrays(pa.array(self._ones[: part.size]), self.block)
+            self._writer.write_batch(pa.record_batch([ids, ids, mask], schema=self.schema))
+            self._in_file += part.shape[0]
+            self.blocks += part.shape[0]
 
     def close(self) -> int:
-        """Flush, close; returns the dropped remainder (tokens)."""
+        """Flush, close, name the files and write the dataset's json files; returns the
+        dropped remainder (tokens)."""
         self._flush()
-        self._writer.close()
-        self._sink.close()
+        if not self._files:
+            self._open()  # an empty dataset still has one (empty) file
+        self._close_file()
+        n = len(self._files)
+        names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+        for path, name in zip(self._files, names, strict=True):
+            path.rename(self.dir / name)
+        state: dict[str, Any] = {
+            "_data_files": [{"filename": name} for name in names],
+            "_fingerprint": self.fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        info = {
+            "citation": "",
+            "description": "",
+            "features": self.features,
+            "homepage": "",
+            "license": "",
+        }
+        (self.dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
+        (self.dir / "state.json").write_text(json.dumps(state, indent=2))
         return int(self._carry.shape[0])
-
-
-def _save_dataset(arrow_path: Path, out_dir: Path) -> None:
-    import datasets
-
-    datasets.disable_progress_bars()  # one line per shard in our own log is enough
-    ds = datasets.Dataset.from_file(str(arrow_path))
-    num_shards = max(1, math.ceil(arrow_path.stat().st_size / (512 << 20)))
-    ds.save_to_disk(str(out_dir), num_shards=num_shards)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,43 +996,110 @@ def _check_existing(out: Storage, chash: str) -> None:
         )
 
 
+def _shard_tasks(cfg: TokenizeStage, shard: int, tmp: Path) -> Iterator[_Task]:
+    """The shard's work in packing order (that of :func:`shard_documents`): HF batches, then
+    the planned units, jsonl files cut into ``TASK_BYTES`` line-aligned slices. Remote files
+    are downloaded as their turn comes; the last task of one carries its deletion."""
+    for src in cfg.sources:
+        if src.hf_dataset is not None:
+            for texts in _read_hf(src, cfg.text_field, shard, cfg.num_shards):
+                yield _Task(texts=texts)
+    for unit in plan_shards(cfg)[shard]:
+        path = _local_copy(unit.uri, tmp)
+        remote = "" if open_storage(unit.uri).local_path() is not None else str(path)
+        spans = _jsonl_spans(path) if unit.format == "jsonl" and unit.pieces == 1 else []
+        if len(spans) < 2:
+            yield _Task(unit, str(path), cleanup=remote)
+            continue
+        for i, span in enumerate(spans):
+            yield _Task(unit, str(path), span, cleanup=remote if i == len(spans) - 1 else "")
+
+
+def _results(
+    tasks: Iterable[_Task], pool: Any, workers: int, run: Any
+) -> Iterator[tuple[_Task, tuple[np.ndarray, int, np.ndarray, int]]]:
+    """Task results in task order. The main process works too: it hands tasks to the
+    ``workers - 1`` pool processes while fewer than two each are queued, and does the next
+    one itself otherwise (so it is not idle, and works while they start)."""
+    from collections import deque
+
+    queued: deque[tuple[_Task, Any, Any]] = deque()  # (task, async result, or its result)
+    ahead = 4 * workers
+
+    def ready() -> bool:
+        return bool(queued) and (queued[0][1] is None or queued[0][1].ready())
+
+    for task in tasks:
+        busy = sum(1 for _, h, _ in queued if h is not None and not h.ready())
+        if pool is not None and busy < 2 * (workers - 1):
+            queued.append((task, pool.apply_async(_worker_run, (task,)), None))
+        else:
+            queued.append((task, None, run(task)))
+        while ready() or len(queued) > ahead:
+            t, h, r = queued.popleft()
+            yield t, h.get() if h is not None else r
+    while queued:
+        t, h, r = queued.popleft()
+        yield t, h.get() if h is not None else r
+
+
+def _pool_context() -> Any:
+    """``fork`` while no other Python thread runs (a forked child cannot take a lock such a
+    thread holds), else ``spawn``. A forked worker starts in milliseconds; a spawned one
+    spends about half a CPU-second importing numpy, pydantic and this module again, which on
+    a shard of a few seconds costs two workers their scaling. The native threads present by
+    then (OpenBLAS's pool, jemalloc's background thread in pyarrow) have fork handlers, and
+    the tokenizer has not run in parallel yet (datasets.map forks in the same state)."""
+    import multiprocessing as mp
+    import threading
+
+    single = threading.active_count() == 1
+    method = "fork" if single and "fork" in mp.get_all_start_methods() else "spawn"
+    log.debug("tokenize workers start by %s", method)
+    return mp.get_context(method)
+
+
 def _tokenize_shard(
     cfg: TokenizeStage, tok: LoadedTokenizer, shard: int, chash: str, stage: Path
 ) -> ShardResult:
     t0 = time.monotonic()
     n = cfg.num_shards
-    train = BlockWriter(stage / "train.arrow", cfg.block_size)
-    held = BlockWriter(stage / "heldout.arrow", cfg.block_size)
+    train = BlockWriter(stage / shard_name(shard, n), cfg.block_size, f"{chash}-{shard}-train")
+    held = BlockWriter(stage / heldout_name(shard, n), cfg.block_size, f"{chash}-{shard}-held")
+    opts = _Opts(cfg.text_field, cfg.held_out_fraction, cfg.seed, threads=cfg.workers == 1)
+    enc = PieceCache.wrap(tok.rust())
     pool = None
     if cfg.workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(
-            cfg.workers, initializer=_worker_init, initargs=(tok.spec, tok.eos_id)
+        global _WORKER_TOK
+        ctx = _pool_context()
+        forked = ctx.get_start_method() == "fork"
+        if forked:
+            _WORKER_TOK = enc  # inherited: no second parse of the tokenizer
+        pool = ctx.Pool(
+            cfg.workers - 1,
+            initializer=_worker_init,
+            initargs=(None if forked else tok.spec, tok.eos_id, opts),
         )
-    rust = PieceCache.wrap(tok.rust())
+    reads = tmp_dir = stage / "_read"
+    tmp_dir.mkdir()
     try:
-        batches = shard_documents(cfg, shard, stage)
-        if cfg.held_out_fraction > 0:
-            split = _split_batches(batches, cfg.held_out_fraction, cfg.seed)
-        else:
-            split = ((b, False) for b in batches)
-        jobs: Iterable[tuple[list[str], bool]] = split
-        encoded: Iterable[tuple[np.ndarray, int, bool]]
-        if pool is not None:
-            encoded = _pooled(pool, jobs, cfg.workers)
-        else:
-            encoded = ((_encode(rust, tok.eos_id, texts), len(texts), h) for texts, h in jobs)
-        for ids, ndocs, heldout in encoded:
-            (held if heldout else train).add(ids, ndocs)
+        tasks = _shard_tasks(cfg, shard, reads)
+        for task, (ids, ndocs, held_ids, nheld) in _results(
+            tasks, pool, cfg.workers, lambda t: _run_task(enc, tok.eos_id, opts, t)
+        ):
+            train.add(ids, ndocs)
+            if nheld:
+                held.add(held_ids, nheld)
+            if task.cleanup:
+                Path(task.cleanup).unlink(missing_ok=True)
     finally:
         if pool is not None:
             pool.terminate()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     dropped = train.close()
     held.close()
-    _save_dataset(stage / "train.arrow", stage / shard_name(shard, n))
-    if cfg.held_out_fraction > 0:
-        _save_dataset(stage / "heldout.arrow", stage / heldout_name(shard, n))
+    if cfg.held_out_fraction <= 0:
+        shutil.rmtree(stage / heldout_name(shard, n))
     return ShardResult(
         shard=shard,
         num_shards=n,
@@ -779,34 +1114,6 @@ def _tokenize_shard(
         block_size=cfg.block_size,
         seconds=time.monotonic() - t0,
     )
-
-
-def _split_batches(
-    batches: Iterable[list[str]], fraction: float, seed: int
-) -> Iterator[tuple[list[str], bool]]:
-    for texts in batches:
-        mask = is_held_out(texts, fraction, seed)
-        if mask.any():
-            yield [t for t, m in zip(texts, mask, strict=True) if m], True
-        if not mask.all():
-            yield [t for t, m in zip(texts, mask, strict=True) if not m], False
-
-
-def _pooled(
-    pool: Any, jobs: Iterable[tuple[list[str], bool]], workers: int
-) -> Iterator[tuple[np.ndarray, int, bool]]:
-    """Encode in the pool, keeping order, with a bounded number of batches in flight."""
-    from collections import deque
-
-    inflight: deque[tuple[Any, int, bool]] = deque()
-    for texts, heldout in jobs:
-        inflight.append((pool.apply_async(_worker_encode, (texts,)), len(texts), heldout))
-        if len(inflight) >= 2 * workers:
-            res, nd, h = inflight.popleft()
-            yield res.get(), nd, h
-    while inflight:
-        res, nd, h = inflight.popleft()
-        yield res.get(), nd, h
 
 
 def _maybe_write_manifest(out: Storage, cfg: TokenizeStage, chash: str) -> dict[str, Any] | None:
