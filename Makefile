@@ -9,7 +9,7 @@ PYTEST := $(PY) -m pytest
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 ##@ Setup
-.PHONY: help install cluster-build
+.PHONY: help install cluster-build s3server-build
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)} /^[a-zA-Z0-9_-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -21,6 +21,9 @@ install: ## Create the project venv (cached per lock hash) and install this chec
 cluster-build: ## Build the local control plane binaries (cached by go.sum hash)
 	hack/devcluster/build.sh
 
+s3server-build: ## Build the compiled loopback S3 server (versitygw; cached by go.sum hash)
+	@hack/s3server/build.sh >/dev/null
+
 ##@ Demo
 .PHONY: demo
 demo: install ## Run the tiny end-to-end job in local mode (tokenize -> train -> export -> sample)
@@ -28,11 +31,11 @@ demo: install ## Run the tiny end-to-end job in local mode (tokenize -> train ->
 
 ##@ Test
 .PHONY: test test-unit test-integration test-e2e test-faults
-test: install cluster-build ## The whole suite (unit, integration, e2e)
+test: install cluster-build s3server-build ## The whole suite (unit, integration, e2e)
 	$(PYTEST) tests
 test-unit: install ## Fast pure tests only
 	$(PYTEST) -m unit tests
-test-integration: install cluster-build ## Control plane and S3 server tests
+test-integration: install cluster-build s3server-build ## Control plane and S3 server tests
 	$(PYTEST) -m integration tests
 test-e2e: install cluster-build ## Whole pipeline through the operator on the local control plane
 	$(PYTEST) -m e2e tests
@@ -72,5 +75,5 @@ cluster-kubeconfig: ## Print the admin kubeconfig path
 
 ##@ Benchmarks
 .PHONY: bench
-bench: install ## Run the benchmarks; results in bench/results/, tables in docs/PERFORMANCE.md
+bench: install s3server-build ## Run the benchmarks; results in bench/results/, tables in docs/PERFORMANCE.md
 	$(PY) bench/run.py

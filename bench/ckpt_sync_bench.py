@@ -1,8 +1,15 @@
 """Goal 4 (transfer part): checkpoint upload/download throughput vs ``aws s3 cp --recursive``.
 
 A 2 GB multi-file checkpoint (8 rank files of 256 MB of random bytes plus a small
-``.metadata``, the layout of a DCP save of 8 ranks) goes to and from a loopback S3 server
-(moto in server mode, its own process), reached only through ``AWS_ENDPOINT_URL``:
+``.metadata``, the layout of a DCP save of 8 ranks) goes to and from S3 servers on loopback,
+each its own process, reached only through ``AWS_ENDPOINT_URL``:
+
+* versitygw (``hack/s3server``: a compiled S3 server, posix backend; the goal rows
+  ``ckpt.sync.upload`` / ``ckpt.sync.download``): fast enough that the clients are measured;
+* moto in server mode (rows ``ckpt.sync.moto.*``, kept for continuity with earlier results):
+  one Python process that buffers every part, so it sets the upload pace for every client.
+
+Against each server, same server per pair, order alternating between repeats:
 
 * ours, upload: ``cpt_training.checkpoint.upload_and_commit`` (managed multipart transfers of
   all files at once, sha256 of every file, manifest + commit marker);
@@ -11,8 +18,8 @@ A 2 GB multi-file checkpoint (8 rank files of 256 MB of random bytes plus a smal
 * baseline: ``aws s3 cp --recursive`` up and down (the awscli of the venv, default settings).
 
 Each transfer runs as a fresh process (ours: ``python -m bench.ckpt_sync_bench --child``), so
-both sides pay their start-up; variants are interleaved and repeated, the best repeat counts
-(the least disturbed by other processes on a shared machine), all repeats are recorded.
+both sides pay their start-up; the best repeat counts (the least disturbed by other processes
+on a shared machine), all repeats are recorded with the client's and the server's CPU time.
 """
 
 from __future__ import annotations
@@ -36,7 +43,11 @@ if __package__ in (None, ""):
 
 from bench import common
 
+sys.path.insert(0, str(common.REPO / "hack" / "s3server"))
+import s3server  # type: ignore[import-not-found]
+
 MiB = 1024 * 1024
+SERVERS = ("versity", "moto")
 
 
 def make_checkpoint(root: Path, files: int, file_mib: int) -> Path:
@@ -66,8 +77,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _proc_cpu(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Moto:
     """moto in server mode on loopback, as the test fixture runs it."""
+
+    name = "moto (server mode, loopback)"
+    short = "moto S3 server on loopback"
 
     def __init__(self, log_path: Path) -> None:
         self.port = _free_port()
@@ -108,10 +130,41 @@ class Moto:
             self.proc.kill()
         self._log.close()
 
+    def cpu_seconds(self) -> float | None:
+        return _proc_cpu(self.proc.pid)
+
+
+class Versity:
+    """versitygw (hack/s3server) serving a fresh directory on loopback."""
+
+    name = s3server.NAME
+    short = "versitygw S3 server on loopback"
+
+    def __init__(self, work: Path) -> None:
+        root = work / "versity-root"
+        shutil.rmtree(root, ignore_errors=True)
+        self.server = s3server.VersityServer(root, log_path=work / "versitygw.log").start()
+        self.root = root
+        self.url = self.server.endpoint_url
+
+    @property
+    def env(self) -> dict[str, str]:
+        env: dict[str, str] = self.server.env
+        return env
+
+    def stop(self) -> None:
+        self.server.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def cpu_seconds(self) -> float | None:
+        cpu: float | None = self.server.cpu_seconds()
+        return cpu
+
 
 def _child(args: argparse.Namespace) -> None:
     common.bootstrap()
     from cpt_training.checkpoint import restore, upload_and_commit
+    from cpt_training.storage import TransferSettings, use_crt
 
     t0 = time.perf_counter()
     if args.op == "upload":
@@ -120,15 +173,20 @@ def _child(args: argparse.Namespace) -> None:
         ck = restore(args.src, args.dst)
         if ck is None:
             raise SystemExit(f"nothing committed under {args.src}")
-    print("RESULT " + json.dumps({"inProcessSeconds": time.perf_counter() - t0}), flush=True)
+    client = "crt" if use_crt(TransferSettings.from_env()) else "classic"
+    res = {"inProcessSeconds": time.perf_counter() - t0, "transferClient": client}
+    print("RESULT " + json.dumps(res), flush=True)
 
 
 def _py_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of both clients: ours and the CLI see the same Python path (a
+    ``PYTHONPATH`` given to the benchmark, e.g. a scratch awscrt, stays at the end)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(extra)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(common.REPO), str(common.REPO / "training"), str(common.REPO / "operator")]
-    )
+    paths = [str(common.REPO), str(common.REPO / "training"), str(common.REPO / "operator")]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -155,84 +213,133 @@ def aws_exe() -> str:
     return str(exe) if exe.is_file() else (shutil.which("aws") or "aws")
 
 
-def bench(files: int, file_mib: int, reps: int) -> list[dict[str, Any]]:
+def _awscrt_version(env: dict[str, str]) -> str | None:
+    """The awscrt both clients import in ``env`` (it also speeds up the CLI's botocore:
+    CRT signing and checksums), None without one."""
+    code = "import awscrt; print(awscrt.__version__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def bench_server(
+    server: Any, src: Path, nbytes: int, reps: int, work: Path
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Every repeat of ours and the CLI, up and down, against one running server."""
     import boto3
 
+    env = _py_env(server.env)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=server.url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def timed(key: str, cmd: list[str]) -> None:
+        load0 = common.load_average()
+        s0 = server.cpu_seconds()
+        dt, cpu, so = _timed(cmd, env)
+        s1 = server.cpu_seconds()
+        r = {
+            "seconds": dt,
+            "MBps": nbytes / 1e6 / dt,
+            "clientCpuSeconds": cpu,
+            "MBperCpuSecond": nbytes / 1e6 / cpu if cpu else None,
+            "serverCpuSeconds": None if s0 is None or s1 is None else s1 - s0,
+            "loadAvgBefore": load0,
+            "loadAvg": common.load_average(),
+            **_child_result(so),
+        }
+        runs.setdefault(key, []).append(r)
+        srv = "" if r["serverCpuSeconds"] is None else f", server cpu {r['serverCpuSeconds']:.1f} s"
+        print(
+            f"  {key:14s} {r['MBps']:8.1f} MB/s ({dt:.1f} s, client cpu {cpu:.1f} s{srv}, "
+            f"load {r['loadAvg']})",
+            flush=True,
+        )
+
+    def wipe() -> None:
+        paginator = s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+    py = [sys.executable, "-m", "bench.ckpt_sync_bench", "--child"]
+    aws = [aws_exe(), "s3", "cp", "--recursive", "--only-show-errors"]
+    for rep in range(reps):
+        order = ("ours", "cli") if rep % 2 == 0 else ("cli", "ours")
+        root = f"s3://{bucket}/ours-{rep}"
+        cli_root = f"s3://{bucket}/cli-{rep}/step_100"
+        with tempfile.TemporaryDirectory(prefix="ckpt-dl-", dir=work) as tmp:
+            up = {
+                "ours": [*py, "--op", "upload", "--src", str(src), "--dst", f"{root}/step_100"],
+                "cli": [*aws, str(src), cli_root],
+            }
+            down = {
+                "ours": [*py, "--op", "download", "--src", root, "--dst", f"{tmp}/ours"],
+                "cli": [*aws, cli_root, f"{tmp}/cli"],
+            }
+            for who in order:
+                timed(f"{who}-upload", up[who])
+            for who in order:
+                timed(f"{who}-download", down[who])
+        wipe()
+    return runs, {"awscrt": _awscrt_version(env)}
+
+
+def bench(
+    files: int, file_mib: int, reps: int, servers: tuple[str, ...] = SERVERS
+) -> list[dict[str, Any]]:
     work = common.WORK / "ckpt-sync"
     work.mkdir(parents=True, exist_ok=True)
     src = make_checkpoint(work / "src", files, file_mib)
     nbytes = sum(p.stat().st_size for p in src.iterdir())
-    moto = Moto(work / "moto.log")
-    try:
-        env = _py_env(moto.env)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=moto.url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-        bucket = f"bench-{uuid.uuid4().hex[:12]}"
-        s3.create_bucket(Bucket=bucket)
-        runs: dict[str, list[dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    for which in servers:
+        print(f"{which}:", flush=True)
+        server: Any = Versity(work) if which == "versity" else Moto(work / "moto.log")
+        try:
+            runs, extra = bench_server(server, src, nbytes, reps, work)
+        finally:
+            server.stop()
+        out.extend(_measurements(which, server, runs, extra, files, file_mib, nbytes, reps))
+    return out
 
-        def record(
-            key: str, seconds: float, cpu: float, extra: dict[str, Any] | None = None
-        ) -> None:
-            r = {
-                "seconds": seconds,
-                "MBps": nbytes / 1e6 / seconds,
-                "clientCpuSeconds": cpu,
-                "MBperCpuSecond": nbytes / 1e6 / cpu if cpu else None,
-                "loadAvg": common.load_average(),
-                **(extra or {}),
-            }
-            runs.setdefault(key, []).append(r)
-            print(
-                f"  {key:14s} {r['MBps']:8.1f} MB/s ({seconds:.1f} s, client cpu {cpu:.1f} s, "
-                f"load {r['loadAvg']})",
-                flush=True,
-            )
 
-        def wipe() -> None:
-            paginator = s3.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket):
-                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if keys:
-                    s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-
-        py = [sys.executable, "-m", "bench.ckpt_sync_bench", "--child"]
-        aws = [aws_exe(), "s3", "cp", "--recursive", "--only-show-errors"]
-        for rep in range(reps):
-            with tempfile.TemporaryDirectory(prefix="ckpt-dl-", dir=work) as tmp:
-                root = f"s3://{bucket}/ours-{rep}"
-                dt, cpu, so = _timed(
-                    [*py, "--op", "upload", "--src", str(src), "--dst", f"{root}/step_100"], env
-                )
-                record("ours-upload", dt, cpu, _child_result(so))
-                dt, cpu, so = _timed(
-                    [*py, "--op", "download", "--src", root, "--dst", f"{tmp}/ours"], env
-                )
-                record("ours-download", dt, cpu, _child_result(so))
-                cli_root = f"s3://{bucket}/cli-{rep}/step_100"
-                dt, cpu, _ = _timed([*aws, str(src), cli_root], env)
-                record("cli-upload", dt, cpu)
-                dt, cpu, _ = _timed([*aws, cli_root, f"{tmp}/cli"], env)
-                record("cli-download", dt, cpu)
-            wipe()
-    finally:
-        moto.stop()
-
-    machine = common.cpu_machine() + ", moto S3 server on loopback"
+def _measurements(
+    which: str,
+    server: Any,
+    runs: dict[str, list[dict[str, Any]]],
+    extra: dict[str, Any],
+    files: int,
+    file_mib: int,
+    nbytes: int,
+    reps: int,
+) -> list[dict[str, Any]]:
+    """The goal rows (``ckpt.sync.<op>``) come from the compiled server; moto's rows
+    (``ckpt.sync.moto.<op>``) carry no goal: there the server sets the pace."""
+    machine = f"{common.cpu_machine()}, {server.short}"
+    clients = sorted({r.get("transferClient", "?") for r in runs["ours-upload"]})
     cfg = {
         "checkpointBytes": nbytes,
         "files": files + 1,
         "fileMiB": file_mib,
-        "server": "moto (server mode, loopback)",
+        "server": server.name,
         "repeats": reps,
+        "order": "alternating (ours first on odd repeats)",
         "ourSettings": "TransferSettings defaults (32 concurrent, 16 MiB parts)",
+        "ourTransferClient": "/".join(clients),
+        "awscrt": extra.get("awscrt") or "not installed",
         "cliSettings": "aws s3 cp defaults (10 concurrent, 8 MiB parts)",
     }
+    prefix = "ckpt.sync" if which == "versity" else f"ckpt.sync.{which}"
 
     def best(key: str) -> dict[str, Any]:
         return max(runs[key], key=lambda r: r["MBps"])
@@ -245,13 +352,13 @@ def bench(files: int, file_mib: int, reps: int) -> list[dict[str, Any]]:
         o, c = best(f"ours-{op}"), best(f"cli-{op}")
         out.append(
             common.measurement(
-                f"ckpt.sync.{op}",
+                f"{prefix}.{op}",
                 machine,
                 {**cfg, "ours": what},
                 "MB/s",
                 o["MBps"],
                 baseline=(f"aws s3 cp --recursive ({op})", c["MBps"]),
-                goal=common.goal(">=", 2.0, "ratio"),
+                goal=common.goal(">=", 2.0, "ratio") if which == "versity" else None,
                 details={"ours": runs[f"ours-{op}"], "cli": runs[f"cli-{op}"]},
             )
         )
@@ -259,7 +366,7 @@ def bench(files: int, file_mib: int, reps: int) -> list[dict[str, Any]]:
         cc = max(r["MBperCpuSecond"] or 0 for r in runs[f"cli-{op}"])
         out.append(
             common.measurement(
-                f"ckpt.sync.{op}.client_cpu",
+                f"{prefix}.{op}.client_cpu",
                 machine,
                 {**cfg, "ours": what},
                 "MB per client CPU-second",
@@ -288,12 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--file-mib", type=int, default=256)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"comma-separated, of {', '.join(SERVERS)} (default: both)",
+    )
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.child:
         _child(args)
         return 0
-    items = bench(args.files, args.file_mib, args.reps)
+    servers = tuple(x for x in args.servers.split(",") if x)
+    if not servers or any(x not in SERVERS for x in servers):
+        p.error(f"--servers must list some of {', '.join(SERVERS)}, got {args.servers!r}")
+    items = bench(args.files, args.file_mib, args.reps, servers)
     for m in items:
         print(f"{m['name']:22s} {m['value']:8.1f} MB/s  ratio {m['ratio']:.2f}")
     if not args.no_write:

@@ -36,14 +36,18 @@ Missing keys raise :class:`FileNotFoundError` on both backends. Tree transfers (
 download_dir, copy_tree) move completion markers (``cpt-commit.json``, ``manifest.json``,
 ``*.done.json``, ``_SUCCESS``) only after every other file arrived.
 
-S3 transfers use boto3's managed transfer manager (``boto3.s3.transfer.create_transfer_manager``:
-the AWS CRT client where ``awscrt`` is installed and boto3 picks it, s3transfer otherwise), so
-large files go up and down as concurrent multipart/ranged requests, and a directory is one
-manager with all its files in flight at once. Retries and backoff are botocore's (``adaptive``
-retry mode by default: exponential backoff with jitter plus client-side rate limiting when S3
-answers SlowDown). The endpoint and credentials come only from the standard AWS configuration
-(``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``, web identity, ``~/.aws/config`` ...).
-Knobs are in :class:`TransferSettings` (env ``CPT_S3_*``), so benchmarks can vary concurrency.
+S3 transfers are managed transfers, so large files go up and down as concurrent
+multipart/ranged requests, and a directory is one manager with all its files in flight at once.
+Two clients (``CPT_S3_TRANSFER_CLIENT``, see :func:`use_crt`): the AWS CRT S3 client (``awscrt``,
+the C data path the AWS CLI v2 uses: no GIL, hardware CRC32C part checksums, its own connection
+pool) wherever ``awscrt`` is installed, and boto3's s3transfer (Python threads) otherwise or when
+asked. Requests other than file transfers (list, head, small puts) always go through one shared
+boto3 client. Retries and backoff: botocore's for that client (``adaptive`` retry mode by
+default: exponential backoff with jitter plus client-side rate limiting when S3 answers
+SlowDown) and s3transfer's transfers; the CRT client retries with its own exponential backoff.
+The endpoint and credentials come only from the standard AWS configuration
+(``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``, web identity, ``~/.aws/config`` ...,
+``AWS_CA_BUNDLE``). Knobs are in :class:`TransferSettings` (env ``CPT_S3_*``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ TMP_MARKER = ".cpt-tmp."
 """Infix of in-flight local temp files; listings skip them."""
 
 MiB = 1024 * 1024
+TRANSFER_CLIENTS = ("auto", "classic", "crt")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -91,7 +96,7 @@ class TransferSettings:
     multipart_chunksize: int = 16 * MiB
     max_attempts: int = 10  # total attempts, like AWS_MAX_ATTEMPTS
     retry_mode: str = "adaptive"
-    transfer_client: str = "auto"  # auto | classic | crt
+    transfer_client: str = "auto"  # auto (CRT where installed) | classic | crt
     max_bandwidth: int | None = None  # bytes/s, classic client only (tests, noisy neighbours)
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
@@ -106,7 +111,7 @@ class TransferSettings:
         client = os.environ.get("CPT_S3_TRANSFER_CLIENT", d.transfer_client)
         if mode is not None and mode not in ("legacy", "standard", "adaptive"):
             raise ValueError(f"retry mode must be one of legacy, standard, adaptive, got {mode!r}")
-        if client not in ("auto", "classic", "crt"):
+        if client not in TRANSFER_CLIENTS:
             raise ValueError(
                 f"CPT_S3_TRANSFER_CLIENT must be one of auto, classic, crt, got {client!r}"
             )
@@ -122,6 +127,18 @@ class TransferSettings:
             max_bandwidth=bw or None,
             hash_workers=max(1, _env_int("CPT_HASH_WORKERS", d.hash_workers)),
         )
+
+    def __post_init__(self) -> None:
+        if self.transfer_client not in TRANSFER_CLIENTS:
+            raise ValueError(
+                f"transfer_client must be one of {', '.join(TRANSFER_CLIENTS)}, "
+                f"got {self.transfer_client!r}"
+            )
+        if self.transfer_client == "crt" and self.max_bandwidth is not None:
+            raise ValueError(
+                "max_bandwidth (CPT_S3_MAX_BANDWIDTH) needs the classic transfer client; "
+                "set transfer_client (CPT_S3_TRANSFER_CLIENT) to auto or classic"
+            )
 
     def with_concurrency(self, concurrency: int | None) -> TransferSettings:
         if concurrency is None:
@@ -508,20 +525,16 @@ def s3_client(settings: TransferSettings | None = None) -> Any:
     """
     s = settings or TransferSettings.from_env()
     key = (
-        os.getpid(),
+        *_env_key(),
         s.max_concurrency,
         s.max_attempts,
         s.retry_mode,
         s.connect_timeout,
         s.read_timeout,
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
     )
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
-            import boto3
             from botocore.config import Config
 
             cfg = Config(
@@ -530,10 +543,43 @@ def s3_client(settings: TransferSettings | None = None) -> Any:
                 connect_timeout=s.connect_timeout,
                 read_timeout=s.read_timeout,
                 tcp_keepalive=True,
+                # Integrity of request bodies comes from the CRC32 checksum botocore sends
+                # with every upload (and the manifest's sha256): no second SHA-256 pass over
+                # each part for the signature, as botocore already does over HTTPS.
+                s3={"payload_signing_enabled": False},
             )
-            client = boto3.session.Session().client("s3", config=cfg)
+            client = _sessions()[0].client("s3", config=cfg)
             _CLIENTS[key] = client
         return client
+
+
+_SESSIONS: dict[tuple[Any, ...], Any] = {}
+
+
+def _env_key() -> tuple[Any, ...]:
+    """What a client or session depends on: the process and the standard AWS environment."""
+    return (
+        os.getpid(),
+        _endpoint_url(),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+        os.environ.get("AWS_CA_BUNDLE"),
+    )
+
+
+def _sessions() -> tuple[Any, Any]:
+    """(boto3 session, its botocore session), one per process and AWS environment (call
+    with _CLIENTS_LOCK held): the loader parses the S3 service model once for every client
+    built from it, the CRT request serializer's included."""
+    key = _env_key()
+    pair = _SESSIONS.get(key)
+    if pair is None:
+        import boto3
+        import botocore.session
+
+        core = botocore.session.Session()
+        pair = _SESSIONS[key] = (boto3.session.Session(botocore_session=core), core)
+    return pair
 
 
 def _transfer_config(s: TransferSettings) -> Any:
@@ -549,10 +595,122 @@ def _transfer_config(s: TransferSettings) -> Any:
     )
 
 
-def _transfer_manager(client: Any, s: TransferSettings) -> Any:
+def crt_available() -> bool:
+    """Whether the AWS CRT S3 client can be used here (``awscrt`` and s3transfer's CRT glue)."""
+    import importlib
+
+    try:
+        importlib.import_module("awscrt.s3")
+        importlib.import_module("s3transfer.crt")
+    except ImportError:
+        return False
+    return True
+
+
+def use_crt(s: TransferSettings) -> bool:
+    """Whether file transfers with settings ``s`` go through the AWS CRT S3 client.
+
+    ``auto``: yes where ``awscrt`` is installed, unless ``max_bandwidth`` asks for throttling
+    (s3transfer only). ``classic``: never. ``crt``: always (an error without ``awscrt``).
+    Unlike boto3's own ``auto`` (CRT only on a few EC2 instance types, one process per host,
+    AWS endpoints only), ours honours ``AWS_ENDPOINT_URL`` and plain-HTTP endpoints."""
+    if s.transfer_client == "classic" or (
+        s.transfer_client == "auto" and s.max_bandwidth is not None
+    ):
+        return False
+    if crt_available():
+        return True
+    if s.transfer_client == "crt":
+        raise RuntimeError(
+            "CPT_S3_TRANSFER_CLIENT=crt needs the awscrt package (boto3[crt]); "
+            "install it or use auto/classic"
+        )
+    return False
+
+
+_CRT: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def _endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _crt_client(client: Any) -> tuple[Any, Any]:
+    """(awscrt S3Client, request serializer), one per process, endpoint and identity.
+
+    The CRT client owns an event loop per core and a connection pool; part size and the
+    number of connections are per request, so one client serves every TransferSettings."""
+    endpoint = _endpoint_url()
+    region = client.meta.region_name
+    key = (*_env_key(), region)
+    with _CLIENTS_LOCK:
+        hit = _CRT.get(key)
+        if hit is not None:
+            return hit
+        from botocore.exceptions import NoCredentialsError
+        from s3transfer.crt import (
+            BotocoreCRTCredentialsWrapper,
+            BotocoreCRTRequestSerializer,
+            create_s3_crt_client,
+        )
+
+        session = _sessions()[1]
+        creds = session.get_credentials()
+        if creds is None:
+            raise NoCredentialsError()
+        crt = create_s3_crt_client(
+            region,
+            BotocoreCRTCredentialsWrapper(creds).to_crt_credentials_provider(),
+            use_ssl=endpoint is None or endpoint.startswith("https://"),
+            verify=os.environ.get("AWS_CA_BUNDLE") or None,
+        )
+        serializer = BotocoreCRTRequestSerializer(
+            session, {"region_name": region, "endpoint_url": endpoint}
+        )
+        _CRT[key] = (crt, serializer)
+        return crt, serializer
+
+
+class _CrtTransfers:
+    """s3transfer's CRT transfer manager with our per-request settings: part size, number of
+    connections, and CRC32C (hardware) part checksums on upload."""
+
+    CHECKSUM = "CRC32C"
+
+    def __init__(self, client: Any, s: TransferSettings) -> None:
+        from s3transfer.crt import CRTTransferManager
+        from s3transfer.manager import TransferConfig
+
+        crt, serializer = _crt_client(client)
+        cfg = TransferConfig(
+            multipart_threshold=s.multipart_threshold,
+            multipart_chunksize=s.multipart_chunksize,
+            max_request_concurrency=s.max_concurrency,
+        )
+        self._tm = CRTTransferManager(crt, serializer, config=cfg)
+
+    def upload(self, filename: str, bucket: str, key: str) -> Any:
+        return self._tm.upload(filename, bucket, key, {"ChecksumAlgorithm": self.CHECKSUM})
+
+    def download(self, bucket: str, key: str, filename: str) -> Any:
+        return self._tm.download(bucket, key, filename)
+
+    def __enter__(self) -> _CrtTransfers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tm.__exit__(*exc)
+
+
+def _transfer_manager(client: Any, s: TransferSettings, *, copy: bool = False) -> Any:
+    """A transfer manager (context manager with ``upload``/``download``/``copy``) for ``s``:
+    the CRT one where :func:`use_crt` says so (it cannot copy: copies stay classic)."""
+    if not copy and use_crt(s):
+        return _CrtTransfers(client, s)
     from boto3.s3.transfer import create_transfer_manager
 
-    return create_transfer_manager(client, _transfer_config(s))
+    classic = replace(s, transfer_client="classic") if s.transfer_client != "classic" else s
+    return create_transfer_manager(client, _transfer_config(classic))
 
 
 def _is_not_found(exc: BaseException) -> bool:
@@ -766,7 +924,7 @@ class S3Storage(Storage):
         this host."""
         rels = sorted(keys) if keys is not None else src.list()
         s = self.settings.with_concurrency(concurrency)
-        with _transfer_manager(s3_client(s), s) as tm:
+        with _transfer_manager(s3_client(s), s, copy=True) as tm:
             for group in _markers_last(rels):
                 _wait_all(
                     tm.copy({"Bucket": src.bucket, "Key": src._k(r)}, self.bucket, self._k(r))
