@@ -6,6 +6,8 @@
 * `Runs`: create/read/patch runs and read their children, events and S3 objects.
 * `FakeTrainer`: stands in for the trainer where KWOK only pretends to run pods: it writes
   progress.json and genuinely committed checkpoints with the workload's own storage code.
+* `prepare_real_inputs` / `real_run_spec`: inputs in S3 and the run for tests where every
+  stage runs as real processes on the executor nodes (tests/fixtures/executor.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import yaml
 
 from fixtures.cluster import REPO, ApiError, Cluster, wait_for
-from fixtures.s3 import S3Server
+from fixtures.s3 import REGION, S3Server
 
 CRD_FILE = REPO / "crds" / "cpt.dev_continualpretrains.yaml"
 SPECS = REPO / "tests" / "golden" / "specs"
@@ -377,3 +379,109 @@ __all__ = [
     "s3_keys",
     "spec_body",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs on the executor nodes
+# ---------------------------------------------------------------------------------------------
+
+REAL_VOCAB = 384
+REAL_MODEL = {
+    "vocab_size": REAL_VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+EXECUTOR_ONLY = {"cpt.dev/local-executor": "true"}
+
+
+def upload_dir(s3: S3Server, bucket: str, local: Path, prefix: str) -> None:
+    client = s3.client()
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local)}")
+
+
+def prepare_real_inputs(s3: S3Server, bucket: str) -> None:
+    """The "HF base model" (a seeded tiny Llama + its tokenizer, as ``REAL_MODEL``) and a
+    corpus, in S3 under ``models/base/`` and ``corpus/``."""
+    from cpt_training.testing import make_tiny_llama
+    from fixtures.textgen import make_corpus, save_tokenizer, train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        docs = make_corpus(root / "corpus", n_docs=300, seed=7)
+        tok_dir = save_tokenizer(train_tokenizer(docs, vocab_size=REAL_VOCAB), root / "tok")
+        make_tiny_llama(
+            root / "base",
+            REAL_VOCAB,
+            hidden=REAL_MODEL["hidden_size"],
+            layers=REAL_MODEL["num_hidden_layers"],
+            heads=REAL_MODEL["num_attention_heads"],
+            kv_heads=REAL_MODEL["num_key_value_heads"],
+            seq=128,
+            tokenizer_dir=tok_dir,
+        )
+        upload_dir(s3, bucket, root / "corpus", "corpus")
+        upload_dir(s3, bucket, root / "base", "models/base")
+
+
+def real_run_spec(
+    run: str,
+    bucket: str,
+    endpoint: str,
+    *,
+    data: dict[str, Any],
+    training: dict[str, Any],
+    checkpoints: dict[str, Any],
+    runtime: dict[str, Any],
+    max_attempts: int,
+    env: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A run of the inputs of :func:`prepare_real_inputs` on the executor nodes (CPU, one
+    process per node, fp32), its pods reaching S3 at ``endpoint``. The keyword sections are
+    merged into the common ones; ``env`` is added to the training env."""
+    train_env = [
+        {"name": "AWS_ENDPOINT_URL", "value": endpoint},
+        {"name": "AWS_DEFAULT_REGION", "value": REGION},
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+        *(env or []),
+    ]
+    return {
+        "metadata": {"name": run},
+        "spec": {
+            "model": {"source": f"s3://{bucket}/models/base/", "configOverrides": REAL_MODEL},
+            "data": {
+                "sources": [{"uri": f"s3://{bucket}/corpus/", "format": "jsonl"}],
+                "blockSize": 64,
+                **data,
+            },
+            "training": {
+                "instanceType": "local-cpu",
+                "processesPerNode": 1,
+                "microBatchSize": 2,
+                "precision": "fp32",
+                "activationCheckpointing": "none",
+                "env": train_env,
+                **training,
+            },
+            "checkpoints": {"s3Uri": f"s3://{bucket}/runs/{run}/", **checkpoints},
+            "output": {"s3Uri": f"s3://{bucket}/models/{run}/"},
+            "runtime": {
+                "nodeSelector": EXECUTOR_ONLY,
+                "toolsNodeSelector": EXECUTOR_ONLY,
+                "tolerations": [
+                    {
+                        "key": "cpt.dev/local-executor",
+                        "operator": "Equal",
+                        "value": "true",
+                        "effect": "NoSchedule",
+                    }
+                ],
+                **runtime,
+            },
+            "resiliency": {"maxAttempts": max_attempts, "preflight": {"enabled": False}},
+        },
+    }

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.harness import Runs, s3_keys
+from e2e.harness import REAL_VOCAB, Runs, prepare_real_inputs, real_run_spec, s3_keys
 
 from fixtures.cluster import wait_for
 from fixtures.executor import Executor
 from fixtures.s3 import S3Server
-from fixtures.textgen import make_corpus, save_tokenizer, train_tokenizer
 
 # Minutes of real CPU work on a 2-core box shared with other suites: above the default 900 s.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -29,94 +28,25 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 RUN = "real"
 MAX_STEPS = 60
 EVERY = 5
-VOCAB = 384
-
-
-def upload_dir(s3: S3Server, bucket: str, local: Path, prefix: str) -> None:
-    client = s3.client()
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local)}")
-
-
-def prepare_inputs(s3: S3Server, bucket: str) -> None:
-    """The "HF base model" (a seeded tiny Llama + its tokenizer) and a corpus, in S3."""
-    from cpt_training.testing import make_tiny_llama
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        docs = make_corpus(root / "corpus", n_docs=300, seed=7)
-        tok_dir = save_tokenizer(train_tokenizer(docs, vocab_size=VOCAB), root / "tok")
-        make_tiny_llama(
-            root / "base",
-            VOCAB,
-            hidden=64,
-            layers=2,
-            heads=4,
-            kv_heads=2,
-            seq=128,
-            tokenizer_dir=tok_dir,
-        )
-        upload_dir(s3, bucket, root / "corpus", "corpus")
-        upload_dir(s3, bucket, root / "base", "models/base")
+VOCAB = REAL_VOCAB
 
 
 def run_spec(bucket: str, s3: S3Server) -> dict[str, Any]:
-    executor_only = {"cpt.dev/local-executor": "true"}
-    return {
-        "metadata": {"name": RUN},
-        "spec": {
-            "model": {
-                "source": f"s3://{bucket}/models/base/",
-                "configOverrides": {
-                    "vocab_size": VOCAB,
-                    "hidden_size": 64,
-                    "intermediate_size": 192,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                    "num_key_value_heads": 2,
-                    "tie_word_embeddings": False,
-                },
-            },
-            "data": {
-                "sources": [{"uri": f"s3://{bucket}/corpus/", "format": "jsonl"}],
-                "blockSize": 64,
-                "shards": 2,
-                "heldOutFraction": 0.05,
-            },
-            "training": {
-                "instanceType": "local-cpu",
-                "nodes": 2,
-                "processesPerNode": 1,
-                "globalBatchSize": 4,
-                "microBatchSize": 2,
-                "maxSteps": MAX_STEPS,
-                "precision": "fp32",
-                "activationCheckpointing": "none",
-                "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 2},
-                "env": [
-                    {"name": "AWS_ENDPOINT_URL", "value": s3.endpoint_url},
-                    {"name": "AWS_DEFAULT_REGION", "value": s3.env["AWS_DEFAULT_REGION"]},
-                    {"name": "OMP_NUM_THREADS", "value": "1"},
-                ],
-            },
-            "checkpoints": {"s3Uri": f"s3://{bucket}/runs/{RUN}/", "everySteps": EVERY, "keep": 3},
-            "output": {"s3Uri": f"s3://{bucket}/models/{RUN}/"},
-            "runtime": {
-                "s3CredentialsSecretRef": {"name": "s3-credentials"},
-                "nodeSelector": executor_only,
-                "toolsNodeSelector": executor_only,
-                "tolerations": [
-                    {
-                        "key": "cpt.dev/local-executor",
-                        "operator": "Equal",
-                        "value": "true",
-                        "effect": "NoSchedule",
-                    }
-                ],
-            },
-            "resiliency": {"maxAttempts": 2, "preflight": {"enabled": False}},
+    return real_run_spec(
+        RUN,
+        bucket,
+        s3.endpoint_url,
+        data={"shards": 2, "heldOutFraction": 0.05},
+        training={
+            "nodes": 2,
+            "globalBatchSize": 4,
+            "maxSteps": MAX_STEPS,
+            "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 2},
         },
-    }
+        checkpoints={"everySteps": EVERY, "keep": 3},
+        runtime={"s3CredentialsSecretRef": {"name": "s3-credentials"}},
+        max_attempts=2,
+    )
 
 
 def committed_steps(s3: S3Server, bucket: str) -> list[int]:
@@ -127,7 +57,7 @@ def committed_steps(s3: S3Server, bucket: str) -> list[int]:
 def test_the_operator_runs_the_real_workload_through_a_worker_failure_to_a_loadable_model(
     runs: Runs, executor: Executor, bucket: str, s3: S3Server
 ) -> None:
-    prepare_inputs(s3, bucket)
+    prepare_real_inputs(s3, bucket)
     runs.create_s3_secret(s3)
     runs.create(run_spec(bucket, s3))
 

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from e2e.harness import OperatorProcess, Runs
-from e2e.test_operator_real import VOCAB, prepare_inputs
+from e2e.harness import OperatorProcess, Runs, prepare_real_inputs, real_run_spec
 from faults._support import S3FaultProxy
 
 from fixtures.executor import Executor
@@ -56,70 +55,30 @@ def make_secrets(runs: Runs) -> None:
 
 
 def run_spec(bucket: str, endpoint: str) -> dict[str, Any]:
-    executor_only = {"cpt.dev/local-executor": "true"}
-    return {
-        "metadata": {"name": RUN},
-        "spec": {
-            "model": {
-                "source": f"s3://{bucket}/models/base/",
-                "configOverrides": {
-                    "vocab_size": VOCAB,
-                    "hidden_size": 64,
-                    "intermediate_size": 192,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                    "num_key_value_heads": 2,
-                    "tie_word_embeddings": False,
-                },
-            },
-            "data": {
-                "sources": [{"uri": f"s3://{bucket}/corpus/", "format": "jsonl"}],
-                "blockSize": 64,
-                "shards": 1,
-            },
-            "training": {
-                "instanceType": "local-cpu",
-                "nodes": 1,
-                "processesPerNode": 1,
-                "globalBatchSize": 2,
-                "microBatchSize": 2,
-                "maxSteps": 4,
-                "precision": "fp32",
-                "activationCheckpointing": "none",
-                "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 1},
-                "env": [
-                    {"name": "AWS_ENDPOINT_URL", "value": endpoint},
-                    {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
-                    {"name": "OMP_NUM_THREADS", "value": "1"},
-                    {
-                        "name": "WANDB_API_KEY",
-                        "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}},
-                    },
-                ],
-            },
-            "checkpoints": {"s3Uri": f"s3://{bucket}/runs/{RUN}/", "everySteps": 2, "keep": 2},
-            "output": {"s3Uri": f"s3://{bucket}/models/{RUN}/"},
-            "runtime": {
-                "hfTokenSecretRef": {"name": "hf-token", "key": "token"},
-                "s3CredentialsSecretRef": {
-                    "name": "canary-s3",
-                    "accessKeyIdKey": "id",
-                    "secretAccessKeyKey": "secret",
-                },
-                "nodeSelector": executor_only,
-                "toolsNodeSelector": executor_only,
-                "tolerations": [
-                    {
-                        "key": "cpt.dev/local-executor",
-                        "operator": "Equal",
-                        "value": "true",
-                        "effect": "NoSchedule",
-                    }
-                ],
-            },
-            "resiliency": {"maxAttempts": 1, "preflight": {"enabled": False}},
+    wandb = {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+    return real_run_spec(
+        RUN,
+        bucket,
+        endpoint,
+        data={"shards": 1},
+        training={
+            "nodes": 1,
+            "globalBatchSize": 2,
+            "maxSteps": 4,
+            "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 1},
         },
-    }
+        env=[{"name": "WANDB_API_KEY", "valueFrom": wandb}],
+        checkpoints={"everySteps": 2, "keep": 2},
+        runtime={
+            "hfTokenSecretRef": {"name": "hf-token", "key": "token"},
+            "s3CredentialsSecretRef": {
+                "name": "canary-s3",
+                "accessKeyIdKey": "id",
+                "secretAccessKeyKey": "secret",
+            },
+        },
+        max_attempts=1,
+    )
 
 
 def leaks(where: str, text: str) -> list[str]:
@@ -149,7 +108,7 @@ def test_no_secret_value_leaks_anywhere_while_a_real_run_uses_them(
     s3: S3Server,
     bucket: str,
 ) -> None:
-    prepare_inputs(s3, bucket)
+    prepare_real_inputs(s3, bucket)
     make_secrets(runs)
     runs.create(run_spec(bucket, proxy.url))
     status = runs.wait_phase(RUN, "Succeeded", timeout=600)

@@ -233,3 +233,106 @@ def test_tensor_parallel_training_matches_data_parallel(
     assert sorted(run.losses) == [1, 2, 3]
     for step, loss in run.losses.items():
         assert loss == pytest.approx(reference.losses[step], abs=1e-5), step
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def train_on_nodes(cfgs: list[dict[str, Any]], env: dict[str, str]) -> list[Run]:
+    """One torchrun agent per "node" (one process each), started together on this host with
+    their own node id, scratch dir and model cache: a two-node job on loopback."""
+    port = _free_port()
+    procs = []
+    for node, cfg in enumerate(cfgs):
+        node_env = {
+            **os.environ,
+            **env,
+            "CPT_STAGE_CONFIG": json.dumps(cfg),
+            "OMP_NUM_THREADS": "1",
+            "CPT_NODE_ID": f"node-{node}",
+            "CPT_CACHE_DIR": str(Path(cfg["checkpoint"]["localDir"]).parent / f"cache-{node}"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nnodes={len(cfgs)}",
+                    f"--node-rank={node}",
+                    "--nproc-per-node=1",
+                    "--master-addr=127.0.0.1",
+                    f"--master-port={port}",
+                    "-m",
+                    "cpt_training.cli",
+                    "train",
+                ],
+                env=node_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    runs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        done = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        assert p.returncode == 0, out[-2000:] + err[-6000:]
+        runs.append(Run(done, parse_metrics_lines(out)))
+    return runs
+
+
+def test_two_nodes_restore_only_the_files_their_ranks_load_and_resume_exactly(
+    uninterrupted: Any,
+    assets: TinyAssets,
+    s3: Any,
+    s3_run_env: dict[str, str],
+    s3_model: str,
+    tmp_path: Path,
+) -> None:
+    reference, _, _ = uninterrupted
+    root = f"s3://{s3.new_bucket()}/runs/nodes/ckpt"
+
+    def cfgs(attempt: int, every: int, **kw: Any) -> list[dict[str, Any]]:
+        out = []
+        for node in range(2):
+            local = tmp_path / f"attempt-{attempt}" / f"node-{node}"
+            ckpt = {"uri": root, "everySteps": every, "keep": 2, "localDir": str(local)}
+            out.append(
+                config(assets, root, local, attempt=attempt, modelUri=s3_model, checkpoint=ckpt)
+                | kw
+            )
+        return out
+
+    first = train_on_nodes(cfgs(1, 2, stopAfterSteps=3), s3_run_env)
+    assert sorted(first[0].losses) == [1, 2, 3]  # rank 0 (node 0) logs
+    m = storage.read_json(storage.join_uri(root, "step_2", "cpt-manifest.json"))
+    assert {(f["path"], f["node"]) for f in m["files"]} == {
+        (".metadata", 0),
+        ("__0_0.distcp", 0),
+        ("__1_0.distcp", 1),
+    }, "each node uploaded its own rank's file"
+
+    # Attempt 2 saves nothing in its two steps, so its scratch keeps exactly what it restored.
+    second = train_on_nodes(cfgs(2, 5, stopAfterSteps=2), s3_run_env)
+    got = {
+        node: sorted(p.name for p in (tmp_path / "attempt-2" / f"node-{node}" / "step_2").iterdir())
+        for node in range(2)
+    }
+    # Replicated items (step counters, RNG) live in rank 0's file; sharded state in each
+    # rank's own. Node 0 never needs rank 1's shards; node 1 needs both files.
+    marker = ["cpt-commit.json", "cpt-manifest.json"]
+    assert got[0] == sorted([".metadata", "__0_0.distcp", *marker])
+    assert got[1] == sorted([".metadata", "__0_0.distcp", "__1_0.distcp", *marker])
+    assert "this node needs 2 of 3 files" in second[0].proc.stderr
+    assert "this node needs 3 of 3 files" in second[1].proc.stderr
+    # Step 4's loss depends on the restored optimizer moments through step 3's update.
+    assert sorted(second[0].losses) == [3, 4]
+    combined = {**first[0].losses, **second[0].losses}
+    for step in range(1, 5):
+        assert combined[step] == pytest.approx(reference.losses[step], abs=1e-6), step

@@ -9,9 +9,10 @@ Stable API (trainers, convert and export jobs use these names)::
     latest_committed(root_uri, *, include_pretrained=False) -> CommittedCheckpoint | None
     list_committed(root_uri, *, include_pretrained=False) -> list[CommittedCheckpoint]
     read_manifest(tag_uri) -> Manifest
-    restore(root_uri, local_dir, *, tag=None, include_pretrained=False)
+    restore(root_uri, local_dir, *, tag=None, include_pretrained=False, select=None)
         -> CommittedCheckpoint | None       # .local_path = <local_dir>/<tag>
-    restore_distributed(root_uri, local_dir, *, collective=None) -> ...  # all ranks
+    restore_distributed(root_uri, local_dir, *, collective=None, select=None) -> ...  # all ranks
+    Selection, TagFiles, FileSelector: per-rank file selection for restore (``select``)
     prune(root_uri, keep) -> deleted tags;  prune_local(local_dir, keep_tags=[...])
     CheckpointSyncer(root_uri, keep=2, ...).submit(local_tag_dir, step=N, ready=...)
         .poll() / .finalize() / .close(), .last_committed, .failures
@@ -34,6 +35,12 @@ from cpt_training.checkpoint.manifest import (
     step_of_tag,
     tag_for_step,
     verify_local,
+)
+from cpt_training.checkpoint.select import (
+    WHOLE_TAG_ENV,
+    FileSelector,
+    Selection,
+    TagFiles,
 )
 from cpt_training.checkpoint.store import (
     CheckpointCorruptError,
@@ -67,15 +74,19 @@ __all__ = [
     "CORRUPT_NAME",
     "MANIFEST_NAME",
     "PRETRAINED_TAG",
+    "WHOLE_TAG_ENV",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointSyncer",
     "Collective",
     "CommittedCheckpoint",
     "FileEntry",
+    "FileSelector",
     "Manifest",
+    "Selection",
     "SingleProcess",
     "SyncFailure",
+    "TagFiles",
     "TorchCollective",
     "collective_for",
     "commit",

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from cpt_training.checkpoint.manifest import (
     utc_now,
     verify_local,
 )
+from cpt_training.checkpoint.select import FileSelector, TagFiles, choose
 from cpt_training.storage import (
     S3Storage,
     Storage,
@@ -325,17 +326,40 @@ def _restore_one(
     *,
     concurrency: int | None,
     settings: TransferSettings | None,
+    only: Collection[str] | None = None,
+    manifest: Manifest | None = None,
 ) -> Manifest:
-    manifest = read_manifest(ckpt.uri, settings=settings)
+    """Download and verify one tag into ``target``; with ``only`` just those files of it
+    (a node's selection, see ``checkpoint.select``). Returns the tag's whole manifest."""
+    if manifest is None:
+        manifest = read_manifest(ckpt.uri, settings=settings)
     st = open_storage(ckpt.uri, settings)
     workers = st.settings.hash_workers
     wanted = manifest.by_path()
+    if only is not None:
+        unknown = sorted(set(only) - wanted.keys())
+        if unknown:
+            raise CheckpointError(
+                f"{ckpt.uri}: asked to restore {len(unknown)} file(s) its manifest does not "
+                f"list: {', '.join(unknown[:5])}"
+            )
+        wanted = {p: wanted[p] for p in sorted(only)}
+        log.info(
+            "restore %s: this node needs %d of %d files, %.3f of %.3f GB",
+            ckpt.tag,
+            len(wanted),
+            len(manifest.files),
+            sum(e.size for e in wanted.values()) / 1e9,
+            manifest.total_bytes / 1e9,
+        )
+    mine = Manifest(manifest.tag, manifest.step, list(wanted.values()))
     target.mkdir(parents=True, exist_ok=True)
-    # Anything local that is not in the manifest goes (leftovers of an earlier partial save).
+    # Anything local that is not wanted goes (leftovers of an earlier partial save, or files
+    # another node's selection needed): the local copy holds exactly the verified files.
     for rel in local_files(target):
         if rel not in wanted:
             (target / rel).unlink()
-    problems = verify_local(target, manifest, workers=workers)
+    problems = verify_local(target, mine, workers=workers)
     # Two rounds: a mismatch right after a download may be a bad transfer, so fetch those
     # files once more before calling the tag corrupt.
     for _round in range(2):
@@ -358,12 +382,34 @@ def _restore_one(
             f"checkpoint {ckpt.uri} (step {ckpt.step}) is corrupt: {len(problems)} file(s) do "
             f"not match {MANIFEST_NAME}: {detail}"
         )
-    # Keep the manifest locally: the copy is self-describing and a restart can reuse it.
+    # Keep the manifest locally: the copy is self-describing and a restart can reuse it. The
+    # local marker says which of its files are here when the node restored a selection.
     (target / MANIFEST_NAME).write_bytes(manifest.to_bytes())
-    (target / COMMIT_NAME).write_text(
-        json.dumps({"tag": ckpt.tag, "step": ckpt.step, "uri": ckpt.uri, "created": ckpt.time})
-    )
+    record: dict[str, Any] = {
+        "tag": ckpt.tag,
+        "step": ckpt.step,
+        "uri": ckpt.uri,
+        "created": ckpt.time,
+    }
+    if only is not None:
+        record["files"] = sorted(wanted)
+    (target / COMMIT_NAME).write_text(json.dumps(record))
     return manifest
+
+
+def _selection(
+    ckpt: CommittedCheckpoint,
+    select: FileSelector | None,
+    settings: TransferSettings | None,
+) -> tuple[Manifest | None, frozenset[str] | None]:
+    """(manifest, files to fetch) of one candidate for a single-process restore."""
+    if select is None:
+        return None, None
+    manifest = read_manifest(ckpt.uri, settings=settings)
+    sel = choose(select, TagFiles(ckpt.uri, manifest, settings))
+    if sel.paths is None:
+        log.warning("restoring all of %s: %s", ckpt.tag, sel.reason)
+    return manifest, sel.paths
 
 
 def restore(
@@ -376,6 +422,7 @@ def restore(
     prune_local_dir: bool = True,
     concurrency: int | None = None,
     settings: TransferSettings | None = None,
+    select: FileSelector | None = None,
 ) -> CommittedCheckpoint | None:
     """Download the newest committed tag into ``<local_dir>/<tag>/`` and verify it.
 
@@ -385,6 +432,8 @@ def restore(
     ``quarantine=False``) and the previous committed tag is tried. Returns None when there is
     no committed tag; raises :class:`CheckpointCorruptError` when every candidate is corrupt.
     With ``tag`` only that tag is tried. Afterwards other local ``step_*`` dirs are removed.
+    With ``select`` (a ``checkpoint.select.FileSelector``) only the files it chooses from each
+    candidate are fetched and verified; if it cannot decide, the whole tag is (logged).
     """
     local_root = Path(local_dir).absolute()
     candidates = list_committed(root_uri, include_pretrained=include_pretrained, settings=settings)
@@ -396,7 +445,15 @@ def restore(
     for ckpt in reversed(candidates):
         target = local_root / ckpt.tag
         try:
-            _restore_one(ckpt, target, concurrency=concurrency, settings=settings)
+            manifest, only = _selection(ckpt, select, settings)
+            _restore_one(
+                ckpt,
+                target,
+                concurrency=concurrency,
+                settings=settings,
+                only=only,
+                manifest=manifest,
+            )
         except CheckpointCorruptError as exc:
             log.error("%s; falling back to the previous committed checkpoint", exc)
             errors.append(str(exc))

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cpt_training.checkpoint.manifest import FileEntry
+from cpt_training.checkpoint.select import FileSelector, Selection, TagFiles, choose, union
 from cpt_training.checkpoint.store import (
     CheckpointCorruptError,
     CheckpointError,
@@ -64,6 +65,7 @@ from cpt_training.checkpoint.store import (
     merge_entries,
     prune,
     prune_local,
+    read_manifest,
     uncommit,
     upload_node_files,
 )
@@ -485,12 +487,17 @@ def restore_distributed(
     include_pretrained: bool = False,
     concurrency: int | None = None,
     settings: TransferSettings | None = None,
+    select: FileSelector | None = None,
 ) -> CommittedCheckpoint | None:
     """:func:`~cpt_training.checkpoint.store.restore` for a multi-node job. All ranks call it.
 
     Rank 0 picks the candidates (so every node restores the same tag); each node's lowest rank
     downloads and verifies into its node-local ``local_dir``; if any node finds the tag
-    corrupt, rank 0 quarantines it and all ranks move to the previous one together."""
+    corrupt, rank 0 quarantines it and all ranks move to the previous one together.
+
+    With ``select`` (given on every rank or on none) each rank names the files of a candidate
+    it will read, and a node fetches and verifies only the union of its ranks' files; one
+    rank that cannot decide makes its node fetch the whole tag (see ``checkpoint.select``)."""
     coll = collective or collective_for()
     nid = node_id or default_node_id()
     cands = (
@@ -506,9 +513,17 @@ def restore_distributed(
     for ckpt in reversed(candidates):
         target = Path(local_dir).absolute() / ckpt.tag
         err: str | None = None
+        only: frozenset[str] | None = None
+        if select is not None:
+            mine = _select_on_rank(select, ckpt, settings)
+            sels = coll.all_gather_object(mine.to_wire())
+            node_sel = union(Selection.from_wire(sels[r]) for r in sorted(nodes[nid]))
+            only = node_sel.paths
+            if is_loader and only is None:
+                log.warning("node %s restores all of %s: %s", nid, ckpt.tag, node_sel.reason)
         if is_loader:
             try:
-                _restore_one(ckpt, target, concurrency=concurrency, settings=settings)
+                _restore_one(ckpt, target, concurrency=concurrency, settings=settings, only=only)
             except (CheckpointCorruptError, CheckpointError) as exc:
                 err = str(exc)
         outcomes = coll.all_gather_object(err)
@@ -528,3 +543,15 @@ def restore_distributed(
             f"no intact committed checkpoint under {root_uri}: " + " | ".join(errors)
         )
     return None
+
+
+def _select_on_rank(
+    select: FileSelector, ckpt: CommittedCheckpoint, settings: TransferSettings | None
+) -> Selection:
+    """This rank's files of a candidate; never raises (an unreadable manifest means "whole
+    tag" here, and the node's download then reports the tag as corrupt)."""
+    try:
+        manifest = read_manifest(ckpt.uri, settings=settings)
+    except Exception as exc:
+        return Selection.whole(f"manifest unreadable: {exc}")
+    return choose(select, TagFiles(ckpt.uri, manifest, settings))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import pickle
 import shutil
 import time
 from concurrent.futures import Future
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -40,9 +43,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from cpt_training.checkpoint import CheckpointSyncer, tag_for_step
+from cpt_training.checkpoint import CheckpointSyncer, Selection, TagFiles, tag_for_step
 
 log = logging.getLogger(__name__)
+
+DCP_METADATA = ".metadata"
+
+
+def _save_planner() -> DefaultSavePlanner:
+    """DCP stores each replicated item (optimizer step counters, RNG, loop counters) once.
+    By default it spreads them over the ranks' files to balance sizes, which makes every rank
+    read every file on load; kept on the lowest rank that holds them, a node restores its own
+    ranks' files plus those few (see :meth:`DcpCheckpointer.select_files`)."""
+    return DefaultSavePlanner(dedup_save_to_lowest_rank=True)
 
 
 class TrainCounters(Stateful):
@@ -215,10 +228,14 @@ class DcpCheckpointer:
                     checkpoint_id=str(path),
                     process_group=self._async_group,
                     async_stager=self._stager,
+                    planner=_save_planner(),
                 )
             else:
                 res = state_dict_saver.async_save(
-                    self.snapshot(), checkpoint_id=str(path), process_group=self._async_group
+                    self.snapshot(),
+                    checkpoint_id=str(path),
+                    process_group=self._async_group,
+                    planner=_save_planner(),
                 )
             fut: Future[Any] = res if isinstance(res, Future) else res.upload_completion
             fut.add_done_callback(_log_write_failure(step))
@@ -227,7 +244,7 @@ class DcpCheckpointer:
             self._in_flight = fut
             self.syncer.submit(path, step=step, ready=fut)
         else:
-            state_dict_saver.save(self.state, checkpoint_id=str(path))
+            state_dict_saver.save(self.state, checkpoint_id=str(path), planner=_save_planner())
             self.syncer.submit(path, step=step)
         log.info(
             "checkpoint step %d staged in %.2fs (%s)",
@@ -238,6 +255,16 @@ class DcpCheckpointer:
 
     def load(self, path: Path) -> None:
         state_dict_loader.load(self.state, checkpoint_id=str(path))
+
+    def select_files(self, view: TagFiles) -> Selection:
+        """The restore file selector of this rank: ``.metadata`` plus the ``.distcp`` files
+        that DCP's load plan for this rank's current state reads (exactly what
+        :meth:`load` will open, whatever the sharding that wrote the tag). All ranks call it
+        at the same point (it builds the state dicts, as a load does)."""
+        if DCP_METADATA not in view.paths:
+            return Selection.whole(f"{view.tag} has no {DCP_METADATA}: not a DCP checkpoint")
+        metadata = pickle.loads(view.read_bytes(DCP_METADATA))
+        return Selection.of({DCP_METADATA, *dcp_files_read(self.state, metadata)})
 
     def close(self) -> None:
         try:
@@ -250,6 +277,16 @@ class DcpCheckpointer:
         if self._async_group is not None:
             dist.destroy_process_group(self._async_group)
             self._async_group = None
+
+
+def dcp_files_read(state: dict[str, Any], metadata: Metadata) -> set[str]:
+    """The data files of a DCP checkpoint that loading ``state`` on this rank opens: the
+    storage of every item in this rank's load plan (the planner DCP's ``load`` uses)."""
+    sd = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(sd, metadata, False)
+    plan = planner.create_local_plan()
+    return {metadata.storage_data[item.storage_index].relative_path for item in plan.items}
 
 
 def _pinned_stager() -> Any:

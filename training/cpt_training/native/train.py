@@ -14,6 +14,7 @@ weights and fp32 master weights, gradients reduced in fp32; AdamW is fused; atte
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -24,7 +25,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from cpt_training import flops, storage
-from cpt_training.checkpoint import CheckpointSyncer, CommittedCheckpoint, restore_distributed
+from cpt_training.checkpoint import (
+    WHOLE_TAG_ENV,
+    CheckpointSyncer,
+    CommittedCheckpoint,
+    restore_distributed,
+)
 from cpt_training.cli import ConfigError
 from cpt_training.config import TrainStage
 from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
@@ -193,10 +199,12 @@ class Trainer:
 
     def restore_or_init(self) -> int:
         """Resume from the newest committed checkpoint, else load the base weights."""
+        whole = os.environ.get(WHOLE_TAG_ENV, "") not in ("", "0")
         ckpt = restore_distributed(
             self.cfg.checkpoint.uri,
             self.cfg.checkpoint.local_dir,
             collective=self.syncer.collective,
+            select=None if whole else self.checkpointer.select_files,  # a node's files only
         )
         if ckpt is None:
             log.info("no committed checkpoint: starting from %s", self.cfg.model_uri)

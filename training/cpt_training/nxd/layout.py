@@ -36,7 +36,9 @@ The mapping (TP = tensor-parallel degree, per rank ``r``):
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,104 @@ LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 def shard_file_name(tp_rank: int, pp_rank: int, dp_rank: int = 0) -> str:
     """NxD's per-rank file name (the model is saved by DP rank 0 only)."""
     return f"dp_rank_{dp_rank:02d}_tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:02d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which rank reads which checkpoint files (restore downloads only a node's own files)
+# ---------------------------------------------------------------------------------------------
+
+RANK_FILE_RE = re.compile(
+    r"^(?P<kind>model|optim)/dp_rank_(?P<dp>\d+)_tp_rank_(?P<tp>\d+)_pp_rank_(?P<pp>\d+)\.pt"
+    r"(?:\.info\.pt|\.tensors/.+)?$"
+)
+"""A per-rank file of an NxD tag, with its xser companions (``.pt.info.pt``, ``.pt.tensors/``)."""
+_EP_FILE_RE = re.compile(r"^(?:model|optim)/dp_rank_\d+_ep_rank_")
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    """A global rank's place in NxD's parallel grid."""
+
+    tp: int
+    pp: int
+    dp: int
+
+
+def nxd_rank_coords(
+    rank: int, *, world_size: int, tp: int, pp: int, local_world_size: int | None = None
+) -> RankCoords:
+    """NxD's rank grid on trn1 (``parallel_state.initialize_model_parallel``, SDK 2.28/2.29;
+    no context or expert parallelism, which cpt does not use).
+
+    Global ranks fill a ``[PP, DP, TP]`` grid row-major: TP ranks are consecutive (a node's
+    32 cores hold whole TP groups), then DP, then PP. TP=4 on trn1 is NxD's special case: TP
+    groups are strided by ``local_world_size / 4`` inside a node so that they stay on locally
+    connected cores, i.e. within each block of ``local_world_size`` ranks the grid is
+    ``[TP, DP_local]`` instead of ``[DP_local, TP]``."""
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not a multiple of TP x PP ({tp} x {pp})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    dp = world_size // (tp * pp)
+    p, rest = divmod(rank, dp * tp)
+    if tp == 4:
+        lws = local_world_size if local_world_size else world_size
+        per_node = lws // tp
+        if per_node < 1 or lws % tp or dp % per_node:
+            raise ValueError(
+                f"TP=4 on trn1 needs the local world size ({lws}) to be a multiple of 4 and "
+                f"DP ({dp}) a multiple of local world size / 4"
+            )
+        block, inner = divmod(rest, tp * per_node)
+        t, local = divmod(inner, per_node)
+        return RankCoords(tp=t, pp=p, dp=block * per_node + local)
+    d, t = divmod(rest, tp)
+    return RankCoords(tp=t, pp=p, dp=d)
+
+
+def nxd_rank_files(paths: Iterable[str], coords: RankCoords, *, zero1: bool) -> set[str] | None:
+    """The files of an NxD tag that the rank at ``coords`` reads in ``load_checkpoint``, or
+    None when the tag's layout is not one this function knows (the caller then takes all).
+
+    A rank reads ``model/dp_rank_00_tp_<tp>_pp_<pp>.pt`` (the model is saved by DP rank 0) and
+    ``optim/dp_rank_<dp or 00>_tp_<tp>_pp_<pp>.pt`` (ZeRO-1: its own DP shard; otherwise DP
+    rank 0's copy), each with its xser companions if any. Every file that is not a per-rank
+    shard (``checkpoint``, ``done``, ``user_content.pt``, ``config.json``, a DCP optimizer
+    directory…) is taken by every rank: unknown files are never skipped."""
+    index = _shard_index(paths if isinstance(paths, frozenset) else frozenset(paths))
+    if index is None:
+        return None  # expert parallelism: names this function does not model
+    shared, shards = index
+    out = set(shared)
+    for kind, dp in (("model", 0), ("optim", coords.dp if zero1 else 0)):
+        if not any(k[0] == kind for k in shards):
+            continue  # e.g. no optimizer in pretrained_weight
+        mine = shards.get((kind, dp, coords.tp, coords.pp))
+        if not mine:
+            return None  # shards exist but not this rank's: another layout (caller takes all)
+        out.update(mine)
+    return out
+
+
+_ShardIndex = tuple[tuple[str, ...], dict[tuple[str, int, int, int], list[str]]]
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_index(paths: frozenset[str]) -> _ShardIndex | None:
+    """(non-shard files, shard files by (kind, dp, tp, pp)), parsed once per tag: every rank
+    of a node asks about the same ~1000 names."""
+    shared: list[str] = []
+    shards: dict[tuple[str, int, int, int], list[str]] = {}
+    for path in paths:
+        if _EP_FILE_RE.match(path):
+            return None
+        m = RANK_FILE_RE.match(path)
+        if m is None:
+            shared.append(path)
+        else:
+            key = (m["kind"], int(m["dp"]), int(m["tp"]), int(m["pp"]))
+            shards.setdefault(key, []).append(path)
+    return tuple(shared), shards
 
 
 # ---------------------------------------------------------------------------------------------

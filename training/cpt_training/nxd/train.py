@@ -45,14 +45,24 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cpt_training import storage
 from cpt_training.cli import ConfigError
 from cpt_training.config import TrainStage
 from cpt_training.nxd import env as nxd_env
 from cpt_training.nxd.convert import apply_overrides, layout_record
-from cpt_training.nxd.layout import LlamaShape, NxdLayout, plan_layout
+from cpt_training.nxd.layout import (
+    LlamaShape,
+    NxdLayout,
+    RankCoords,
+    nxd_rank_coords,
+    nxd_rank_files,
+    plan_layout,
+)
+
+if TYPE_CHECKING:
+    from cpt_training.checkpoint import FileSelector, Selection, TagFiles
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +272,50 @@ def user_content(step: int, plan: NxdPlan, layout: NxdLayout, attempt: int) -> d
     }
 
 
+def restore_selector(plan: NxdPlan, rank: int, local_world_size: int | None) -> FileSelector:
+    """The restore file selector of one rank (``checkpoint.select``): the tag's shared files
+    plus this rank's model shard and optimizer shard, at the coordinates NxD will give it.
+    A tag written with other degrees is restored whole (``check_resume`` then refuses it with
+    both sides named); so is one whose files this layout does not explain."""
+    from cpt_training.checkpoint import Selection
+
+    def select(view: TagFiles) -> Selection:
+        saved = view.manifest.world
+        try:
+            check_resume(saved, plan, tag=view.tag)
+        except ConfigError as exc:
+            return Selection.whole(str(exc))
+        coords = nxd_rank_coords(
+            rank,
+            world_size=plan.world_size,
+            tp=plan.tp,
+            pp=plan.pp,
+            local_world_size=local_world_size,
+        )
+        files = nxd_rank_files(view.paths, coords, zero1=plan.zero1)
+        if files is None:
+            return Selection.whole(
+                f"its files do not follow the NxD layout for rank {rank} at {coords}"
+            )
+        return Selection.of(files)
+
+    return select
+
+
+def missing_rank_files(local_tag_dir: Path, coords: RankCoords, zero1: bool) -> list[str]:
+    """Files this rank's ``load_checkpoint`` will read that the node did not restore (checked
+    against the real NxD coordinates once NxD is initialised: a loud error beats a missing
+    file deep inside NxD)."""
+    from cpt_training.checkpoint import MANIFEST_NAME
+
+    manifest = json.loads((local_tag_dir / MANIFEST_NAME).read_text())
+    paths = [str(f["path"]) for f in manifest["files"]]
+    needed = nxd_rank_files(paths, coords, zero1=zero1)
+    return sorted(
+        p for p in (needed if needed is not None else paths) if not (local_tag_dir / p).is_file()
+    )
+
+
 def resume_step(content: Mapping[str, Any] | None, tag_step: int, tag: str) -> int:
     """The step to continue from, cross-checked against the tag name."""
     if content is None or "step" not in content:
@@ -376,14 +430,40 @@ class _Trainer:
         return apply_overrides(config, self.cfg.config_overrides), manifest.world
 
     def _restore(self, collective: Any) -> Any:
-        from cpt_training.checkpoint import restore_distributed
+        """Each node fetches only its ranks' shards of the newest committed tag."""
+        from cpt_training.checkpoint import WHOLE_TAG_ENV, restore_distributed
 
+        select = None
+        if os.environ.get(WHOLE_TAG_ENV, "") in ("", "0"):
+            lws = os.environ.get("LOCAL_WORLD_SIZE")
+            select = restore_selector(self.plan, self.rank, int(lws) if lws else None)
         return restore_distributed(
             self.cfg.checkpoint.uri,
             self.cfg.checkpoint.local_dir,
             collective=collective,
             include_pretrained=True,
+            select=select,
         )
+
+    def _check_restored_files(self, ckpt: Any) -> None:
+        """After NxD assigned this rank its coordinates: every file it will load is here."""
+        from neuronx_distributed.parallel_layers import parallel_state as ps
+
+        coords = RankCoords(
+            tp=int(ps.get_tensor_model_parallel_rank()),
+            pp=int(ps.get_pipeline_model_parallel_rank()),
+            dp=int(ps.get_data_parallel_rank()),
+        )
+        missing = missing_rank_files(ckpt.local_path, coords, self.plan.zero1)
+        if missing:
+            from cpt_training.checkpoint import WHOLE_TAG_ENV
+
+            raise RuntimeError(
+                f"rank {self.rank} (NxD tp={coords.tp} pp={coords.pp} dp={coords.dp}) needs "
+                f"{len(missing)} file(s) of {ckpt.tag} its node did not restore "
+                f"({', '.join(missing[:3])}): NxD's rank grid differs from cpt's model of it; "
+                f"set {WHOLE_TAG_ENV}=1 to restore whole tags"
+            )
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -425,6 +505,7 @@ class _Trainer:
     def _load(self, ckpt: Any) -> int:
         import neuronx_distributed as nxd
 
+        self._check_restored_files(ckpt)
         if ckpt.tag == PRETRAINED:
             nxd.load_checkpoint(
                 self.cfg.checkpoint.local_dir, tag=PRETRAINED, model=self.model, optimizer=None

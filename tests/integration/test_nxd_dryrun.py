@@ -34,9 +34,10 @@ from cpt_training.checkpoint import latest_committed, restore
 from cpt_training.config import ConvertToNxdStage, ExportHfStage, TokenizeStage, TrainStage
 from cpt_training.metrics import parse_metrics_lines
 from cpt_training.nxd import convert, export
+from fixtures.nxd import install_converter
 from fixtures.textgen import make_corpus, make_texts, save_tokenizer, train_tokenizer
 
-pytestmark = [pytest.mark.unit, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SEQ = 32
 
@@ -60,6 +61,10 @@ STANDINS = {
         import torch.distributed as dist
         def get_tensor_model_parallel_size():
             return 1
+        def get_tensor_model_parallel_rank():
+            return 0
+        def get_pipeline_model_parallel_rank():
+            return 0
         def get_data_parallel_rank():
             return dist.get_rank()
         def get_data_parallel_size():
@@ -247,13 +252,7 @@ def world(tmp_path_factory):
         p = base / "stand-in" / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(textwrap.dedent(src))
-    # the converter stand-in of test_nxd_convert (same flags, reference layout)
-    from test_nxd_convert import STUB
-
-    conv = base / "stand-in" / "neuronx_distributed" / "scripts"
-    conv.mkdir(parents=True, exist_ok=True)
-    (conv / "__init__.py").write_text("")
-    (conv / "checkpoint_converter.py").write_text(STUB)
+    install_converter(base / "stand-in")  # same flags as NxD's, reference layout
     tok = save_tokenizer(train_tokenizer(make_texts(150, seed=1), vocab_size=300), base / "tok")
     make_corpus(base / "corpus", 40, seed=2)
     tcfg = TokenizeStage.model_validate(
@@ -339,7 +338,9 @@ def test_convert_train_resume_export_on_cpu(world, monkeypatch):
     progress = json.loads((world / "ckpt" / "progress.json").read_text())
     assert progress["lastCommittedStep"] == 3 and progress["done"] is False
 
-    out2, _ = _train(world, _stage(world, 2))
+    out2, err2 = _train(world, _stage(world, 2))
+    # restored through the trainer's per-rank file selection (one rank: every file of the tag)
+    assert "restore step_3: this node needs 5 of 5 files" in err2
     m2 = {r["step"]: r for r in parse_metrics_lines(out2)}
     assert sorted(m2) == [4, 5, 6]
     assert m2[4]["loss"] == m1[4]["loss"]  # exact: same state, LR and batches after resume
