@@ -10,8 +10,8 @@ request counters), watching one namespace.
    first child seen - the run's create request answered (one clock, this process).
 2. Idle writes: once every run waits in a steady phase (its tokenize Job's pod cannot be
    scheduled: a node selector no node has), the operator's request counters are read before
-   and after several resync periods. Reconciles are counted as GETs of one run (every
-   reconcile starts with one); writes are POST/PUT/PATCH/DELETE of any kind.
+   and after several resync periods. Reconciles are the operator's own count of its passes
+   (``reconciles``; older operators: GETs of one run); writes are POST/PUT/PATCH/DELETE.
 3. Memory: runs are added up to ``--idle-crs`` (default 1000); once all have children and a
    resync pass went by, the operator's resident set (VmRSS) and peak (VmHWM) are read.
 """
@@ -83,7 +83,7 @@ def counts_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
 def writes_and_reconciles(diff: dict[str, int]) -> tuple[int, int]:
     """(write requests, reconciles) in a counter diff (pure; unit-tested)."""
     writes = sum(v for k, v in diff.items() if k.split(" ", 1)[0] in WRITE_METHODS)
-    reconciles = diff.get("GET run", 0)
+    reconciles = diff.get("reconciles", diff.get("GET run", 0))
     return writes, reconciles
 
 
@@ -146,7 +146,12 @@ class Watcher:
 
 
 def bench(
-    crs: int, idle_crs: int, resync: float, idle_window: float, profile: Path | None = None
+    crs: int,
+    idle_crs: int,
+    resync: float,
+    idle_window: float,
+    profile: Path | None = None,
+    operator_env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     common.bootstrap()
     sys.path.insert(0, str(common.REPO / "hack" / "devcluster"))
@@ -204,6 +209,7 @@ def bench(
                 "CPT_BENCH_COUNTS": str(counts_file),
                 "PYTHONUNBUFFERED": "1",
                 **({"CPT_BENCH_PROFILE": str(profile)} if profile else {}),
+                **(operator_env or {}),
                 "PYTHONPATH": os.pathsep.join(
                     [str(common.REPO), str(common.REPO / "operator"), str(common.REPO / "training")]
                 ),
@@ -277,7 +283,8 @@ def bench(
         lat = [watcher.first[n] - created[n] for n in names]
         print(
             f"first child: p50 {common.percentile(lat, 50):.2f}s "
-            f"p99 {common.percentile(lat, 99):.2f}s",
+            f"p99 {common.percentile(lat, 99):.2f}s; create burst {burst_seconds:.1f}s; "
+            f"CPU s {burst_cpu}; requests {burst_requests}",
             flush=True,
         )
 
@@ -333,7 +340,10 @@ def bench(
         "runs": crs,
         "createConcurrency": 32,
         "resyncSeconds": resync,
-        "workerLimit": "chart default (CPT_WORKER_LIMIT unset: 32)",
+        "workerLimit": (operator_env or {}).get(
+            "CPT_WORKER_LIMIT", "chart default (CPT_WORKER_LIMIT unset: 32)"
+        ),
+        "operatorEnv": dict(operator_env or {}),
         "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable tool pods",
     }
     return [
@@ -439,9 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-window", type=float, default=30.0)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--profile", type=Path, help="cProfile the operator into this file")
+    p.add_argument(
+        "--operator-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra operator environment (tuning, e.g. CPT_WORKER_LIMIT=16); recorded",
+    )
     args = p.parse_args(argv)
+    extra = dict(kv.split("=", 1) for kv in args.operator_env)
     items = bench(
-        args.crs, max(args.idle_crs, args.crs), args.resync, args.idle_window, args.profile
+        args.crs, max(args.idle_crs, args.crs), args.resync, args.idle_window, args.profile, extra
     )
     for m in items:
         print(f"{m['name']:40s} {m['value']:.3f} {m['metric']}")

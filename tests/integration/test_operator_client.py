@@ -29,7 +29,7 @@ class CountingKube(Kube):
         super().__init__()
         self.writes: list[str] = []
 
-    async def create(self, manifest: Mapping[str, Any], namespace: str) -> bool:
+    async def create(self, manifest: Mapping[str, Any], namespace: str) -> dict[str, Any] | None:
         self.writes.append(f"create {manifest['metadata']['name']}")
         return await super().create(manifest, namespace)
 
@@ -37,9 +37,9 @@ class CountingKube(Kube):
         self.writes.append(f"delete {args[2]}")
         return await super().delete(*args, **kwargs)
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> str | None:
         self.writes.append("patch_status")
-        await super().patch_status(namespace, name, patch)
+        return await super().patch_status(namespace, name, patch)
 
     async def post_event(
         self, run: Mapping[str, Any], type_: str, reason: str, message: str
@@ -72,7 +72,7 @@ def job_manifest(namespace: str, run: str, name: str) -> dict[str, Any]:
 
 
 def test_create_is_create_if_absent_and_delete_tolerates_absence(runs: Runs) -> None:
-    async def go() -> tuple[bool, bool, list[str], bool, bool]:
+    async def go() -> tuple[Any, Any, list[str], bool, bool]:
         kube = Kube()
         try:
             m = job_manifest(runs.ns, "r1", "r1-tokenize")
@@ -87,7 +87,9 @@ def test_create_is_create_if_absent_and_delete_tolerates_absence(runs: Runs) -> 
             await kube.close()
 
     first, second, names, gone, again = asyncio.run(go())
-    assert (first, second) == (True, False)
+    # The created object as the API server answered it (the index stores it), then "exists".
+    assert first["kind"] == "Job" and first["metadata"]["uid"] and second is None
+    assert first["metadata"]["labels"] == {"cpt.dev/run": "r1"}
     assert names == ["r1-tokenize"]
     assert (gone, again) == (True, False)
 
@@ -99,9 +101,10 @@ def test_status_patches_merge_and_events_land_on_the_run(runs: Runs, bucket: str
         kube = Kube()
         try:
             await kube.patch_status(runs.ns, "patched", {"phase": "Planning", "message": "x"})
-            await kube.patch_status(runs.ns, "patched", {"message": None, "attempt": 2})
+            version = await kube.patch_status(runs.ns, "patched", {"message": None, "attempt": 2})
             body = await kube.get_run(runs.ns, "patched")
             assert body is not None
+            assert version == body["metadata"]["resourceVersion"]  # the echo to skip
             await kube.post_event(body, "Normal", "Testing", "hello from the client layer")
             assert await kube.get_run(runs.ns, "absent") is None
         finally:
@@ -136,3 +139,25 @@ def test_a_reconcile_with_nothing_to_do_makes_no_writes_to_the_real_api(
     assert "create steady-preflight" in first and first[-1] == "patch_status"
     assert later == []
     assert runs.status("steady")["phase"] == "Preflight"
+
+
+def test_the_index_listing_finds_every_labelled_child_of_the_namespace_with_its_kind(
+    runs: Runs,
+) -> None:
+    async def go() -> list[tuple[str, str]]:
+        kube = Kube()
+        try:
+            await kube.create(job_manifest(runs.ns, "a", "a-tokenize"), runs.ns)
+            await kube.create(job_manifest(runs.ns, "b", "b-tokenize"), runs.ns)
+            unlabelled = job_manifest(runs.ns, "c", "not-ours")
+            unlabelled["metadata"]["labels"] = {}
+            await kube.create(unlabelled, runs.ns)
+            listed = await kube.list_labelled(runs.ns)
+            return sorted((o["kind"], o["metadata"]["name"]) for o in listed)
+        finally:
+            await kube.close()
+
+    found = asyncio.run(go())
+    assert ("Job", "a-tokenize") in found and ("Job", "b-tokenize") in found
+    assert all(name != "not-ours" for _, name in found)
+    assert {kind for kind, _ in found} <= {"Job", "Pod"}

@@ -36,6 +36,7 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []
         self.events: list[tuple[str, str]] = []
         self.fail_patch = False
+        self.version = 0
 
     def writes(self) -> list[tuple[str, str]]:
         return [c for c in self.calls if c[0] in WRITES]
@@ -71,15 +72,25 @@ class FakeKube:
             for n in names
         ]
 
-    async def create(self, manifest: Mapping[str, Any], namespace: str) -> bool:
+    async def list_labelled(self, namespace: str | None) -> list[dict[str, Any]]:
+        self.calls.append(("list_labelled", namespace or "*"))
+        return [copy.deepcopy(obj) for _, obj in sorted(self.children.items())]
+
+    async def create(self, manifest: Mapping[str, Any], namespace: str) -> dict[str, Any] | None:
         key = (manifest["kind"], manifest["metadata"]["name"])
         self.calls.append(("create", key[1]))
         if key in self.children:
-            return False
+            return None
         obj = copy.deepcopy(dict(manifest))
-        obj["metadata"]["creationTimestamp"] = "2026-03-01T12:00:00Z"
+        self.version += 1
+        obj["metadata"].update(
+            namespace=namespace,
+            creationTimestamp="2026-03-01T12:00:00Z",
+            uid=f"uid-{key[1]}",
+            resourceVersion=str(self.version),
+        )
         self.children[key] = obj
-        return True
+        return copy.deepcopy(obj)
 
     async def delete(
         self,

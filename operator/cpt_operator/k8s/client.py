@@ -4,19 +4,33 @@ Kopf owns the watches; everything else the operator does to the API goes through
 reading a run and its children, create-if-absent, delete, status patches and Events. Objects
 cross this boundary as plain dicts so the pure layers never see a client type. The class is
 small on purpose: tests wrap or replace it to count writes.
+
+Writes answer with what the API server returned (the created child, the resourceVersion of a
+status patch) so the handler can keep its child index current and recognise the echo of its
+own patch (see cpt_operator/index.py). Two admission facts are cached per namespace: the Pod
+Security level for a few seconds (a burst of new runs in one namespace asks once, not once
+per run) and "Secrets are not readable here" (403) for a minute. Concurrent requests are
+capped (`CPT_API_CONCURRENCY`): past a few dozen, the HTTP pool spends its time scanning
+connections and the API server answers no faster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import logging
-from collections.abc import Mapping
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from lightkube import ApiError, AsyncClient, codecs
+from lightkube import ALL_NS, ApiError, AsyncClient, codecs
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.operators import exists
 from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Event, Namespace, Node, Pod, Secret
 from lightkube.types import CascadeType, PatchType
@@ -34,6 +48,14 @@ PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1
 POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
 EVENT_SOURCE = "cpt-operator"
 _MAX_EVENT_MESSAGE = 1000
+POD_SECURITY_TTL = 10.0
+SECRETS_FORBIDDEN_TTL = 60.0
+API_CONCURRENCY = int(os.environ.get("CPT_API_CONCURRENCY", "16"))
+CHILD_KINDS: tuple[tuple[str, str], ...] = (
+    ("batch/v1", "Job"),
+    ("kubeflow.org/v1", "PyTorchJob"),
+    ("v1", "Pod"),
+)
 
 _KINDS: dict[tuple[str, str], Any] = {
     ("batch/v1", "Job"): Job,
@@ -41,6 +63,51 @@ _KINDS: dict[tuple[str, str], Any] = {
     ("v1", "Pod"): Pod,
     (f"{GROUP}/{VERSION}", KIND): ContinualPretrain,
 }
+
+
+CREATE, FIRST, LATER = 0, 1, 2
+"""Request priorities when requests queue for a slot: creates of children, then admission
+checks (what a waiting user's first child needs: a run that passed its checks gets its child
+before the next run is checked), then reads, Events and status patches."""
+
+
+class _Slots:
+    """A concurrency cap whose waiters are served by priority, then in arrival order."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: tuple[collections.deque[asyncio.Future[None]], ...] = tuple(
+            collections.deque() for _ in range(LATER + 1)
+        )
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, priority: int) -> AsyncIterator[None]:
+        if self._free > 0 and not any(self._waiting):
+            self._free -= 1
+        else:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting[priority].append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed a slot just as it was cancelled
+                else:
+                    self._waiting[priority].remove(waiter)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for queue in self._waiting:
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # the slot passes straight to it
+                    return
+        self._free += 1
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -58,7 +125,11 @@ class KubeApi(Protocol):
 
     async def get_nodes(self, names: list[str]) -> list[dict[str, Any]]: ...
 
-    async def create(self, manifest: Mapping[str, Any], namespace: str) -> bool: ...
+    async def list_labelled(self, namespace: str | None) -> list[dict[str, Any]]: ...
+
+    async def create(
+        self, manifest: Mapping[str, Any], namespace: str
+    ) -> dict[str, Any] | None: ...
 
     async def delete(
         self,
@@ -71,7 +142,9 @@ class KubeApi(Protocol):
         grace_period: int | None = None,
     ) -> bool: ...
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None: ...
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> str | None: ...
 
     async def secret_exists(self, namespace: str, name: str) -> bool | None: ...
 
@@ -87,15 +160,20 @@ class KubeApi(Protocol):
 class Kube:
     """lightkube-backed implementation of `KubeApi`."""
 
-    def __init__(self, client: AsyncClient | None = None) -> None:
+    def __init__(self, client: AsyncClient | None = None, *, concurrency: int = 0) -> None:
         self._client = client or AsyncClient(field_manager=FIELD_MANAGER)
+        self._slots = _Slots(concurrency or API_CONCURRENCY)
+        self._pod_security: dict[str, tuple[float, str | None]] = {}
+        self._secrets_forbidden: dict[str, float] = {}
 
     async def close(self) -> None:
         await self._client.close()
 
     async def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return _as_dict(await self._client.get(ContinualPretrain, name, namespace=namespace))
+            async with self._slots(LATER):
+                obj = await self._client.get(ContinualPretrain, name, namespace=namespace)
+            return _as_dict(obj)
         except ApiError as err:
             if err.status.code == 404:
                 return None
@@ -106,41 +184,60 @@ class Kube:
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """Jobs, PyTorchJobs and pods labelled with the run, in that order."""
         labels: dict[str, Any] = {RUN_LABEL: run}
-        jobs = [
-            _as_dict(j) async for j in self._client.list(Job, namespace=namespace, labels=labels)
-        ]
-        ptjs = [
-            _as_dict(j)
-            async for j in self._client.list(PyTorchJob, namespace=namespace, labels=labels)
-        ]
-        pods = [
-            _as_dict(p) async for p in self._client.list(Pod, namespace=namespace, labels=labels)
-        ]
+        jobs, ptjs, pods = await asyncio.gather(
+            *(self._list(kind, namespace, labels) for kind in CHILD_KINDS)
+        )
         return jobs, ptjs, pods
+
+    async def list_labelled(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every Job, PyTorchJob and Pod carrying the run label, in one namespace or (None)
+        all of them: the child index's startup and verification LIST."""
+        labels: dict[str, Any] = {RUN_LABEL: exists()}
+        ns = namespace if namespace is not None else ALL_NS
+        found = await asyncio.gather(*(self._list(kind, ns, labels) for kind in CHILD_KINDS))
+        return [obj for objs in found for obj in objs]
+
+    async def _list(
+        self, kind: tuple[str, str], namespace: Any, labels: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        res = _KINDS[kind]
+        async with self._slots(LATER):
+            items = [
+                _as_dict(o)
+                async for o in self._client.list(res, namespace=namespace, labels=labels)
+            ]
+        for item in items:  # list items carry no kind of their own
+            item["apiVersion"], item["kind"] = kind
+        return items
 
     async def get_nodes(self, names: list[str]) -> list[dict[str, Any]]:
         """Nodes by name; a node that no longer exists is simply absent from the answer."""
         found = []
         for name in sorted(set(names)):
             try:
-                found.append(_as_dict(await self._client.get(Node, name)))
+                async with self._slots(LATER):
+                    found.append(_as_dict(await self._client.get(Node, name)))
             except ApiError as err:
                 if err.status.code != 404:
                     raise
         return found
 
-    async def create(self, manifest: Mapping[str, Any], namespace: str) -> bool:
-        """Create-if-absent. True when created now, False when it already existed."""
+    async def create(self, manifest: Mapping[str, Any], namespace: str) -> dict[str, Any] | None:
+        """Create-if-absent: the created object as the API server answered it, or None when
+        it already existed."""
         body = dict(manifest)
         body["metadata"] = {**(body.get("metadata") or {}), "namespace": namespace}
         obj: Any = codecs.from_dict(body)
         try:
-            await self._client.create(obj)
+            async with self._slots(CREATE):
+                created = _as_dict(await self._client.create(obj))
         except ApiError as err:
             if err.status.code == 409:
-                return False
+                return None
             raise
-        return True
+        created.setdefault("apiVersion", body.get("apiVersion"))
+        created.setdefault("kind", body.get("kind"))
+        return created
 
     async def delete(
         self,
@@ -156,47 +253,66 @@ class Kube:
         res = _KINDS[(api_version, kind)]
         cascade = CascadeType.FOREGROUND if propagation == "Foreground" else CascadeType.BACKGROUND
         try:
-            await self._client.delete(
-                res, name, namespace=namespace, cascade=cascade, grace_period=grace_period
-            )
+            async with self._slots(LATER):
+                await self._client.delete(
+                    res, name, namespace=namespace, cascade=cascade, grace_period=grace_period
+                )
         except ApiError as err:
             if err.status.code == 404:
                 return False
             raise
         return True
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        """JSON merge patch on the status subresource (None values delete keys)."""
-        await self._client.patch(
-            ContinualPretrain.Status,
-            name,
-            {"status": dict(patch)},
-            namespace=namespace,
-            patch_type=PatchType.MERGE,
-        )
+    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> str | None:
+        """JSON merge patch on the status subresource (None values delete keys). Returns the
+        run's resourceVersion after the patch."""
+        async with self._slots(LATER):
+            obj = await self._client.patch(
+                ContinualPretrain.Status,
+                name,
+                {"status": dict(patch)},
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+            )
+        version = (_as_dict(obj).get("metadata") or {}).get("resourceVersion")
+        return str(version) if version else None
 
     async def secret_exists(self, namespace: str, name: str) -> bool | None:
         """Whether a Secret exists, asking for its metadata only (PartialObjectMetadata: the
         data never reaches the operator). None when this identity may not read Secrets (the
-        chart grants no such right by default) or the answer is anything but 200/404."""
+        chart grants no such right by default) or the answer is anything but 200/404.
+        A 403 is remembered for the namespace for a minute."""
+        forbidden_at = self._secrets_forbidden.get(namespace)
+        if forbidden_at is not None and time.monotonic() - forbidden_at < SECRETS_FORBIDDEN_TTL:
+            return None
         generic = self._client._client  # lightkube's request layer, for the Accept header
         request = generic.prepare_request(
             "get", Secret, name=name, namespace=namespace, headers={"Accept": PARTIAL_METADATA}
         )
-        response = await generic.send(generic.build_adapter_request(request))  # type: ignore[no-untyped-call]
+        async with self._slots(FIRST):
+            response = await generic.send(generic.build_adapter_request(request))  # type: ignore[no-untyped-call]
+        if response.status_code in (401, 403):
+            self._secrets_forbidden[namespace] = time.monotonic()
         return {200: True, 404: False}.get(response.status_code)
 
     async def pod_security_level(self, namespace: str) -> str | None:
         """The namespace's enforced Pod Security level ("" when unlabelled), or None when
-        this identity may not read Namespaces."""
+        this identity may not read Namespaces. Cached per namespace for a few seconds."""
+        hit = self._pod_security.get(namespace)
+        if hit is not None and time.monotonic() - hit[0] < POD_SECURITY_TTL:
+            return hit[1]
+        level: str | None
         try:
-            ns = await self._client.get(Namespace, namespace)
+            async with self._slots(FIRST):
+                ns = await self._client.get(Namespace, namespace)
+            labels = (ns.metadata.labels if ns.metadata else None) or {}
+            level = str(labels.get(POD_SECURITY_ENFORCE, ""))
         except ApiError as err:
-            if err.status.code in (401, 403, 404):
-                return None
-            raise
-        labels = (ns.metadata.labels if ns.metadata else None) or {}
-        return str(labels.get(POD_SECURITY_ENFORCE, ""))
+            if err.status.code not in (401, 403, 404):
+                raise
+            level = None
+        self._pod_security[namespace] = (time.monotonic(), level)
+        return level
 
     async def dry_run_create(self, manifest: Mapping[str, Any], namespace: str) -> str:
         """Server-side dry run of a create: the API server's message when it rejects the
@@ -204,7 +320,8 @@ class Kube:
         body = dict(manifest)
         body["metadata"] = {**(body.get("metadata") or {}), "namespace": namespace}
         try:
-            await self._client.create(codecs.from_dict(body), dry_run=True)  # type: ignore[call-overload]
+            async with self._slots(FIRST):
+                await self._client.create(codecs.from_dict(body), dry_run=True)  # type: ignore[call-overload]
         except ApiError as err:
             if err.status.code in (400, 422):
                 return str(err.status.message or err)
@@ -241,6 +358,7 @@ class Kube:
             action=reason,
         )
         try:
-            await self._client.create(event)
+            async with self._slots(LATER):
+                await self._client.create(event)
         except ApiError as err:
             log.warning("could not post event %s on %s: %s", reason, meta.get("name"), err)
