@@ -103,6 +103,8 @@ class OperatorState:
     reconciles: int = 0
     passes: dict[RunKey, float] = field(default_factory=dict)
     """When each run's last pass started (the resync skips runs an event just reconciled)."""
+    roots: dict[RunKey, admission.RunRoots] = field(default_factory=dict)
+    """The S3 prefixes each run owns (from the run watch): no two runs may overlap."""
 
 
 STATE = OperatorState()
@@ -188,6 +190,9 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
         if there is False
     ]
     found += admission.pod_security_problems(spec, level)
+    mine = admission.RunRoots.of(body)
+    if mine is not None:
+        found += admission.shared_roots(mine, list(STATE.roots.values()))
     for (what, field_, _), message in zip(manifests, messages, strict=True):
         if message:
             found.append(admission.rejected(what, field_, message))
@@ -476,8 +481,30 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         await verify_index(STATE.kube, STATE.index, STATE.scopes)
     except ApiError as err:  # e.g. no RBAC to list cluster-wide: each run LISTs its own
         log.warning("could not list the runs' children (each run lists its own): %s", err)
+    await prime_roots(STATE.kube, STATE.scopes)
     STATE.last_resync = time.monotonic()
     STATE.resync_task = asyncio.create_task(resync_forever(RESYNC_SECONDS))
+
+
+async def prime_roots(kube: KubeApi, scopes: tuple[str, ...]) -> None:
+    """Which S3 prefixes the existing runs own, before any run is planned: the run watch's
+    first events may arrive in any order, and a new run must see every older one."""
+    try:
+        for scope in scopes:
+            for body in await kube.list_runs(None if scope == ALL_NAMESPACES else scope):
+                remember_roots(body)
+    except ApiError as err:
+        log.warning("could not list the runs (shared-prefix check uses the watch only): %s", err)
+
+
+def remember_roots(body: Mapping[str, Any]) -> None:
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    roots = admission.RunRoots.of(body)
+    if roots is None:
+        STATE.roots.pop(key, None)
+    else:
+        STATE.roots[key] = roots
 
 
 @kopf.on.cleanup()
@@ -534,7 +561,10 @@ async def run_event(
         STATE.written.pop(key, None)
         STATE.passes.pop(key, None)
         STATE.index.forget(key)
+        STATE.roots.pop(key, None)
         return
+    if body:
+        remember_roots(body)
     STATE.runs.setdefault(key, "")
     current = run_event_body(key, body)
     if current is SKIP:

@@ -76,6 +76,10 @@ class FakeKube:
         self.calls.append(("list_labelled", namespace or "*"))
         return [copy.deepcopy(obj) for _, obj in sorted(self.children.items())]
 
+    async def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
+        self.calls.append(("list_runs", namespace or "*"))
+        return [copy.deepcopy(self.run)]
+
     async def create(self, manifest: Mapping[str, Any], namespace: str) -> dict[str, Any] | None:
         key = (manifest["kind"], manifest["metadata"]["name"])
         self.calls.append(("create", key[1]))

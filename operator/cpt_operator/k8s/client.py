@@ -127,6 +127,8 @@ class KubeApi(Protocol):
 
     async def list_labelled(self, namespace: str | None) -> list[dict[str, Any]]: ...
 
+    async def list_runs(self, namespace: str | None) -> list[dict[str, Any]]: ...
+
     async def create(
         self, manifest: Mapping[str, Any], namespace: str
     ) -> dict[str, Any] | None: ...
@@ -196,6 +198,13 @@ class Kube:
         ns = namespace if namespace is not None else ALL_NS
         found = await asyncio.gather(*(self._list(kind, ns, labels) for kind in CHILD_KINDS))
         return [obj for objs in found for obj in objs]
+
+    async def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every ContinualPretrain in one namespace or (None) all of them: which S3 prefixes
+        the runs already own, read once at startup (afterwards the run watch keeps it)."""
+        ns = namespace if namespace is not None else ALL_NS
+        async with self._slots(LATER):
+            return [_as_dict(r) async for r in self._client.list(ContinualPretrain, namespace=ns)]
 
     async def _list(
         self, kind: tuple[str, str], namespace: Any, labels: dict[str, Any]

@@ -15,6 +15,7 @@ blocker: the run goes on and the kubelet / admission report the problem on the p
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,3 +141,68 @@ def rejected(what: str, field: str, message: str) -> Blocker:
         field,
         f"{field}: the API server rejects the {what} built from this spec: {message}",
     )
+
+
+ROOT_IN_USE = "StorageRootInUse"
+
+
+@dataclass(frozen=True)
+class RunRoots:
+    """The S3 prefixes a run owns: it resumes from, prunes and overwrites what is under them.
+    `order` ranks runs by age (creationTimestamp, then namespace/name): the older run keeps
+    its prefixes, the newer one is blocked."""
+
+    namespace: str
+    name: str
+    order: tuple[str, str]
+    roots: tuple[tuple[str, str], ...]  # (spec field, URI)
+
+    @classmethod
+    def of(cls, body: Any) -> RunRoots | None:
+        """From a run object as the API returns it; None when its spec is not valid (such a
+        run fails in planning and never writes)."""
+        meta = body.get("metadata") or {}
+        try:
+            spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+        except ValueError:
+            return None
+        ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        return cls(
+            ns,
+            name,
+            (str(meta.get("creationTimestamp") or ""), f"{ns}/{name}"),
+            (
+                ("spec.checkpoints.s3Uri", spec.checkpoints.s3_uri),
+                ("spec.output.s3Uri", spec.output.s3_uri),
+            ),
+        )
+
+
+def _overlap(a: str, b: str) -> bool:
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def shared_roots(run: RunRoots, others: Iterable[RunRoots]) -> list[Blocker]:
+    """A run whose checkpoint or output prefix overlaps one of an older run's (same prefix,
+    or one inside the other): it would resume from, prune or overwrite that run's
+    checkpoints and model. Runs are compared across every namespace the operator sees."""
+    found: list[Blocker] = []
+    for other in others:
+        if (other.namespace, other.name) == (run.namespace, run.name) or other.order > run.order:
+            continue
+        for field, uri in run.roots:
+            clash = next(((f, u) for f, u in other.roots if _overlap(uri, u)), None)
+            if clash is None:
+                continue
+            found.append(
+                Blocker(
+                    ROOT_IN_USE,
+                    field,
+                    f"{field}: {uri} overlaps {clash[0]} {clash[1]} of run "
+                    f"{other.namespace}/{other.name}: the runs would resume from, prune or "
+                    "overwrite each other's checkpoints and models. Give this run its own "
+                    "prefix, or delete the other run first",
+                )
+            )
+    return found
