@@ -12,9 +12,12 @@ each its own process, reached only through ``AWS_ENDPOINT_URL``:
 Against each server, same server per pair, order alternating between repeats:
 
 * ours, upload: ``cpt_training.checkpoint.upload_and_commit`` (managed multipart transfers of
-  all files at once, sha256 of every file, manifest + commit marker);
+  all files at once, a CRC64NVME checksum of every file, manifest + commit marker);
 * ours, download: ``cpt_training.checkpoint.restore`` (finds the newest committed tag,
-  downloads, verifies every file against the manifest);
+  downloads, verifies every file against the manifest's checksum);
+
+``--checksum sha256`` makes ours write (and so verify) sha256 manifests, as cpt did before,
+for an A/B of the checksum's cost on the same machine.
 * baseline: ``aws s3 cp --recursive`` up and down (the awscli of the venv, default settings).
 
 Each transfer runs as a fresh process (ours: ``python -m bench.ckpt_sync_bench --child``), so
@@ -48,6 +51,7 @@ import s3server  # type: ignore[import-not-found]
 
 MiB = 1024 * 1024
 SERVERS = ("versity", "moto")
+CHECKSUMS = ("crc64nvme", "sha256")  # ours: the default, and the pre-CRC manifests
 
 
 def make_checkpoint(root: Path, files: int, file_mib: int) -> Path:
@@ -168,7 +172,7 @@ def _child(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     if args.op == "upload":
-        upload_and_commit(args.src, args.dst, step=100)
+        upload_and_commit(args.src, args.dst, step=100, algorithm=args.checksum)
     else:
         ck = restore(args.src, args.dst)
         if ck is None:
@@ -224,7 +228,7 @@ def _awscrt_version(env: dict[str, str]) -> str | None:
 
 
 def bench_server(
-    server: Any, src: Path, nbytes: int, reps: int, work: Path
+    server: Any, src: Path, nbytes: int, reps: int, work: Path, checksum: str
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Every repeat of ours and the CLI, up and down, against one running server."""
     import boto3
@@ -271,7 +275,7 @@ def bench_server(
             if keys:
                 s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
-    py = [sys.executable, "-m", "bench.ckpt_sync_bench", "--child"]
+    py = [sys.executable, "-m", "bench.ckpt_sync_bench", "--child", "--checksum", checksum]
     aws = [aws_exe(), "s3", "cp", "--recursive", "--only-show-errors"]
     for rep in range(reps):
         order = ("ours", "cli") if rep % 2 == 0 else ("cli", "ours")
@@ -295,7 +299,11 @@ def bench_server(
 
 
 def bench(
-    files: int, file_mib: int, reps: int, servers: tuple[str, ...] = SERVERS
+    files: int,
+    file_mib: int,
+    reps: int,
+    servers: tuple[str, ...] = SERVERS,
+    checksum: str = CHECKSUMS[0],
 ) -> list[dict[str, Any]]:
     work = common.WORK / "ckpt-sync"
     work.mkdir(parents=True, exist_ok=True)
@@ -306,10 +314,12 @@ def bench(
         print(f"{which}:", flush=True)
         server: Any = Versity(work) if which == "versity" else Moto(work / "moto.log")
         try:
-            runs, extra = bench_server(server, src, nbytes, reps, work)
+            runs, extra = bench_server(server, src, nbytes, reps, work, checksum)
         finally:
             server.stop()
-        out.extend(_measurements(which, server, runs, extra, files, file_mib, nbytes, reps))
+        out.extend(
+            _measurements(which, server, runs, extra, files, file_mib, nbytes, reps, checksum)
+        )
     return out
 
 
@@ -322,6 +332,7 @@ def _measurements(
     file_mib: int,
     nbytes: int,
     reps: int,
+    checksum: str,
 ) -> list[dict[str, Any]]:
     """The goal rows (``ckpt.sync.<op>``) come from the compiled server; moto's rows
     (``ckpt.sync.moto.<op>``) carry no goal: there the server sets the pace."""
@@ -346,8 +357,8 @@ def _measurements(
 
     out = []
     for op, what in (
-        ("upload", "upload_and_commit (multipart, sha256, manifest + commit)"),
-        ("download", "restore (newest committed tag, download, verify sha256)"),
+        ("upload", f"upload_and_commit (multipart, {checksum} per file, manifest + commit)"),
+        ("download", f"restore (newest committed tag, download, verify {checksum})"),
     ):
         o, c = best(f"ours-{op}"), best(f"cli-{op}")
         out.append(
@@ -400,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(SERVERS),
         help=f"comma-separated, of {', '.join(SERVERS)} (default: both)",
     )
+    p.add_argument(
+        "--checksum",
+        choices=CHECKSUMS,
+        default=CHECKSUMS[0],
+        help="the file checksum our manifests record and restore verifies (default: %(default)s)",
+    )
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.child:
@@ -408,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = tuple(x for x in args.servers.split(",") if x)
     if not servers or any(x not in SERVERS for x in servers):
         p.error(f"--servers must list some of {', '.join(SERVERS)}, got {args.servers!r}")
-    items = bench(args.files, args.file_mib, args.reps, servers)
+    items = bench(args.files, args.file_mib, args.reps, servers, args.checksum)
     for m in items:
         print(f"{m['name']:22s} {m['value']:8.1f} MB/s  ratio {m['ratio']:.2f}")
     if not args.no_write:

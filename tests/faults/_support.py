@@ -214,10 +214,13 @@ class S3FaultProxy:
 
             def answer(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
                 self.send_response(status)
+                length = str(len(body))
                 for k, v in headers:
-                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    if k.lower() == "content-length" and self.command == "HEAD":
+                        length = v  # a HEAD answer has no body but the object's length
+                    elif k.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)

@@ -21,6 +21,7 @@ from cpt_training import checkpoint as ck
 from cpt_training import storage
 from cpt_training.checkpoint import COMMIT_NAME, CheckpointCorruptError
 from cpt_training.storage import TransferSettings, open_storage
+from fixtures.legacy_ckpt import commit_the_old_way
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +88,7 @@ def test_a_flipped_byte_in_s3_is_detected_and_restore_falls_back(
     got = ck.restore(root, tmp_path / "restore")
     assert got is not None and got.tag == "step_10"
     assert "s3://" in caplog.text and "step_20 (step 20) is corrupt" in caplog.text
-    assert "model/dp_rank_00_tp_rank_01_pp_rank_00.pt: sha256" in caplog.text
+    assert "model/dp_rank_00_tp_rank_01_pp_rank_00.pt: crc64nvme" in caplog.text
     st = open_storage(f"{root}/step_20")
     assert not st.exists(COMMIT_NAME) and st.exists(ck.CORRUPT_NAME)
     # Corrupt the only remaining tag too: the error names it.
@@ -107,6 +108,30 @@ _UPLOADER = textwrap.dedent(
     print("COMMITTED", flush=True)
     """
 )
+
+
+def test_a_sha256_manifest_on_s3_still_restores_and_its_corruption_is_caught(
+    s3_env: Any, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tags committed before the switch to CRC64NVME (entries under "sha256") keep working."""
+    root = f"s3://{bucket}/legacy"
+    ck.upload_and_commit(make_nxd_tag(tmp_path / "s", 1, tp=1, size=MiB), f"{root}/step_1")
+    src = make_nxd_tag(tmp_path / "s", 2, tp=2, size=3 * MiB)
+    commit_the_old_way(src, f"{root}/step_2", 2)
+    assert {f.algorithm for f in ck.read_manifest(f"{root}/step_2").files} == {"sha256"}
+    got = ck.restore(root, tmp_path / "restore", settings=SMALL_PARTS)
+    assert got is not None and got.tag == "step_2" and got.local_path is not None
+    for p in src.rglob("*.pt"):
+        assert (got.local_path / p.relative_to(src)).read_bytes() == p.read_bytes()
+    key = "legacy/step_2/optim/dp_rank_00_tp_rank_01_pp_rank_00.pt"
+    client = s3_env.client()
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[4 * MiB] ^= 0x04
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    got = ck.restore(root, tmp_path / "restore2", settings=SMALL_PARTS)
+    assert got is not None and got.tag == "step_1"
+    assert "optim/dp_rank_00_tp_rank_01_pp_rank_00.pt: sha256" in caplog.text
+    assert open_storage(f"{root}/step_2").exists(ck.CORRUPT_NAME)
 
 
 def test_an_uploader_killed_mid_upload_leaves_nothing_restorable(

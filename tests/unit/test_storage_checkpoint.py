@@ -79,7 +79,8 @@ def test_commit_writes_a_manifest_and_then_a_marker_bound_to_it(tmp_path: Path) 
     }
     assert manifest.total_bytes == m["totalBytes"] == sum(p.stat().st_size for p in src.iterdir())
     entry = manifest.by_path()["__1_0.distcp"]
-    assert entry.sha256 == ck.sha256_file(src / "__1_0.distcp")
+    assert entry.algorithm == ck.HASH_ALGORITHM == m["algorithm"] == "crc64nvme"
+    assert entry.digest == ck.file_digest(src / "__1_0.distcp", "crc64nvme")
 
 
 def test_commit_refuses_a_tag_whose_upload_is_missing_or_short(tmp_path: Path) -> None:
@@ -160,9 +161,9 @@ def test_restore_falls_back_from_a_corrupted_tag_and_quarantines_it(
     victim.write_bytes(bytes(data))
     got = ck.restore(str(root), tmp_path / "restore")
     assert got is not None and got.tag == "step_1"
-    assert "step_2 (step 2) is corrupt" in caplog.text and "__1_0.distcp: sha256" in caplog.text
+    assert "step_2 (step 2) is corrupt" in caplog.text and "__1_0.distcp: crc64nvme" in caplog.text
     assert not (root / "step_2" / COMMIT_NAME).exists()
-    assert "sha256" in json.loads((root / "step_2" / CORRUPT_NAME).read_text())["reason"]
+    assert "crc64nvme" in json.loads((root / "step_2" / CORRUPT_NAME).read_text())["reason"]
     assert ck.latest_committed(str(root)).tag == "step_1"  # type: ignore[union-attr]
     assert not (tmp_path / "restore" / "step_2").exists()
 

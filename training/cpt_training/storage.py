@@ -544,8 +544,8 @@ def s3_client(settings: TransferSettings | None = None) -> Any:
                 read_timeout=s.read_timeout,
                 tcp_keepalive=True,
                 # Integrity of request bodies comes from the CRC32 checksum botocore sends
-                # with every upload (and the manifest's sha256): no second SHA-256 pass over
-                # each part for the signature, as botocore already does over HTTPS.
+                # with every upload (and the manifest's per-file CRC64NVME): no second SHA-256
+                # pass over each part for the signature, as botocore already does over HTTPS.
                 s3={"payload_signing_enabled": False},
             )
             client = _sessions()[0].client("s3", config=cfg)

@@ -27,10 +27,12 @@ docs/data.md. Nothing here imports torch at import time.
 from cpt_training.checkpoint.manifest import (
     COMMIT_NAME,
     CORRUPT_NAME,
+    HASH_ALGORITHM,
     MANIFEST_NAME,
     PRETRAINED_TAG,
     FileEntry,
     Manifest,
+    file_digest,
     sha256_file,
     step_of_tag,
     tag_for_step,
@@ -72,6 +74,7 @@ from cpt_training.checkpoint.sync import (
 __all__ = [
     "COMMIT_NAME",
     "CORRUPT_NAME",
+    "HASH_ALGORITHM",
     "MANIFEST_NAME",
     "PRETRAINED_TAG",
     "WHOLE_TAG_ENV",
@@ -91,6 +94,7 @@ __all__ = [
     "collective_for",
     "commit",
     "default_node_id",
+    "file_digest",
     "latest_committed",
     "list_committed",
     "merge_entries",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cpt_training.checkpoint.manifest import Manifest, sha256_bytes
+from cpt_training.checkpoint.manifest import Manifest, digest_bytes
 from cpt_training.storage import Storage, TransferSettings, open_storage
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class TagFiles:
         if self._storage is None:
             self._storage = open_storage(self.uri, self.settings)
         data = self._storage.read_bytes(rel)
-        if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
+        if len(data) != entry.size or digest_bytes(data, entry.algorithm) != entry.digest:
             raise ValueError(f"{self.uri}/{rel} does not match the manifest")
         return data
 

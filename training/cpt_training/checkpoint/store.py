@@ -24,12 +24,15 @@ from cpt_training.checkpoint.manifest import (
     COMMIT_NAME,
     CORRUPT_NAME,
     FORMAT,
+    HASH_ALGORITHM,
     MANIFEST_NAME,
     PRETRAINED_TAG,
     FileEntry,
     Manifest,
+    file_digest,
     hash_local_files,
     local_files,
+    new_hasher,
     sha256_bytes,
     step_of_tag,
     utc_now,
@@ -81,11 +84,14 @@ def upload_node_files(
     *,
     concurrency: int | None = None,
     settings: TransferSettings | None = None,
+    algorithm: str = HASH_ALGORITHM,
 ) -> list[FileEntry]:
-    """Upload one node's files of a tag and return their manifest entries.
+    """Upload one node's files of a tag and return their manifest entries (checksums with
+    ``algorithm``; sha256 only for comparisons and tools that need it).
 
-    Hashing (threads, GIL released) overlaps with the managed upload of the same files, which
-    are hot in the page cache. cpt's own marker names are never uploaded from here."""
+    Checksumming (CRC64NVME in threads, GIL released) overlaps with the managed upload of the
+    same files, which are hot in the page cache; it costs about as much CPU as reading them.
+    cpt's own marker names are never uploaded from here."""
     st = open_storage(tag_uri, settings)
     rels = local_files(local_tag_dir)
     with contextlib.ExitStack() as stack:
@@ -98,6 +104,7 @@ def upload_node_files(
             rels,
             node=node_rank,
             workers=st.settings.hash_workers,
+            algorithm=algorithm,
         )
         st.upload_dir(local_tag_dir, "", files=rels, concurrency=concurrency)
         entries: list[FileEntry] = hashed.result()
@@ -113,7 +120,7 @@ def merge_entries(per_node: Iterable[Sequence[FileEntry]]) -> list[FileEntry]:
             prev = merged.get(e.path)
             if prev is None:
                 merged[e.path] = e
-            elif (prev.size, prev.sha256) != (e.size, e.sha256):
+            elif (prev.size, prev.algorithm, prev.digest) != (e.size, e.algorithm, e.digest):
                 raise CheckpointError(
                     f"nodes {prev.node} and {e.node} wrote different content to {e.path!r}; "
                     "each file of a tag must be written by one node (or be identical)"
@@ -125,15 +132,11 @@ def _remote_entries(st: Storage) -> list[FileEntry]:
     sizes = {k: v for k, v in st.list_sizes().items() if k not in _RESERVED}
 
     def one(rel: str) -> FileEntry:
-        import hashlib
-
-        h = hashlib.sha256()
         local = st.local_path(rel)
         if local is not None:
-            from cpt_training.checkpoint.manifest import sha256_file
-
-            return FileEntry(rel, sizes[rel], sha256_file(local))
+            return FileEntry(rel, sizes[rel], file_digest(local))
         assert isinstance(st, S3Storage)
+        h = new_hasher(HASH_ALGORITHM)
         body = st.client.get_object(Bucket=st.bucket, Key=st._k(rel))["Body"]
         try:
             for chunk in iter(lambda: body.read(8 * 1024 * 1024), b""):
@@ -160,7 +163,7 @@ def commit(
     """Write ``cpt-manifest.json`` then ``cpt-commit.json`` for an uploaded tag.
 
     ``entries`` come from :func:`upload_node_files` (all nodes, merged); when None the tag is
-    hashed where it lies (for files written straight to the root, e.g. by NxD's S3 storage).
+    checksummed where it lies (for files written straight to the root, e.g. by NxD's S3 storage).
     Before writing anything the remote listing is checked against the entries, so a tag with a
     missing or short upload is never committed."""
     st = open_storage(tag_uri, settings)
@@ -214,6 +217,7 @@ def upload_and_commit(
     extra: dict[str, Any] | None = None,
     concurrency: int | None = None,
     settings: TransferSettings | None = None,
+    algorithm: str = HASH_ALGORITHM,
 ) -> Manifest:
     """Single-process convenience (convert-to-nxd, export, tests): clear whatever an earlier
     attempt left under the tag, upload, commit."""
@@ -223,7 +227,7 @@ def upload_and_commit(
         uncommit(tag_uri, settings=settings)
         st.delete_prefix()
     entries = upload_node_files(
-        local_tag_dir, tag_uri, 0, concurrency=concurrency, settings=settings
+        local_tag_dir, tag_uri, 0, concurrency=concurrency, settings=settings, algorithm=algorithm
     )
     return commit(tag_uri, step=step, entries=entries, world=world, extra=extra, settings=settings)
 
@@ -426,7 +430,7 @@ def restore(
 ) -> CommittedCheckpoint | None:
     """Download the newest committed tag into ``<local_dir>/<tag>/`` and verify it.
 
-    Files already present locally with the right size and sha256 are not fetched again (a
+    Files already present locally with the right size and checksum are not fetched again (a
     restarted pod on the same node restores from its disk). A tag that does not match its
     manifest raises :class:`CheckpointCorruptError` internally, is logged, quarantined (unless
     ``quarantine=False``) and the previous committed tag is tried. Returns None when there is

@@ -12,7 +12,7 @@ Protocol for one tag T (every rank runs a :class:`CheckpointSyncer`):
    status. When every rank of a node is ready (and rank 0 has cleared the tag), the node's
    uploader (its lowest rank) uploads the node's whole local tag dir in a background thread
    (:func:`~cpt_training.checkpoint.store.upload_node_files`: managed multipart transfers,
-   sha256 per file). The training loop never waits for the network.
+   a CRC64NVME checksum per file). The training loop never waits for the network.
 3. At the first ``poll`` where every uploader reports done, the per-node file entries are
    gathered, rank 0 merges them, checks the remote listing and writes ``cpt-manifest.json``
    then ``cpt-commit.json``, and every rank learns the outcome (a third tiny gather). Rank 0
