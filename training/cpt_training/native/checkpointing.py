@@ -266,7 +266,15 @@ class DcpCheckpointer:
         metadata = pickle.loads(view.read_bytes(DCP_METADATA))
         return Selection.of({DCP_METADATA, *dcp_files_read(self.state, metadata)})
 
+    def release(self) -> None:
+        """Error path: join the staging thread and free its buffers without waiting for the
+        write (its collectives may never complete once a peer is gone)."""
+        if self._stager is not None:
+            self._stager.release()
+            self._stager = None
+
     def close(self) -> None:
+        """Wait for the last write, then release staging and the async group (all ranks)."""
         try:
             self.wait()
         except Exception as exc:

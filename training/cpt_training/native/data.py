@@ -8,9 +8,11 @@ thread so the loop never waits for the memory-mapped Arrow files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Generator, Iterator
 
 import numpy as np
@@ -29,7 +31,15 @@ _END = object()
 
 
 class _Prefetch:
-    """Runs an iterator ``depth`` items ahead in a daemon thread (errors are re-raised)."""
+    """Runs an iterator ``depth`` items ahead in a background thread (errors are re-raised).
+
+    :meth:`close` stops *and joins* the thread. The thread makes torch tensors; one still
+    running when the interpreter finalizes is killed inside torch's C++ code (CPython ends
+    threads that wait for the GIL then), which aborts the process with "terminate called
+    without an active exception". A rank that stops right after its last step exits within a
+    fraction of a second, so the join is what makes every rank exit cleanly."""
+
+    JOIN_TIMEOUT_S = 60.0
 
     def __init__(self, it: Iterator[MicroBatches], depth: int = 2) -> None:
         self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
@@ -44,7 +54,7 @@ class _Prefetch:
             for item in it:
                 while not self._stop.is_set():
                     try:
-                        self._q.put(item, timeout=0.5)
+                        self._q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -53,6 +63,11 @@ class _Prefetch:
             self._q.put(_END)
         except BaseException as exc:  # handed to the consumer
             self._q.put(exc)
+        finally:
+            # Free the source (and its tensors) here, while close() waits for this thread.
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def __iter__(self) -> Iterator[MicroBatches]:
         while True:
@@ -63,8 +78,22 @@ class _Prefetch:
                 raise item
             yield item  # type: ignore[misc]
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
+        """Stop the thread and wait for it (idempotent)."""
         self._stop.set()
+        deadline = time.monotonic() + self.JOIN_TIMEOUT_S
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            # Unblock a put() on a full queue (and drop batches nobody will read).
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._q.get_nowait()
+            self._thread.join(timeout=0.1)
+        if self._thread.is_alive():
+            log.warning("data prefetch thread still running %.0fs after close", self.JOIN_TIMEOUT_S)
 
 
 def _tensor(arr: np.ndarray, pin: bool) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -295,6 +296,16 @@ class Trainer:
             )
 
     def train(self) -> int:
+        try:
+            return self._train()
+        except BaseException:
+            # No waiting for peers here (one may be gone): stop our own pools and staging
+            # thread so nothing of ours outlives the process group.
+            self.checkpointer.release()
+            self.syncer.close()
+            raise
+
+    def _train(self) -> int:
         cfg = self.cfg
         start = self.restore_or_init()
         self.counters.step = start
@@ -374,10 +385,31 @@ class Trainer:
             log.info("stopAfterSteps=%d reached at step %d", stop, step)
 
 
+LEFTOVER_THREADS_MSG = "background threads still running at exit"
+
+
+def _join_daemon_threads(grace_s: float = 5.0) -> list[str]:
+    """Wait briefly for daemon threads, then name those still running. The interpreter joins
+    non-daemon threads itself; a daemon thread still inside torch when the interpreter
+    finalizes aborts the process ("terminate called without an active exception"), so every
+    thread the trainer starts is joined before this point and this is the safety net."""
+    deadline = time.monotonic() + grace_s
+    left = []
+    for t in threading.enumerate():
+        if t is threading.current_thread() or not t.daemon:
+            continue
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            left.append(t.name)
+    return left
+
+
 def run(cfg: TrainStage) -> int:
     d = nd.init_distributed(cfg.device)
     try:
-        trainer = Trainer(cfg, d)
-        return trainer.train()
+        return Trainer(cfg, d).train()
     finally:
         nd.destroy()
+        left = _join_daemon_threads()
+        if left:
+            log.warning("%s: %s", LEFTOVER_THREADS_MSG, ", ".join(sorted(left)))
