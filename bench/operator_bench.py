@@ -341,7 +341,7 @@ def bench(
         "createConcurrency": 32,
         "resyncSeconds": resync,
         "workerLimit": (operator_env or {}).get(
-            "CPT_WORKER_LIMIT", "chart default (CPT_WORKER_LIMIT unset: 32)"
+            "CPT_WORKER_LIMIT", "default (CPT_WORKER_LIMIT unset: 128, as the chart)"
         ),
         "operatorEnv": dict(operator_env or {}),
         "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable tool pods",
