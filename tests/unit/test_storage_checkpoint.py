@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from cpt_training.checkpoint import (
     CheckpointSyncer,
 )
 from cpt_training.storage import open_storage
+from fixtures.collective import run_ranks
 
 pytestmark = pytest.mark.unit
 
@@ -243,61 +242,6 @@ def test_merge_entries_accepts_identical_duplicates_and_rejects_conflicts() -> N
 # ---------------------------------------------------------------------------------------------
 # The protocol with ranks as threads
 # ---------------------------------------------------------------------------------------------
-
-
-class ThreadGroup:
-    """An in-memory all_gather_object for ranks running as threads. A rank that does not show
-    up within ``timeout`` breaks the barrier: a deadlock fails the test instead of hanging."""
-
-    def __init__(self, world: int, timeout: float = 20.0) -> None:
-        self.world = world
-        self.slots: list[Any] = [None] * world
-        self.barrier = threading.Barrier(world, timeout=timeout)
-        self.gathers = [0] * world
-
-    def member(self, rank: int) -> Any:
-        group = self
-
-        class Member:
-            @property
-            def rank(self) -> int:
-                return rank
-
-            @property
-            def world_size(self) -> int:
-                return group.world
-
-            def all_gather_object(self, obj: Any) -> list[Any]:
-                group.slots[rank] = obj
-                group.barrier.wait()
-                out = list(group.slots)
-                group.barrier.wait()
-                group.gathers[rank] += 1
-                return out
-
-        return Member()
-
-
-def run_ranks(world: int, fn: Callable[[int, Any], Any]) -> list[Any]:
-    group = ThreadGroup(world)
-    results: list[Any] = [None] * world
-    errors: list[BaseException] = []
-
-    def body(rank: int) -> None:
-        try:
-            results[rank] = fn(rank, group.member(rank))
-        except BaseException as exc:
-            errors.append(exc)
-            group.barrier.abort()
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_two_nodes_upload_their_own_files_and_rank0_commits_the_merged_manifest(
