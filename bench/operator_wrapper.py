@@ -105,6 +105,13 @@ def main() -> None:
             prof.dump_stats(prof_path)
 
         atexit.register(dump)
+    trace_path = os.environ.get("CPT_BENCH_TRACEMALLOC")
+    if trace_path:  # what the operator's memory is (a snapshot dumped when it exits)
+        import atexit
+        import tracemalloc
+
+        tracemalloc.start(8)
+        atexit.register(lambda: tracemalloc.take_snapshot().dump(trace_path))
     out = os.environ.get("CPT_BENCH_COUNTS")
     if out:
         threading.Thread(target=_dump_forever, args=(Path(out),), daemon=True).start()
