@@ -190,7 +190,7 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
         if there is False
     ]
     found += admission.pod_security_problems(spec, level)
-    mine = admission.RunRoots.of(body)
+    mine = admission.RunRoots.of(body, spec)
     if mine is not None:
         found += admission.shared_roots(mine, list(STATE.roots.values()))
     for (what, field_, _), message in zip(manifests, messages, strict=True):
@@ -500,6 +500,13 @@ async def prime_roots(kube: KubeApi, scopes: tuple[str, ...]) -> None:
 def remember_roots(body: Mapping[str, Any]) -> None:
     meta = body.get("metadata") or {}
     key = (str(meta.get("namespace")), str(meta.get("name")))
+    known = STATE.roots.get(key)
+    if (
+        known is not None
+        and all(known.version)
+        and known.version == admission.RunRoots.version_of(body)
+    ):
+        return  # the echo of a status write: same spec, nothing to validate again
     roots = admission.RunRoots.of(body)
     if roots is None:
         STATE.roots.pop(key, None)

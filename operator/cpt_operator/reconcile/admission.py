@@ -156,16 +156,26 @@ class RunRoots:
     name: str
     order: tuple[str, str]
     roots: tuple[tuple[str, str], ...]  # (spec field, URI)
+    version: tuple[str, str] = ("", "")
+    """(uid, generation) of the spec these prefixes come from: a status write does not
+    change them, so a watch event with the same version needs no new validation."""
+
+    @staticmethod
+    def version_of(body: Any) -> tuple[str, str]:
+        meta = body.get("metadata") or {}
+        return (str(meta.get("uid") or ""), str(meta.get("generation") or ""))
 
     @classmethod
-    def of(cls, body: Any) -> RunRoots | None:
-        """From a run object as the API returns it; None when its spec is not valid (such a
-        run fails in planning and never writes)."""
+    def of(cls, body: Any, spec: ContinualPretrainSpec | None = None) -> RunRoots | None:
+        """From a run object as the API returns it (`spec`: its spec, when the caller has
+        validated it already); None when its spec is not valid (such a run fails in planning
+        and never writes)."""
         meta = body.get("metadata") or {}
-        try:
-            spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
-        except ValueError:
-            return None
+        if spec is None:
+            try:
+                spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+            except ValueError:
+                return None
         ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         return cls(
             ns,
@@ -175,6 +185,7 @@ class RunRoots:
                 ("spec.checkpoints.s3Uri", spec.checkpoints.s3_uri),
                 ("spec.output.s3Uri", spec.output.s3_uri),
             ),
+            cls.version_of(body),
         )
 
 
