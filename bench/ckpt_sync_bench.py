@@ -22,22 +22,32 @@ for an A/B of the checksum's cost on the same machine.
 
 Each transfer runs as a fresh process (ours: ``python -m bench.ckpt_sync_bench --child``), so
 both sides pay their start-up; the best repeat counts (the least disturbed by other processes
-on a shared machine), all repeats are recorded with the client's and the server's CPU time.
+on a shared machine), all repeats are recorded with the client's and the server's CPU time,
+and ours with where its time went (start-up, transfer, checksums).
+
+On another machine (the lent 16-core GPU host: ``bench/device_ckpt_sync.sh``) ``--label``
+names the rows (``ckpt.sync.<label>.<op>``) so they sit beside this host's in one report, and
+``--stem``/``--out-dir`` say where the results file goes. ``--prepare-carry`` packs what such a
+machine without network needs (the clients' wheels, unpacked, and the versitygw binary, both
+xz-compressed) into ``bench/work/ckpt-carry``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import resource
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +175,35 @@ class Versity:
         return cpu
 
 
-def _child(args: argparse.Namespace) -> None:
-    common.bootstrap()
-    from cpt_training.checkpoint import restore, upload_and_commit
-    from cpt_training.storage import TransferSettings, use_crt
+def _timed_phase(phases: dict[str, float], name: str, fn: Any) -> Any:
+    """``fn`` that adds its wall time to ``phases[name]`` (bench instrumentation only)."""
 
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+
+    return wrapper
+
+
+def _child(args: argparse.Namespace) -> None:
+    t_import = time.perf_counter()
+    common.bootstrap()
+    from cpt_training.checkpoint import restore, store, upload_and_commit
+    from cpt_training.storage import S3Storage, TransferSettings, use_crt
+
+    # Where the time goes, for the profile of a run: the transfers, and the checksum passes
+    # (upload: hashing runs beside the transfer; restore: verification after the download).
+    phases: dict[str, float] = {}
+    for owner, attr, phase in (
+        (S3Storage, "upload_dir", "transferSeconds"),
+        (S3Storage, "download_dir", "transferSeconds"),
+        (store, "hash_local_files", "checksumSeconds"),
+        (store, "verify_local", "checksumSeconds"),
+    ):
+        setattr(owner, attr, _timed_phase(phases, phase, getattr(owner, attr)))
     t0 = time.perf_counter()
     if args.op == "upload":
         upload_and_commit(args.src, args.dst, step=100, algorithm=args.checksum)
@@ -178,7 +212,12 @@ def _child(args: argparse.Namespace) -> None:
         if ck is None:
             raise SystemExit(f"nothing committed under {args.src}")
     client = "crt" if use_crt(TransferSettings.from_env()) else "classic"
-    res = {"inProcessSeconds": time.perf_counter() - t0, "transferClient": client}
+    res = {
+        "inProcessSeconds": time.perf_counter() - t0,
+        "importSeconds": t0 - t_import,
+        **phases,
+        "transferClient": client,
+    }
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -227,6 +266,17 @@ def _awscrt_version(env: dict[str, str]) -> str | None:
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
+def _aws_version(env: dict[str, str]) -> str | None:
+    """``aws --version`` in ``env`` (CLI, Python and botocore versions), None if it fails."""
+    try:
+        proc = subprocess.run(
+            [aws_exe(), "--version"], env=env, capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return None
+    return (proc.stdout or proc.stderr).strip() or None if proc.returncode == 0 else None
+
+
 def bench_server(
     server: Any, src: Path, nbytes: int, reps: int, work: Path, checksum: str
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
@@ -260,11 +310,22 @@ def bench_server(
             "loadAvg": common.load_average(),
             **_child_result(so),
         }
+        if "inProcessSeconds" in r:  # ours: outside restore/upload_and_commit = start-up, exit
+            r["outsideSeconds"] = dt - r["inProcessSeconds"]
         runs.setdefault(key, []).append(r)
         srv = "" if r["serverCpuSeconds"] is None else f", server cpu {r['serverCpuSeconds']:.1f} s"
+        phases = "".join(
+            f", {label} {r[k]:.2f} s"
+            for k, label in (
+                ("outsideSeconds", "start/exit"),
+                ("transferSeconds", "transfer"),
+                ("checksumSeconds", "checksums"),
+            )
+            if k in r
+        )
         print(
-            f"  {key:14s} {r['MBps']:8.1f} MB/s ({dt:.1f} s, client cpu {cpu:.1f} s{srv}, "
-            f"load {r['loadAvg']})",
+            f"  {key:14s} {r['MBps']:8.1f} MB/s ({dt:.2f} s, client cpu {cpu:.1f} s{srv}"
+            f"{phases}, load {r['loadAvg']})",
             flush=True,
         )
 
@@ -295,7 +356,34 @@ def bench_server(
             for who in order:
                 timed(f"{who}-download", down[who])
         wipe()
-    return runs, {"awscrt": _awscrt_version(env)}
+    return runs, {"awscrt": _awscrt_version(env), "awscli": _aws_version(env)}
+
+
+def machine_description(note: str = "") -> str:
+    """This host's CPU as the results name it; a pinned run (``taskset``) says how many of the
+    machine's cores it had, so a stand-in is never mistaken for the whole machine."""
+    desc = common.cpu_machine()
+    total = os.cpu_count() or 0
+    used = common.usable_cores()
+    if 0 < used < total:
+        desc = (
+            f"host CPU: {common.cpu_model()}, {used} of {total} cores (taskset: server and clients)"
+        )
+    return f"{desc}, {note}" if note else desc
+
+
+def our_settings() -> str:
+    """Ours' transfer settings as this environment sets them (``CPT_S3_*``)."""
+    common.bootstrap()
+    from cpt_training.storage import TransferSettings
+
+    s = TransferSettings.from_env()
+    d = TransferSettings()
+    same = (s.max_concurrency, s.multipart_chunksize) == (d.max_concurrency, d.multipart_chunksize)
+    return (
+        f"TransferSettings {'defaults' if same else 'from CPT_S3_*'} "
+        f"({s.max_concurrency} concurrent, {s.multipart_chunksize // MiB} MiB parts)"
+    )
 
 
 def bench(
@@ -304,6 +392,8 @@ def bench(
     reps: int,
     servers: tuple[str, ...] = SERVERS,
     checksum: str = CHECKSUMS[0],
+    label: str = "",
+    machine_note: str = "",
 ) -> list[dict[str, Any]]:
     work = common.WORK / "ckpt-sync"
     work.mkdir(parents=True, exist_ok=True)
@@ -318,7 +408,19 @@ def bench(
         finally:
             server.stop()
         out.extend(
-            _measurements(which, server, runs, extra, files, file_mib, nbytes, reps, checksum)
+            _measurements(
+                which,
+                server,
+                runs,
+                extra,
+                files,
+                file_mib,
+                nbytes,
+                reps,
+                checksum,
+                label=label,
+                machine_note=machine_note,
+            )
         )
     return out
 
@@ -333,10 +435,18 @@ def _measurements(
     nbytes: int,
     reps: int,
     checksum: str,
+    *,
+    label: str = "",
+    machine_note: str = "",
+    goal_rows: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """The goal rows (``ckpt.sync.<op>``) come from the compiled server; moto's rows
-    (``ckpt.sync.moto.<op>``) carry no goal: there the server sets the pace."""
-    machine = f"{common.cpu_machine()}, {server.short}"
+    """The goal rows (``ckpt.sync[.<label>].<op>``) come from the compiled server; moto's
+    rows (``ckpt.sync[.<label>].moto.<op>``) carry no goal: there the server sets the pace.
+    A pinned run (a stand-in for a smaller machine) carries none either, unless
+    ``goal_rows`` says so."""
+    machine = f"{machine_description(machine_note)}, {server.short}"
+    if goal_rows is None:
+        goal_rows = common.usable_cores() >= (os.cpu_count() or 0)
     clients = sorted({r.get("transferClient", "?") for r in runs["ours-upload"]})
     cfg = {
         "checkpointBytes": nbytes,
@@ -345,12 +455,14 @@ def _measurements(
         "server": server.name,
         "repeats": reps,
         "order": "alternating (ours first on odd repeats)",
-        "ourSettings": "TransferSettings defaults (32 concurrent, 16 MiB parts)",
+        "ourSettings": our_settings(),
         "ourTransferClient": "/".join(clients),
         "awscrt": extra.get("awscrt") or "not installed",
+        "awscli": extra.get("awscli") or "unknown",
         "cliSettings": "aws s3 cp defaults (10 concurrent, 8 MiB parts)",
     }
-    prefix = "ckpt.sync" if which == "versity" else f"ckpt.sync.{which}"
+    base = f"ckpt.sync.{label}" if label else "ckpt.sync"
+    prefix = base if which == "versity" else f"{base}.{which}"
 
     def best(key: str) -> dict[str, Any]:
         return max(runs[key], key=lambda r: r["MBps"])
@@ -369,7 +481,7 @@ def _measurements(
                 "MB/s",
                 o["MBps"],
                 baseline=(f"aws s3 cp --recursive ({op})", c["MBps"]),
-                goal=common.goal(">=", 2.0, "ratio") if which == "versity" else None,
+                goal=common.goal(">=", 2.0, "ratio") if which == "versity" and goal_rows else None,
                 details={"ours": runs[f"ours-{op}"], "cli": runs[f"cli-{op}"]},
             )
         )
@@ -397,6 +509,122 @@ def _child_result(stdout: str) -> dict[str, Any]:
     return {}
 
 
+# The clients' packages for a machine without network (pinned like requirements.lock), and
+# the Python and platform of the lent GPU machines (KINDS.md: Python 3.12, x86-64).
+CARRY = common.WORK / "ckpt-carry"
+CARRY_PACKAGES = (
+    "awscli",
+    "awscrt",
+    "boto3",
+    "botocore",
+    "colorama",
+    "docutils",
+    "jmespath",
+    "pyasn1",
+    "python-dateutil",
+    "pyyaml",
+    "rsa",
+    "s3transfer",
+    "six",
+    "urllib3",
+)
+
+
+def _locked_versions(names: tuple[str, ...]) -> list[str]:
+    """``name==version`` of each package as requirements.lock pins it."""
+    pins: dict[str, str] = {}
+    for line in (common.REPO / "requirements.lock").read_text().splitlines():
+        name, sep, version = line.split(";")[0].strip().partition("==")
+        if sep:
+            pins[name.lower()] = version.split()[0]
+    missing = [n for n in names if n not in pins]
+    if missing:
+        raise SystemExit(f"requirements.lock pins no version of {', '.join(missing)}")
+    return [f"{n}=={pins[n]}" for n in names]
+
+
+def _unpack_wheels(wheels: list[Path], site: Path) -> None:
+    """What ``pip install --target`` does for these wheels, minus byte-compiling: files into
+    ``site``, ``*.data/scripts`` into ``site/bin``, ``*.data/(pure|plat)lib`` into ``site``.
+    The CLI's help examples (``awscli/examples``, 26 MB) stay out: ``aws s3 cp`` never reads
+    them."""
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            for info in z.infolist():
+                name = info.filename
+                if name.endswith("/") or name.startswith("awscli/examples/"):
+                    continue
+                parts = name.split("/")
+                if parts[0].endswith(".data") and len(parts) > 2:
+                    if parts[1] == "scripts":
+                        dst = site / "bin" / "/".join(parts[2:])
+                    elif parts[1] in ("purelib", "platlib"):
+                        dst = site / "/".join(parts[2:])
+                    else:
+                        continue
+                else:
+                    dst = site / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(z.read(info))
+                mode = (info.external_attr >> 16) & 0o777
+                if mode or parts[1:2] == ["scripts"]:
+                    dst.chmod(mode | 0o644 | (0o111 if parts[1:2] == ["scripts"] else 0))
+
+
+def prepare_carry(out: Path = CARRY, python_version: str = "3.12") -> Path:
+    """``out/site.tar.xz`` (the clients' wheels for ``python_version`` on x86-64, unpacked) and
+    ``out/versitygw.xz`` (the server binary, built here if needed): about 40 MB together, under
+    the 64 MiB a device call carries. Needs ``pip`` (``PIP``, default ``python3 -m pip``) and
+    the Python package index, only here."""
+    pip = os.environ.get("PIP", "python3 -m pip").split()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ckpt-carry-") as tmp:
+        whl = Path(tmp, "whl")
+        cmd = [
+            *pip,
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            *(
+                a
+                for plat in ("manylinux_2_28", "manylinux_2_17", "manylinux2014", "manylinux1")
+                for a in ("--platform", f"{plat}_x86_64")
+            ),
+            "-d",
+            str(whl),
+            *_locked_versions(CARRY_PACKAGES),
+        ]
+        subprocess.run(cmd, check=True)
+        site = Path(tmp, "site")
+        _unpack_wheels(sorted(whl.glob("*.whl")), site)
+        with tarfile.open(out / "site.tar.xz.tmp", "w:xz", preset=6) as tar:
+            tar.add(site, arcname="site")
+        os.replace(out / "site.tar.xz.tmp", out / "site.tar.xz")
+    binary = s3server.find_binary(build=True)
+    with open(binary, "rb") as src, lzma.open(out / "versitygw.xz.tmp", "wb", preset=6) as dst:
+        shutil.copyfileobj(src, dst, 16 * MiB)
+    os.replace(out / "versitygw.xz.tmp", out / "versitygw.xz")
+    (out / "SOURCE").write_text(
+        f"versitygw: {binary}\nwheels: {' '.join(cmd[-len(CARRY_PACKAGES) :])}\n"
+    )
+    return out
+
+
+def merge_rows(path: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows already in ``path`` (if any) that ``items`` does not rename, then ``items``:
+    two runs of one call (the whole machine, then pinned) share one results file."""
+    if not path.is_file():
+        return items
+    names = {m["name"] for m in items}
+    kept = [m for m in json.loads(path.read_text()) if m["name"] not in names]
+    return [*kept, *items]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -418,18 +646,48 @@ def main(argv: list[str] | None = None) -> int:
         help="the file checksum our manifests record and restore verifies (default: %(default)s)",
     )
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--label", default="", help="rows named ckpt.sync.<label>.<op> (other machines)")
+    p.add_argument("--machine-note", default="", help="appended to the machine description")
+    p.add_argument("--stem", default="ckpt_sync", help="results file stem (default: %(default)s)")
+    p.add_argument("--out-dir", default=None, help="results directory (default: bench/results)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the results file's other rows (rows of the same name are replaced)",
+    )
+    p.add_argument(
+        "--prepare-carry",
+        action="store_true",
+        help=f"pack the wheels and versitygw for a machine without network into {CARRY}",
+    )
     args = p.parse_args(argv)
     if args.child:
         _child(args)
         return 0
+    if args.prepare_carry:
+        print("carry ready:", prepare_carry())
+        return 0
+    if args.label and not all(c.isalnum() or c in "-_" for c in args.label):
+        p.error(f"--label takes letters, digits, '-' and '_', got {args.label!r}")
     servers = tuple(x for x in args.servers.split(",") if x)
     if not servers or any(x not in SERVERS for x in servers):
         p.error(f"--servers must list some of {', '.join(SERVERS)}, got {args.servers!r}")
-    items = bench(args.files, args.file_mib, args.reps, servers, args.checksum)
+    items = bench(
+        args.files,
+        args.file_mib,
+        args.reps,
+        servers,
+        args.checksum,
+        label=args.label,
+        machine_note=args.machine_note,
+    )
     for m in items:
-        print(f"{m['name']:22s} {m['value']:8.1f} MB/s  ratio {m['ratio']:.2f}")
+        print(f"{m['name']:34s} {m['value']:8.1f} {m['metric']}  ratio {m['ratio']:.2f}")
     if not args.no_write:
-        print("wrote", common.write_results("ckpt_sync", items))
+        out_dir = Path(args.out_dir) if args.out_dir else common.RESULTS
+        if args.append:
+            items = merge_rows(out_dir / f"{args.stem}.json", items)
+        print("wrote", common.write_results(args.stem, items, out_dir))
     return 0
 
 

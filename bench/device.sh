@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The GPU benchmarks as run on a lent GPU machine (`bench/run.py --gpu` prints the call).
-# Usage (from the repo root, on the GPU machine): bench/device.sh single|scaling KIND [args...]
+# Usage (from the repo root, on the GPU machine): bench/device.sh single|scaling|ckpt KIND [args...]
 # Needs the carried wheels in .whl/ (pydantic, datasets and their pure-Python deps; the image
 # has torch, transformers, pyarrow, tokenizers) and bench/work/carry (corpus + tokenizer).
+# `bench/device.sh ckpt-sync LABEL [--pinned CPUS] [args...]` runs the checkpoint transfer
+# benchmark (CPU only) instead: see bench/device_ckpt_sync.sh (it carries bench/work/ckpt-carry).
 set -uo pipefail
-suite=${1:?suite: single or scaling}
+suite=${1:?suite: single, scaling, ckpt or ckpt-sync}
 kind=${2:?kind label, e.g. h100}
 shift 2
+if [ "$suite" = ckpt-sync ]; then
+  exec bash "$(dirname "$0")/device_ckpt_sync.sh" "$kind" "$@"
+fi
 out=${OUT:-bench/work/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -36,6 +36,11 @@ bash bench/device.sh single h100 --steps 70 --every 22 --hf-steps 15 --timeout 4
 bash bench/device.sh scaling h200x2 --ckpt-steps 185 --every 90 --steps 30 --timeout 330
 # Goal 4, stall with the trainer's pinned staging (one H100):
 bash bench/device.sh ckpt h100 --steps 205 --every 100 --legacy-saves 0 --timeout 480
+# Goal 4, checkpoint transfer vs aws s3 cp on the idle 16-core host (CPU only, any kind; then
+# again pinned to 2 of its cores). It carries bench/work/ckpt-carry, not .whl: first
+# `python bench/ckpt_sync_bench.py --prepare-carry` here (clients' wheels + versitygw, ~40 MB).
+# Results: ckpt_sync-device.json (rows ckpt.sync.16core.* and .16core-pin2.*; about 3 minutes):
+bash bench/device.sh ckpt-sync 16core --pinned 2,3
 """
 
 

@@ -137,3 +137,23 @@ def test_the_benchmark_server_reports_its_cpu_and_stops_cleanly(
         assert cpu is not None and cpu >= 0
         proc = srv.proc
     assert proc is not None and proc.poll() is not None, "stopped with the context"
+
+
+@pytest.mark.skipif(not storage.crt_available(), reason="awscrt is not installed")
+def test_a_crt_client_with_its_own_throughput_target_moves_a_tree_both_ways(
+    versity: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for key, value in versity.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CPT_S3_TARGET_GBPS", "40")
+    s = TransferSettings.from_env()
+    assert s.crt_target_gbps == 40.0 and storage.use_crt(s)
+    st = open_storage(f"s3://{versity.new_bucket()}/t", s)
+    (tmp_path / "up").mkdir()
+    data = os.urandom(19 * MiB + 5)
+    (tmp_path / "up" / "big.bin").write_bytes(data)
+    assert st.upload_dir(tmp_path / "up") == ["big.bin"]
+    assert st.download_dir("", tmp_path / "down") == ["big.bin"]
+    assert (tmp_path / "down" / "big.bin").read_bytes() == data
+    client = storage.s3_client(s)
+    assert storage._crt_client(client, 40.0)[0] is not storage._crt_client(client)[0]

@@ -83,3 +83,28 @@ def test_file_transfers_go_through_one_shared_crt_client_where_installed(aws_env
     with storage._transfer_manager(client, s) as tm:
         assert isinstance(tm, storage._CrtTransfers)
     assert storage._crt_client(client) is storage._crt_client(client)
+
+
+def test_the_crt_throughput_target_comes_from_the_environment_and_must_be_positive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert TransferSettings.from_env().crt_target_gbps is None
+    monkeypatch.setenv("CPT_S3_TARGET_GBPS", "100")
+    assert TransferSettings.from_env().crt_target_gbps == 100.0
+    for bad in ("fast", "0", "-5", "nan"):
+        monkeypatch.setenv("CPT_S3_TARGET_GBPS", bad)
+        with pytest.raises(ValueError, match=r"CPT_S3_TARGET_GBPS must be a positive number"):
+            TransferSettings.from_env()
+    with pytest.raises(ValueError, match=r"crt_target_gbps .* must be a positive number"):
+        TransferSettings(crt_target_gbps=0.0)
+
+
+@pytest.mark.skipif(not storage.crt_available(), reason="awscrt is not installed")
+def test_each_crt_throughput_target_gets_its_own_shared_client(aws_env: None) -> None:
+    client = storage.s3_client(TransferSettings())
+    default = storage._crt_client(client)[0]
+    fast = storage._crt_client(client, 100.0)[0]
+    assert fast is not default
+    assert storage._crt_client(client, 100.0)[0] is fast
+    with storage._transfer_manager(client, TransferSettings(crt_target_gbps=100.0)) as tm:
+        assert isinstance(tm, storage._CrtTransfers)

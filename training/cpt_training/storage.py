@@ -101,6 +101,10 @@ class TransferSettings:
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
     hash_workers: int = 8
+    # The CRT client's throughput target: it sizes the connection pool (about 2.5 connections
+    # per Gbps, at least 10) and the memory budget. None: the CRT's own figure for known EC2
+    # instance types, else 10 Gbps (25 connections).
+    crt_target_gbps: float | None = None
 
     @classmethod
     def from_env(cls) -> TransferSettings:
@@ -115,6 +119,13 @@ class TransferSettings:
             raise ValueError(
                 f"CPT_S3_TRANSFER_CLIENT must be one of auto, classic, crt, got {client!r}"
             )
+        raw_gbps = os.environ.get("CPT_S3_TARGET_GBPS") or None
+        try:
+            gbps = None if raw_gbps is None else float(raw_gbps)
+        except ValueError:
+            gbps = -1.0
+        if gbps is not None and not 0 < gbps < float("inf"):
+            raise ValueError(f"CPT_S3_TARGET_GBPS must be a positive number, got {raw_gbps!r}")
         return cls(
             max_concurrency=max(1, _env_int("CPT_S3_MAX_CONCURRENCY", d.max_concurrency)),
             multipart_threshold=_env_int("CPT_S3_MULTIPART_THRESHOLD_MB", 16) * MiB,
@@ -126,6 +137,7 @@ class TransferSettings:
             transfer_client=client,
             max_bandwidth=bw or None,
             hash_workers=max(1, _env_int("CPT_HASH_WORKERS", d.hash_workers)),
+            crt_target_gbps=gbps,
         )
 
     def __post_init__(self) -> None:
@@ -133,6 +145,11 @@ class TransferSettings:
             raise ValueError(
                 f"transfer_client must be one of {', '.join(TRANSFER_CLIENTS)}, "
                 f"got {self.transfer_client!r}"
+            )
+        if self.crt_target_gbps is not None and not 0 < self.crt_target_gbps < float("inf"):
+            raise ValueError(
+                f"crt_target_gbps (CPT_S3_TARGET_GBPS) must be a positive number, "
+                f"got {self.crt_target_gbps!r}"
             )
         if self.transfer_client == "crt" and self.max_bandwidth is not None:
             raise ValueError(
@@ -635,14 +652,16 @@ def _endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _crt_client(client: Any) -> tuple[Any, Any]:
-    """(awscrt S3Client, request serializer), one per process, endpoint and identity.
+def _crt_client(client: Any, target_gbps: float | None = None) -> tuple[Any, Any]:
+    """(awscrt S3Client, request serializer), one per process, endpoint, identity and
+    throughput target.
 
-    The CRT client owns an event loop per core and a connection pool; part size and the
-    number of connections are per request, so one client serves every TransferSettings."""
+    The CRT client owns an event loop per core and a connection pool sized by its throughput
+    target; part size and the number of connections are per request, so one client serves
+    every TransferSettings with the same target."""
     endpoint = _endpoint_url()
     region = client.meta.region_name
-    key = (*_env_key(), region)
+    key = (*_env_key(), region, target_gbps)
     with _CLIENTS_LOCK:
         hit = _CRT.get(key)
         if hit is not None:
@@ -663,6 +682,7 @@ def _crt_client(client: Any) -> tuple[Any, Any]:
             BotocoreCRTCredentialsWrapper(creds).to_crt_credentials_provider(),
             use_ssl=endpoint is None or endpoint.startswith("https://"),
             verify=os.environ.get("AWS_CA_BUNDLE") or None,
+            target_throughput=None if target_gbps is None else int(target_gbps * 1e9 / 8),
         )
         serializer = BotocoreCRTRequestSerializer(
             session, {"region_name": region, "endpoint_url": endpoint}
@@ -681,7 +701,7 @@ class _CrtTransfers:
         from s3transfer.crt import CRTTransferManager
         from s3transfer.manager import TransferConfig
 
-        crt, serializer = _crt_client(client)
+        crt, serializer = _crt_client(client, s.crt_target_gbps)
         cfg = TransferConfig(
             multipart_threshold=s.multipart_threshold,
             multipart_chunksize=s.multipart_chunksize,
