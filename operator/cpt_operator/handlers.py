@@ -24,7 +24,10 @@ behind LISTs and repeats, docs/PERFORMANCE.md section 5):
   event that changed nothing the decision reads (our own create's ADDED) wakes nobody; the
   others schedule one pass `CPT_CHILD_SETTLE_SECONDS` (0.5 s) later unless one is already
   queued, so a Job's pods appearing, being scheduled and starting cost one pass;
-* admission facts are read concurrently (and cached per namespace in the client).
+* admission facts are read concurrently (and cached per namespace in the client); runs whose
+  pod templates differ only in their name and per-run paths share one accepted dry run;
+* a pass's Events and status patch are written by a task holding the run's lock once its
+  children exist, so the kopf worker is free for the next run (docs/PERFORMANCE.md 5).
 
 No finalizer is used on purpose (kopf adds one for `@kopf.timer`/daemons, which is why the
 resync is a plain task): children go with the run through ownerReferences, S3 data stays, and
@@ -40,7 +43,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -75,11 +78,24 @@ RESYNC_SECONDS = float(os.environ.get("CPT_RESYNC_SECONDS", "10"))
 CHILD_SETTLE_SECONDS = float(os.environ.get("CPT_CHILD_SETTLE_SECONDS", "0.5"))
 VERIFY_SECONDS = float(os.environ.get("CPT_VERIFY_SECONDS", "60"))
 STORAGE_CACHE_SECONDS = 5.0
+# An accepted dry run stands for runs with the same template this long (admission.dry_run_key):
+# bounds how stale a namespace's admission state (quota, policies) can be for a new run.
+DRY_RUN_CACHE_SECONDS = float(os.environ.get("CPT_DRY_RUN_CACHE_SECONDS", "30"))
+# At most this many passes leave their Events and status patch to a task (reconcile_locked).
+DEFERRED_RECORDS = int(os.environ.get("CPT_DEFERRED_RECORDS", "256"))
 ANNOTATION_PREFIX = "cpt.dev"
 FINALIZER = "cpt.dev/finalizer"  # declared for kopf; no handler of ours requires it
 TERMINAL = {p.value for p in TERMINAL_PHASES}
 # Phases whose decision uses S3 (progress.json, committed checkpoints).
 STORAGE_PHASES = {"Tokenizing", "PreparingWeights", "Training", "Suspended", "Converting"}
+
+
+@dataclass
+class DryRunEntry:
+    """One dry run of a template: runs with the same key wait for it instead of asking again."""
+
+    accepted: asyncio.Future[bool]
+    expires: float = float("inf")
 
 
 @dataclass
@@ -105,6 +121,10 @@ class OperatorState:
     """When each run's last pass started (the resync skips runs an event just reconciled)."""
     roots: dict[RunKey, admission.RunRoots] = field(default_factory=dict)
     """The S3 prefixes each run owns (from the run watch): no two runs may overlap."""
+    recording: int = 0
+    """Passes whose Events and status patch are still being written (deferred records)."""
+    dry_runs: dict[str, DryRunEntry] = field(default_factory=dict)
+    """Dry runs by `admission.dry_run_key`: in flight, or accepted (until `expires`)."""
 
 
 STATE = OperatorState()
@@ -114,6 +134,28 @@ def _env_level(name: str, default: int) -> int:
     """A logging level named in the environment (the chart's operator.postingLevel)."""
     level = logging.getLevelName(os.environ.get(name, "").upper())
     return level if isinstance(level, int) else default
+
+
+class EventOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a "diff essence" (a deep copy of the body, then a second copy) for every
+    watch event, for change-detecting handlers (on.create/update/resume). cpt registers only
+    event handlers, so nothing reads it: measured, the copies were a fifth of the operator's CPU
+    in a burst of new runs. `change_handlers()` guards the assumption (checked at startup and
+    by a unit test)."""
+
+    def build(
+        self,
+        *,
+        body: kopf.Body,
+        extra_fields: Iterable[Any] | None = None,
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+
+def change_handlers(registry: kopf.OperatorRegistry | None = None) -> list[str]:
+    """Ids of registered change-detecting handlers (which would need kopf's diff essence)."""
+    reg = registry or kopf.get_default_registry()
+    return [str(h.id) for h in reg._changing.get_all_handlers()]
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -127,14 +169,21 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.connect_timeout = 5
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 5
-    # Workers mostly wait on the API (capped in the client); 128 lets a burst of new runs all
-    # reach their first create, measured: 100 runs at once, p50 9.5 s with 32, 2.3 s with 128.
-    settings.queueing.worker_limit = int(os.environ.get("CPT_WORKER_LIMIT", "128"))
+    # Workers wait on the API (capped in the client) only until a run's children exist; its
+    # Events and status patch are written by a task (reconcile_locked). Measured, 200 runs at
+    # once: 64 workers p99 2.5 s; writing them in the worker, 128 workers p99 6-7 s.
+    settings.queueing.worker_limit = int(os.environ.get("CPT_WORKER_LIMIT", "64"))
+    # kopf keeps an object's worker alive this long after its last event (default 5 s), and
+    # an idle worker still holds one of the worker_limit slots: under a burst of new runs the
+    # 129th waited ~5 s for a slot (measured). Our handlers never need the worker kept warm.
+    settings.queueing.idle_timeout = float(os.environ.get("CPT_WORKER_IDLE_SECONDS", "0.2"))
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    if change_handlers():
+        raise RuntimeError(f"change handlers need kopf's diff essence: {change_handlers()}")
+    settings.persistence.diffbase_storage = EventOnlyDiffBase(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
 
@@ -181,7 +230,7 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
     answers = await asyncio.gather(
         asyncio.gather(*(kube.secret_exists(ns, secret) for _, secret in secrets)),
         kube.pod_security_level(ns),
-        asyncio.gather(*(kube.dry_run_create(manifest, ns) for _, _, manifest in manifests)),
+        dry_run(kube, [m for _, _, m in manifests], ns, admission.dry_run_key(spec, run.ref)),
     )
     exists, level, messages = answers
     found: list[Blocker] = [
@@ -197,6 +246,41 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
         if message:
             found.append(admission.rejected(what, field_, message))
     return tuple(found)
+
+
+async def dry_run(
+    kube: KubeApi, manifests: list[dict[str, Any]], namespace: str, key: str | None
+) -> list[str]:
+    """The API server's messages for server-side dry runs of `manifests` ("" = accepted).
+    Runs whose templates share a key share one dry run: concurrent ones wait for it, later
+    ones reuse its acceptance for DRY_RUN_CACHE_SECONDS. A rejection is never shared (its
+    message names the other run's objects): each rejected run asks for itself."""
+
+    async def ask() -> list[str]:
+        return list(await asyncio.gather(*(kube.dry_run_create(m, namespace) for m in manifests)))
+
+    if key is None or DRY_RUN_CACHE_SECONDS <= 0:
+        return await ask()
+    now = time.monotonic()
+    entry = STATE.dry_runs.get(key)
+    if entry is not None and entry.expires > now and await asyncio.shield(entry.accepted):
+        return [""] * len(manifests)
+    if len(STATE.dry_runs) > 1024:
+        for stale in [k for k, e in STATE.dry_runs.items() if e.expires <= now]:
+            del STATE.dry_runs[stale]
+    mine = DryRunEntry(asyncio.get_running_loop().create_future())
+    STATE.dry_runs[key] = mine
+    accepted = False
+    try:
+        messages = await ask()
+        accepted = not any(messages)
+        return messages
+    finally:
+        mine.accepted.set_result(accepted)
+        if accepted:
+            mine.expires = time.monotonic() + DRY_RUN_CACHE_SECONDS
+        elif STATE.dry_runs.get(key) is mine:
+            del STATE.dry_runs[key]
 
 
 Children = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
@@ -298,12 +382,33 @@ async def _post_events(kube: KubeApi, body: Mapping[str, Any], events: list[Emit
         await kube.post_event(body, event.type, event.reason, event.message)
 
 
+Record = Callable[[], Awaitable[None]]
+
+
+def _event_ref(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What an Event needs of its run: kept instead of the whole body by a deferred record."""
+    meta = body.get("metadata") or {}
+    keep = ("name", "namespace", "uid", "resourceVersion")
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in keep if k in meta},
+    }
+
+
 async def apply(
-    kube: KubeApi, body: Mapping[str, Any], decision: Decision, index: ChildIndex | None = None
-) -> None:
+    kube: KubeApi,
+    body: Mapping[str, Any],
+    decision: Decision,
+    index: ChildIndex | None = None,
+    *,
+    defer_record: bool = False,
+) -> Record | None:
     """Children first (what the user waits for), then the Events of the decision in their
     order, then the status: a crash in between is repaired by the next reconcile (see
-    reconcile/decide.py). Creates and deletes are written through to the child index."""
+    reconcile/decide.py). Creates and deletes are written through to the child index.
+    `defer_record`: the Events and the status patch are returned as a `Record` to run later
+    (holding only the event reference and the patch) instead of being written here."""
     meta = body.get("metadata") or {}
     namespace, name = str(meta["namespace"]), str(meta["name"])
     key = (namespace, name)
@@ -318,7 +423,7 @@ async def apply(
                 # Invalid, and retrying cannot change that: fail the run, do not loop.
                 await _post_events(kube, body, events)
                 await reject_run(kube, body, action, str(err.status.message or err))
-                return
+                return None
             if index is not None:
                 if isinstance(created, Mapping):
                     index.created(created)
@@ -346,12 +451,20 @@ async def apply(
             log.info("%s/%s: deleted %s %s", namespace, name, action.kind, action.name)
         elif isinstance(action, EmitEvent):
             events.append(action)
-    await _post_events(kube, body, events)
     patch = merge_patch(body.get("status") or {}, decision.status) if decision.changed else {}
-    if patch:
-        version = await kube.patch_status(namespace, name, patch)
-        if version:
-            STATE.written[key] = version
+    ref = _event_ref(body) if defer_record else body
+
+    async def record() -> None:
+        await _post_events(kube, ref, events)
+        if patch:
+            version = await kube.patch_status(namespace, name, patch)
+            if version:
+                STATE.written[key] = version
+
+    if not defer_record:
+        await record()
+        return None
+    return record if events or patch else None
 
 
 async def reconcile(
@@ -362,11 +475,13 @@ async def reconcile(
     now: datetime | None = None,
     body: Mapping[str, Any] | None = None,
     index: ChildIndex | None = None,
+    deferred: list[Record] | None = None,
 ) -> Decision | None:
     """One level-based pass over a run. None when there is nothing to do (gone, being
     deleted, or finished): terminal phases are sticky and cost no reads of children.
     `body`: the run as a current event delivered it (else it is read); `index`: where the
-    children come from (else they are listed)."""
+    children come from (else they are listed); `deferred`: where to leave the pass's Events
+    and status patch instead of writing them (see `reconcile_locked`)."""
     STATE.reconciles += 1
     STATE.passes[(namespace, name)] = time.monotonic()
     if body is None:
@@ -382,7 +497,9 @@ async def reconcile(
     decision = decide(
         RunMeta.of(body), body.get("spec") or {}, status, observed, now or datetime.now(UTC)
     )
-    await apply(kube, body, decision, index)
+    record = await apply(kube, body, decision, index, defer_record=deferred is not None)
+    if record is not None and deferred is not None:
+        deferred.append(record)
     STATE.runs[(namespace, name)] = str(decision.status.get("phase", ""))
     return decision
 
@@ -398,19 +515,60 @@ async def reconcile_locked(
         raise kopf.TemporaryError("the operator is still starting", delay=1)
     key = (namespace, name)
     lock = STATE.locks.setdefault(key, asyncio.Lock())
-    acquired = False
     try:
-        async with lock:
-            acquired = True
-            if queued:
-                STATE.waiting.discard(key)  # from here on, later changes need a new pass
-            try:
-                return await reconcile(STATE.kube, namespace, name, body=body, index=STATE.index)
-            except ApiError as err:
-                raise kopf.TemporaryError(f"API error: {err}", delay=5) from err
-    finally:
-        if queued and not acquired:  # cancelled while waiting
+        await lock.acquire()
+    except BaseException:
+        if queued:  # cancelled while waiting
             STATE.waiting.discard(key)
+        raise
+    # Over the cap, the pass writes its own record: bounds what waits in memory.
+    deferred: list[Record] | None = [] if STATE.recording < DEFERRED_RECORDS else None
+    try:
+        if queued:
+            STATE.waiting.discard(key)  # from here on, later changes need a new pass
+        if body is not None and _before_our_write(key, body):
+            body = None  # our deferred record landed while this pass waited: read the run
+        try:
+            decision = await reconcile(
+                STATE.kube, namespace, name, body=body, index=STATE.index, deferred=deferred
+            )
+        except ApiError as err:
+            raise kopf.TemporaryError(f"API error: {err}", delay=5) from err
+    except BaseException:
+        lock.release()
+        raise
+    if not deferred:
+        lock.release()
+        return decision
+    STATE.recording += 1
+    # The Events and the status patch wait behind other runs' creates (request priorities):
+    # written by a task that keeps the run's lock, so the kopf worker (one of worker_limit's
+    # slots) is free for the next run's event, and the pass's body and manifests are freed.
+    task = asyncio.create_task(_record(key, deferred[0], lock))
+    STATE.tasks.add(task)
+    task.add_done_callback(STATE.tasks.discard)
+    return decision
+
+
+def _before_our_write(key: RunKey, body: Mapping[str, Any]) -> bool:
+    """Whether `body` predates our last status patch of the run (or cannot be ordered)."""
+    written = STATE.written.get(key)
+    if written is None:
+        return False
+    order = compare_versions((body.get("metadata") or {}).get("resourceVersion"), written)
+    return order is None or order < 0
+
+
+async def _record(key: RunKey, record: Record, lock: asyncio.Lock) -> None:
+    try:
+        await record()
+    except Exception as err:  # level-based: the next pass decides and writes it again
+        log.warning("recording the pass of %s/%s failed: %s", key[0], key[1], err)
+        STATE.runs.setdefault(key, "")
+        schedule_reconcile(key, 5.0)
+    finally:
+        STATE.recording -= 1
+        lock.release()
 
 
 def schedule_reconcile(key: RunKey, delay: float) -> None:

@@ -168,6 +168,7 @@ def _no_s3(monkeypatch: pytest.MonkeyPatch) -> None:
         return handlers.StorageView()
 
     monkeypatch.setattr(handlers, "read_storage", no_storage)
+    monkeypatch.setattr(handlers.STATE, "dry_runs", {})  # no accepted dry run from another test
 
 
 def test_a_reconcile_with_nothing_to_do_makes_no_api_writes() -> None:
@@ -266,3 +267,115 @@ def test_operator_settings_use_our_prefix_and_bounded_watch_timeouts() -> None:
     assert settings.networking.request_timeout == 30
     assert settings.persistence.finalizer == "cpt.dev/finalizer"
     assert settings.persistence.progress_storage.prefix == "cpt.dev"  # type: ignore[attr-defined]
+
+
+def test_idle_kopf_workers_release_their_slot_quickly() -> None:
+    """An idle per-object worker holds one of worker_limit's slots for idle_timeout (kopf's
+    default 5 s): under a burst of new runs, run 129 waited 5 s for a slot (measured)."""
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings)
+    assert settings.queueing.worker_limit == 64
+    assert settings.queueing.idle_timeout <= 0.5
+
+
+def test_no_diff_essence_is_built_because_no_change_handler_needs_one() -> None:
+    """cpt registers event handlers only (importing the handlers module registers them all),
+    so kopf's per-event deep copies for change detection are skipped; a change handler added
+    later would need them and makes configure() refuse to start."""
+    assert handlers.change_handlers() == []
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings)
+    storage = settings.persistence.diffbase_storage
+    assert isinstance(storage, handlers.EventOnlyDiffBase)
+    body = kopf.Body({"metadata": {"name": "r", "labels": {"a": "b"}}, "spec": {"x": [1, 2]}})
+    assert storage.build(body=body) == {}
+
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.update("cpt.dev", "v1alpha1", "continualpretrains", registry=registry)
+    def changed(**_: Any) -> None:
+        pass
+
+    assert handlers.change_handlers(registry) == [changed.__qualname__]
+
+
+class GatedKube(FakeKube):
+    """Status patches wait for `gate` (as they wait behind other runs' creates in a burst)."""
+
+    def __init__(self, run: dict[str, Any]) -> None:
+        super().__init__(run)
+        self.gate = asyncio.Event()
+
+    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        await self.gate.wait()
+        await super().patch_status(namespace, name, patch)
+
+    async def create(self, manifest: Mapping[str, Any], namespace: str) -> dict[str, Any] | None:
+        created = await super().create(manifest, namespace)
+        if created is not None:  # reconcile_locked decides at the wall clock's time
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            key = (manifest["kind"], manifest["metadata"]["name"])
+            self.children[key]["metadata"]["creationTimestamp"] = now
+            created["metadata"]["creationTimestamp"] = now
+        return created
+
+
+def test_a_pass_returns_after_its_creates_and_records_status_later_holding_the_runs_lock() -> None:
+    """The kopf worker is free once the children exist; the Events and the status patch are
+    written by a task that keeps the run's lock, so the next pass of the run sees them."""
+    kube = GatedKube(new_run())
+    m = kube.run["metadata"]
+    key = (m["namespace"], m["name"])
+
+    async def main() -> None:
+        decision = await handlers.reconcile_locked(*key)
+        assert decision is not None and decision.status["phase"] == "Tokenizing"
+        assert ("Job", "llama-gpu-tokenize") in kube.children
+        assert "status" not in kube.run or not kube.run["status"]  # not yet recorded
+        assert handlers.STATE.locks[key].locked()
+        second = asyncio.create_task(handlers.reconcile_locked(*key))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not second.done()  # waits for the record
+        kube.gate.set()
+        await second
+        assert kube.run["status"]["phase"] == "Tokenizing"
+        assert [c[0] for c in kube.writes()].count("patch_status") == 1  # the second saw it
+        assert not handlers.STATE.locks[key].locked()
+
+    handlers.STATE.kube = kube  # type: ignore[assignment]
+    handlers.STATE.index = handlers.ChildIndex()
+    try:
+        asyncio.run(main())
+    finally:
+        handlers.STATE.kube = None
+        handlers.STATE.runs.clear()
+        handlers.STATE.locks.clear()
+
+
+def test_a_failed_record_releases_the_run_and_schedules_another_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = FakeKube(new_run())
+    kube.fail_patch = True
+    m = kube.run["metadata"]
+    key = (m["namespace"], m["name"])
+    scheduled: list[tuple[tuple[str, str], float]] = []
+    monkeypatch.setattr(handlers, "schedule_reconcile", lambda k, d: scheduled.append((k, d)))
+
+    async def main() -> None:
+        await handlers.reconcile_locked(*key)
+        while handlers.STATE.tasks:
+            await asyncio.gather(*handlers.STATE.tasks)
+        assert not handlers.STATE.locks[key].locked()
+
+    handlers.STATE.kube = kube  # type: ignore[assignment]
+    handlers.STATE.index = handlers.ChildIndex()
+    try:
+        asyncio.run(main())
+    finally:
+        handlers.STATE.kube = None
+        handlers.STATE.runs.clear()
+        handlers.STATE.locks.clear()
+    assert scheduled == [(key, 5.0)]
+    assert ("Job", "llama-gpu-tokenize") in kube.children

@@ -15,6 +15,9 @@ blocker: the run goes on and the kubelet / admission report the problem on the p
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +136,37 @@ def dry_run_manifests(
     }
     out.append(("training pod template", "spec.runtime", wrapper))
     return out
+
+
+DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def dry_run_key(spec: ContinualPretrainSpec, run: RunRef) -> str | None:
+    """A key under which one accepted dry run stands for every run with the same key, so a
+    burst of runs from one template costs the API server one dry run, not one per run.
+
+    The key hashes the manifests `dry_run_manifests` builds for a stand-in name of the same
+    length in the same namespace, with the containers' free text blanked (env values, args,
+    command: the API server does not validate their content, and they hold per-run paths).
+    What remains is what the server validates: names and labels (the run's name enters only
+    those, and any two DNS-1035 names of one length pass the same name and label rules),
+    images, resources, affinity, tolerations, security context, env var names and sources.
+    None (no sharing) for a name outside DNS-1035."""
+    if not DNS1035_LABEL.fullmatch(run.name):
+        return None
+    stand_in = RunRef("r" + "0" * (len(run.name) - 1), run.namespace, "stand-in-uid")
+    manifests = [m for _, _, m in dry_run_manifests(spec, stand_in)]
+    for manifest in manifests:
+        pod = manifest["spec"]["template"]["spec"]
+        for container in (*pod.get("initContainers", ()), *pod.get("containers", ())):
+            for env in container.get("env", ()):
+                if "value" in env:
+                    env["value"] = ""
+            for free in ("args", "command"):
+                if free in container:
+                    container[free] = []
+    text = json.dumps([run.namespace, manifests], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def rejected(what: str, field: str, message: str) -> Blocker:

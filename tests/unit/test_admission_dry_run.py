@@ -1,0 +1,131 @@
+"""A burst of runs from one template costs one server-side dry run (admission.dry_run_key and
+handlers.dry_run): the key shares acceptance only between runs whose pod templates the API
+server would judge alike, and a rejection is never shared."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cpt_operator import handlers
+from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.builders.jobs import RunRef
+from cpt_operator.reconcile.admission import dry_run_key
+
+pytestmark = pytest.mark.unit
+
+SPECS = Path(__file__).resolve().parents[1] / "golden" / "specs"
+BASE = yaml.safe_load((SPECS / "trn1-nxd.yaml").read_text())["spec"]
+
+
+def spec_for(name: str, **edits: Any) -> ContinualPretrainSpec:
+    """The golden spec with per-run storage paths, as users write one run per name."""
+    raw = copy.deepcopy(BASE)
+    raw["checkpoints"]["s3Uri"] = f"s3://bkt/runs/{name}/"
+    raw["output"]["s3Uri"] = f"s3://bkt/models/{name}/"
+    for path, value in edits.items():
+        node = raw
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return ContinualPretrainSpec.model_validate(raw)
+
+
+def key(name: str, ns: str = "team-a", **edits: Any) -> str | None:
+    return dry_run_key(spec_for(name, **edits), RunRef(name, ns, f"uid-{name}"))
+
+
+def test_runs_differing_only_in_name_and_storage_paths_share_a_key() -> None:
+    assert key("run-0001") is not None
+    assert key("run-0001") == key("run-0002") == key("abc-xyz1")
+
+
+def test_what_the_server_validates_differently_gives_another_key() -> None:
+    base = key("run-0001")
+    assert key("run-01") != base  # name length: names and labels have length limits
+    assert key("run-0001", ns="team-b") != base  # quota, policies, PSS are per namespace
+    assert key("run-0001", runtime__images__tools="example.com/other:1") != base
+    assert key("run-0001", runtime__images__trainerNeuron="example.com/other:1") != base
+    assert key("run-0001", runtime__toolsNodeSelector={"pool": "tools"}) != base
+
+
+def test_a_name_outside_dns_1035_shares_nothing() -> None:
+    spec = spec_for("x")
+    assert dry_run_key(spec, RunRef("1run", "team-a", "u")) is None
+    assert dry_run_key(spec, RunRef("run.a", "team-a", "u")) is None
+
+
+class CountingKube:
+    """Answers dry runs after a pause (so concurrent callers overlap); counts them."""
+
+    def __init__(self, message: str = "") -> None:
+        self.message = message
+        self.calls = 0
+
+    async def dry_run_create(self, manifest: Mapping[str, Any], namespace: str) -> str:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        return self.message
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers.STATE, "dry_runs", {})
+    monkeypatch.setattr(handlers, "DRY_RUN_CACHE_SECONDS", 30.0)
+
+
+MANIFESTS = [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]
+
+
+def ask_many(kube: CountingKube, n: int, key_: str | None = "k") -> list[list[str]]:
+    async def main() -> list[list[str]]:
+        return list(
+            await asyncio.gather(
+                *(handlers.dry_run(kube, MANIFESTS, "ns", key_) for _ in range(n))  # type: ignore[arg-type]
+            )
+        )
+
+    return asyncio.run(main())
+
+
+def test_concurrent_runs_with_one_key_wait_for_one_dry_run_and_later_ones_reuse_it() -> None:
+    kube = CountingKube()
+    assert ask_many(kube, 20) == [["", ""]] * 20
+    assert kube.calls == 2  # one dry run of each of the two manifests
+    assert ask_many(kube, 3) == [["", ""]] * 3
+    assert kube.calls == 2
+
+
+def test_an_accepted_dry_run_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = CountingKube()
+    monkeypatch.setattr(handlers, "DRY_RUN_CACHE_SECONDS", 0.0)
+    ask_many(kube, 1)
+    ask_many(kube, 1)
+    assert kube.calls == 4
+    monkeypatch.setattr(handlers, "DRY_RUN_CACHE_SECONDS", 30.0)
+    ask_many(kube, 1)
+    for entry in handlers.STATE.dry_runs.values():
+        entry.expires = 0.0  # as if 30 s went by
+    ask_many(kube, 1)
+    assert kube.calls == 8
+
+
+def test_a_rejection_is_not_shared_each_run_asks_for_itself() -> None:
+    kube = CountingKube("spec.template: Invalid value")
+    out = ask_many(kube, 3)
+    assert out == [["spec.template: Invalid value"] * 2] * 3
+    assert kube.calls == 6
+    assert handlers.STATE.dry_runs == {}
+
+
+def test_runs_without_a_key_always_ask() -> None:
+    kube = CountingKube()
+    ask_many(kube, 3, None)
+    assert kube.calls == 6
