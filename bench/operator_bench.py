@@ -19,6 +19,7 @@ request counters), watching one namespace.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,6 +105,41 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def memory_map(pid: int) -> dict[str, Any]:
+    """Where the resident set lives (/proc/<pid>/smaps): glibc's main heap, anonymous
+    mappings (thread arenas, pymalloc arenas, mmap'd buffers), file-backed code and data;
+    plus the thread count (each thread may own a glibc arena)."""
+    groups: dict[str, int] = {}
+    big_anon: list[int] = []
+    current = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else ""
+            current = (
+                "heap"
+                if name == "[heap]"
+                else "anon"
+                if not name
+                else "stack"
+                if name.startswith("[stack")
+                else "file"
+                if name.startswith("/")
+                else "other"
+            )
+        elif head and head[0] == "Rss:":
+            kib = int(head[1])
+            groups[current] = groups.get(current, 0) + kib
+            if current == "anon" and kib >= 4096:
+                big_anon.append(kib)
+    threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    return {
+        "rssMiBBy": {k: round(v / 1024, 1) for k, v in sorted(groups.items())},
+        "anonMappingsOver4MiB": sorted((round(k / 1024, 1) for k in big_anon), reverse=True),
+        "threads": threads,
+    }
+
+
 class Watcher:
     """First-seen time of each run's first child (Jobs and PyTorchJobs in the namespace)."""
 
@@ -152,6 +189,7 @@ def bench(
     idle_window: float,
     profile: Path | None = None,
     operator_env: dict[str, str] | None = None,
+    apiserver_profile: Path | None = None,
 ) -> list[dict[str, Any]]:
     common.bootstrap()
     sys.path.insert(0, str(common.REPO / "hack" / "devcluster"))
@@ -163,6 +201,8 @@ def bench(
     work.mkdir(parents=True, exist_ok=True)
     state = work / "cluster"
     t0 = time.perf_counter()
+    if apiserver_profile is not None:
+        os.environ["DEVCLUSTER_PROFILING"] = "1"
     cluster = devcluster.up(state, persistent=False, timeout=300)
     print(f"control plane up in {time.perf_counter() - t0:.0f}s", flush=True)
     moto = Moto(work / "moto.log")
@@ -245,18 +285,49 @@ def bench(
 
         created: dict[str, float] = {}
 
+        conns = threading.local()
+        url = urllib.parse.urlsplit(cluster.api_url)
+
         def create(name: str) -> None:
-            api.create(
-                f"{API}/namespaces/{NS}/continualpretrains", run_body(name, bucket), exist_ok=False
+            """POST on the thread's own kept-alive connection, as kubectl and client-go do (a
+            new TLS handshake per request would cost the API server CPU no real client adds)."""
+            if getattr(conns, "conn", None) is None:
+                conns.conn = http.client.HTTPSConnection(
+                    url.hostname or "127.0.0.1", url.port, context=api.ctx, timeout=60
+                )
+            conns.conn.request(
+                "POST",
+                f"{API}/namespaces/{NS}/continualpretrains",
+                body=json.dumps(run_body(name, bucket)),
+                headers={
+                    "Authorization": f"Bearer {cluster.admin_token}",
+                    "Content-Type": "application/json",
+                },
             )
+            resp = conns.conn.getresponse()
+            text = resp.read()
+            if resp.status != 201:
+                raise RuntimeError(f"create {name}: HTTP {resp.status}: {text[:300]!r}")
             created[name] = time.perf_counter()
 
         names = [f"run-{i:04d}" for i in range(crs)]
         print(f"creating {crs} runs at once ...", flush=True)
-        state_pids = json.loads((state / "pids" / "kube-apiserver.pid").read_text())
-        apiserver = int(state_pids["pid"])
-        cpu0 = {"operator": cpu_seconds(op.pid), "kube-apiserver": cpu_seconds(apiserver)}
+        # Every process on the two cores: the control plane's, the operator and this client.
+        procs = {"operator": op.pid, "bench client": os.getpid()} | {
+            f.stem: int(json.loads(f.read_text())["pid"])
+            for f in sorted((state / "pids").glob("*.pid"))
+        }
+        cpu0 = {k: cpu_seconds(pid) for k, pid in procs.items()}
         c_burst0 = counts()
+        pprof = None
+        if apiserver_profile is not None:
+            pprof = threading.Thread(
+                target=lambda: apiserver_profile.write_bytes(
+                    api.open("GET", "/debug/pprof/profile?seconds=12", timeout=60).read()
+                ),
+                daemon=True,
+            )
+            pprof.start()
         t_burst = time.perf_counter()
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(create, names))
@@ -274,13 +345,30 @@ def bench(
             raise RuntimeError(f"{len(missing)} runs got no child in {timeout}s: {missing[:5]}")
 
         wait_children(names, 600)
+        if pprof is not None:
+            pprof.join()
         burst_wall = time.perf_counter() - t_burst
-        burst_cpu = {
-            "operator": cpu_seconds(op.pid) - cpu0["operator"],
-            "kube-apiserver": cpu_seconds(apiserver) - cpu0["kube-apiserver"],
-        }
+        burst_cpu = {k: round(cpu_seconds(pid) - cpu0[k], 2) for k, pid in procs.items()}
         burst_requests = counts_diff(c_burst0, counts())
         lat = [watcher.first[n] - created[n] for n in names]
+        # The burst's shape: per 20 runs in answer order, when their creates were answered and
+        # when their first children appeared (seconds from the burst's start).
+        order = sorted(names, key=created.__getitem__)
+        timeline = [
+            {
+                "runs": f"{i + 1}-{i + len(chunk)}",
+                "createdBy": round(max(created[n] for n in chunk) - t_burst, 2),
+                "childMedian": round(
+                    common.percentile([watcher.first[n] - t_burst for n in chunk], 50), 2
+                ),
+                "latencyMedian": round(
+                    common.percentile([watcher.first[n] - created[n] for n in chunk], 50), 2
+                ),
+            }
+            for i in range(0, len(order), 20)
+            for chunk in [order[i : i + 20]]
+        ]
+        print(f"timeline: {timeline}", flush=True)
         print(
             f"first child: p50 {common.percentile(lat, 50):.2f}s "
             f"p99 {common.percentile(lat, 99):.2f}s; create burst {burst_seconds:.1f}s; "
@@ -317,6 +405,8 @@ def bench(
             wait_children(names + more, 900)
             time.sleep(3 * resync)
         rss_many = rss_kib(op.pid)
+        mem_map = memory_map(op.pid)
+        print(f"memory map: {mem_map}", flush=True)
         total = len(names) + len(more)
         print(
             f"operator RSS with {total} runs: {rss_many['VmRSS'] / 1024:.0f} MiB "
@@ -341,7 +431,7 @@ def bench(
         "createConcurrency": 32,
         "resyncSeconds": resync,
         "workerLimit": (operator_env or {}).get(
-            "CPT_WORKER_LIMIT", "default (CPT_WORKER_LIMIT unset: 128, as the chart)"
+            "CPT_WORKER_LIMIT", "default (CPT_WORKER_LIMIT unset: 64, as the chart)"
         ),
         "operatorEnv": dict(operator_env or {}),
         "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable tool pods",
@@ -360,6 +450,7 @@ def bench(
                 "createBurstSeconds": burst_seconds,
                 "latencies": sorted(lat),
                 "untilAllChildrenSeconds": burst_wall,
+                "timeline": timeline,
                 "cpuSecondsDuringBurst": burst_cpu,
                 "requestsDuringBurst": burst_requests,
                 "loadAvg": common.load_average(),
@@ -397,6 +488,7 @@ def bench(
             goal=common.goal("<=", 150.0),
             details={
                 "peakMiB": rss_many["VmHWM"] / 1024,
+                "memoryMap": mem_map,
                 "rssMiBAt": {
                     str(crs): rss_at_crs["VmRSS"] / 1024,
                     str(total): rss_many["VmRSS"] / 1024,
@@ -450,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--profile", type=Path, help="cProfile the operator into this file")
     p.add_argument(
+        "--apiserver-profile",
+        type=Path,
+        help="the API server's Go CPU profile of the burst's first 12 s (go tool pprof -top)",
+    )
+    p.add_argument(
         "--operator-env",
         action="append",
         default=[],
@@ -459,7 +556,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.operator_env)
     items = bench(
-        args.crs, max(args.idle_crs, args.crs), args.resync, args.idle_window, args.profile, extra
+        args.crs,
+        max(args.idle_crs, args.crs),
+        args.resync,
+        args.idle_window,
+        args.profile,
+        extra,
+        args.apiserver_profile,
     )
     for m in items:
         print(f"{m['name']:40s} {m['value']:.3f} {m['metric']}")

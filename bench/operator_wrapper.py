@@ -90,6 +90,52 @@ def _dump_forever(path: Path) -> None:
         time.sleep(0.5)
 
 
+def _describe(obj: object) -> str:
+    if isinstance(obj, dict):
+        keys = sorted(map(str, obj))[:6]
+        return f"dict{keys}"
+    if isinstance(obj, list | tuple):
+        return f"{type(obj).__name__}[{len(obj)}]"
+    if type(obj).__name__ == "frame":
+        code = obj.f_code  # type: ignore[attr-defined]
+        return f"frame {code.co_filename.rsplit('/', 2)[-2:]}:{code.co_name}"
+    if type(obj).__name__ == "cell":
+        return "cell"
+    return type(obj).__module__ + "." + type(obj).__qualname__
+
+
+def _dump_body_referrers(path: Path) -> None:
+    """Counts the live Kubernetes object bodies (dicts with apiVersion, kind, metadata, spec)
+    by kind and, for a sample of each kind, the chains of objects that refer to them."""
+    import gc
+
+    gc.collect()
+    bodies = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, dict) and {"apiVersion", "kind", "metadata", "spec"} <= o.keys()
+    ]
+    by_kind = collections.Counter(str(b.get("kind")) for b in bodies)
+    chains: dict[str, collections.Counter[str]] = {}
+    ignore = {id(bodies)}
+    for kind in by_kind:
+        sample = [b for b in bodies if b.get("kind") == kind][:20]
+        counter: collections.Counter[str] = collections.Counter()
+        for b in sample:
+            for r1 in gc.get_referrers(b):
+                if id(r1) in ignore or r1 is sample:
+                    continue
+                parents = [_describe(r2) for r2 in gc.get_referrers(r1)[:3] if id(r2) not in ignore]
+                counter[_describe(r1) + " <- " + " | ".join(parents)] += 1
+        chains[kind] = counter
+    path.write_text(
+        json.dumps(
+            {"bodies": by_kind, "referrers": {k: c.most_common(8) for k, c in chains.items()}},
+            indent=1,
+        )
+    )
+
+
 def main() -> None:
     install()
     prof_path = os.environ.get("CPT_BENCH_PROFILE")
@@ -112,6 +158,33 @@ def main() -> None:
 
         tracemalloc.start(8)
         atexit.register(lambda: tracemalloc.take_snapshot().dump(trace_path))
+    referrers_path = os.environ.get("CPT_BENCH_REFERRERS")
+    if referrers_path:  # who keeps whole object bodies alive (written when the operator exits)
+        import atexit
+
+        atexit.register(_dump_body_referrers, Path(referrers_path))
+    gc_every = float(os.environ.get("CPT_BENCH_GC_SECONDS", "0"))
+    if gc_every > 0:  # experiment: is cyclic garbage part of the resident set?
+        import gc
+
+        def collect_forever() -> None:
+            while True:
+                time.sleep(gc_every)
+                gc.collect()
+
+        threading.Thread(target=collect_forever, daemon=True).start()
+    trim_every = float(os.environ.get("CPT_BENCH_TRIM_SECONDS", "0"))
+    if trim_every > 0:  # experiment: is freed-but-kept C heap part of the resident set?
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+
+        def trim_forever() -> None:
+            while True:
+                time.sleep(trim_every)
+                libc.malloc_trim(0)
+
+        threading.Thread(target=trim_forever, daemon=True).start()
     out = os.environ.get("CPT_BENCH_COUNTS")
     if out:
         threading.Thread(target=_dump_forever, args=(Path(out),), daemon=True).start()

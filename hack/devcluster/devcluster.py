@@ -819,7 +819,8 @@ def component_argv(name: str, bin_dir: Path, state: State, ports: dict[str, int]
             # Pods tolerate a NotReady/unreachable node for 30 s (default 300 s) before eviction.
             "--default-not-ready-toleration-seconds=30",
             "--default-unreachable-toleration-seconds=30",
-            "--profiling=false",
+            # /debug/pprof for benchmarks (bench/operator_bench.py --apiserver-profile).
+            "--profiling=" + ("true" if os.environ.get("DEVCLUSTER_PROFILING") else "false"),
             "--v=1",
         ]  # fmt: skip
     if name == "kube-controller-manager":
