@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -299,6 +299,18 @@ def test_no_diff_essence_is_built_because_no_change_handler_needs_one() -> None:
     assert handlers.change_handlers(registry) == [changed.__qualname__]
 
 
+def run_as_operator(kube: FakeKube, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs `main` with the operator's process state wired to `kube` and a fresh index."""
+    handlers.STATE.kube = kube  # type: ignore[assignment]
+    handlers.STATE.index = handlers.ChildIndex()
+    try:
+        asyncio.run(main())
+    finally:
+        handlers.STATE.kube = None
+        handlers.STATE.runs.clear()
+        handlers.STATE.locks.clear()
+
+
 class GatedKube(FakeKube):
     """Status patches wait for `gate` (as they wait behind other runs' creates in a burst)."""
 
@@ -343,14 +355,7 @@ def test_a_pass_returns_after_its_creates_and_records_status_later_holding_the_r
         assert [c[0] for c in kube.writes()].count("patch_status") == 1  # the second saw it
         assert not handlers.STATE.locks[key].locked()
 
-    handlers.STATE.kube = kube  # type: ignore[assignment]
-    handlers.STATE.index = handlers.ChildIndex()
-    try:
-        asyncio.run(main())
-    finally:
-        handlers.STATE.kube = None
-        handlers.STATE.runs.clear()
-        handlers.STATE.locks.clear()
+    run_as_operator(kube, main)
 
 
 def test_a_failed_record_releases_the_run_and_schedules_another_pass(
@@ -369,13 +374,6 @@ def test_a_failed_record_releases_the_run_and_schedules_another_pass(
             await asyncio.gather(*handlers.STATE.tasks)
         assert not handlers.STATE.locks[key].locked()
 
-    handlers.STATE.kube = kube  # type: ignore[assignment]
-    handlers.STATE.index = handlers.ChildIndex()
-    try:
-        asyncio.run(main())
-    finally:
-        handlers.STATE.kube = None
-        handlers.STATE.runs.clear()
-        handlers.STATE.locks.clear()
+    run_as_operator(kube, main)
     assert scheduled == [(key, 5.0)]
     assert ("Job", "llama-gpu-tokenize") in kube.children
