@@ -83,6 +83,7 @@ STORAGE_CACHE_SECONDS = 5.0
 DRY_RUN_CACHE_SECONDS = float(os.environ.get("CPT_DRY_RUN_CACHE_SECONDS", "30"))
 # At most this many passes leave their Events and status patch to a task (reconcile_locked).
 DEFERRED_RECORDS = int(os.environ.get("CPT_DEFERRED_RECORDS", "256"))
+RECORD_GRACE_SECONDS = 5.0
 ANNOTATION_PREFIX = "cpt.dev"
 FINALIZER = "cpt.dev/finalizer"  # declared for kopf; no handler of ours requires it
 TERMINAL = {p.value for p in TERMINAL_PHASES}
@@ -123,6 +124,8 @@ class OperatorState:
     """The S3 prefixes each run owns (from the run watch): no two runs may overlap."""
     recording: int = 0
     """Passes whose Events and status patch are still being written (deferred records)."""
+    records: set[asyncio.Task[None]] = field(default_factory=set)
+    """Their tasks: given a few seconds to finish when the operator stops."""
     dry_runs: dict[str, DryRunEntry] = field(default_factory=dict)
     """Dry runs by `admission.dry_run_key`: in flight, or accepted (until `expires`)."""
 
@@ -545,8 +548,8 @@ async def reconcile_locked(
     # written by a task that keeps the run's lock, so the kopf worker (one of worker_limit's
     # slots) is free for the next run's event, and the pass's body and manifests are freed.
     task = asyncio.create_task(_record(key, deferred[0], lock))
-    STATE.tasks.add(task)
-    task.add_done_callback(STATE.tasks.discard)
+    STATE.records.add(task)
+    task.add_done_callback(STATE.records.discard)
     return decision
 
 
@@ -678,6 +681,10 @@ async def cleanup(**_: Any) -> None:
         STATE.resync_task.cancel()
     for task in list(STATE.tasks):
         task.cancel()
+    if STATE.records:  # written statuses spare the next start repeating passes and Events
+        _done, pending = await asyncio.wait(set(STATE.records), timeout=RECORD_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
     if isinstance(STATE.kube, Kube):
         await STATE.kube.close()
     STATE.kube = None

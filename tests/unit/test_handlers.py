@@ -370,10 +370,25 @@ def test_a_failed_record_releases_the_run_and_schedules_another_pass(
 
     async def main() -> None:
         await handlers.reconcile_locked(*key)
-        while handlers.STATE.tasks:
-            await asyncio.gather(*handlers.STATE.tasks)
+        while handlers.STATE.records:
+            await asyncio.gather(*handlers.STATE.records)
         assert not handlers.STATE.locks[key].locked()
 
     run_as_operator(kube, main)
     assert scheduled == [(key, 5.0)]
     assert ("Job", "llama-gpu-tokenize") in kube.children
+
+
+def test_stopping_the_operator_lets_pending_records_finish() -> None:
+    kube = GatedKube(new_run())
+    m = kube.run["metadata"]
+
+    async def main() -> None:
+        await handlers.reconcile_locked(m["namespace"], m["name"])
+        assert handlers.STATE.records
+        asyncio.get_running_loop().call_later(0.05, kube.gate.set)
+        await handlers.cleanup()
+        assert not handlers.STATE.records
+
+    run_as_operator(kube, main)
+    assert kube.run["status"]["phase"] == "Tokenizing"
