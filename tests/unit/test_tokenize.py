@@ -540,3 +540,111 @@ def test_a_full_cache_starts_over_and_stays_exact(
     got = [d for i in range(0, len(docs), 16) for d in cache.encode(docs[i : i + 16])]
     assert got == expected and cache.enabled
     assert len(cache.ids) + len(cache.heads) < 30 + 16 * 60
+
+
+def _batch_rows(path: Path) -> list[int]:
+    import pyarrow as pa
+
+    with pa.OSFile(str(path)) as f:
+        return [b.num_rows for b in pa.ipc.open_stream(f)]
+
+
+def test_the_block_writer_packs_any_sequence_of_adds_into_the_same_blocks_and_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tk, "FLUSH_BLOCKS", 3)
+    monkeypatch.setattr(tk, "FILE_BYTES", 9 * BLOCK * 4)  # 4 blocks per Arrow file
+    rng = np.random.default_rng(3)
+    stream = rng.integers(0, 1000, size=40 * BLOCK + 7, dtype=np.int32)
+    sizes = [0, 5, BLOCK - 5, 1, 7 * BLOCK + 3, 0, 2 * BLOCK, 11, 13 * BLOCK]
+    cuts = np.cumsum(sizes)
+    pieces = [*np.split(stream, cuts), np.zeros(0, dtype=np.int32)]
+    writer = tk.BlockWriter(tmp_path / "d", BLOCK, "fp")
+    # The rule, computed on its own: after each add, once FLUSH_BLOCKS full blocks are
+    # buffered, all of them are written (as one record batch, cut at file ends).
+    expected_batches: list[int] = []
+    buffered = 0
+    for piece in pieces:
+        writer.add(piece, 1)
+        buffered += len(piece)
+        if buffered // BLOCK >= 3:
+            expected_batches.append(buffered // BLOCK)
+            buffered %= BLOCK
+    dropped = writer.close()
+    blocks = len(stream) // BLOCK
+    assert dropped == len(stream) - blocks * BLOCK == buffered and writer.blocks == blocks
+    assert writer.tokens_in == len(stream) and writer.docs == len(pieces)
+    ids = load_ids(tmp_path, "d")
+    assert (ids.reshape(-1) == stream[: blocks * BLOCK]).all()
+    files = sorted((tmp_path / "d").glob("*.arrow"))
+    assert len(files) == -(-blocks // 4)
+    rows = [n for f in files for n in _batch_rows(f)]
+    assert sum(rows) == blocks and all(n <= 4 for n in rows)
+    # Batches are the flushes, split only where a file is full.
+    start = 0
+    for size in expected_batches:
+        part, got = [], 0
+        while got < size:
+            part.append(rows[start])
+            got += rows[start]
+            start += 1
+        assert got == size, (rows, expected_batches)
+
+
+def test_a_local_output_is_staged_inside_it_and_renamed_into_place(
+    tmp_path: Path, tok_dir: Path
+) -> None:
+    make_corpus(tmp_path / "c", 40, seed=12)
+    out = tmp_path / "out"
+    stale = out / f".{tk.shard_name(0, 1)}.cpt-tmp.killed"
+    (stale / tk.shard_name(0, 1)).mkdir(parents=True)
+    (stale / tk.shard_name(0, 1) / "data-00000-of-00001.arrow").write_bytes(b"partial")
+    r = tk.run_tokenize(cfg_for(tmp_path / "c", tok_dir, out, held_out_fraction=0.2))
+    assert not stale.exists(), "a killed run's staging dir is removed"
+    assert sorted(p.name for p in out.iterdir()) == [
+        tk.heldout_name(0, 1),
+        "manifest.json",
+        tk.shard_name(0, 1),
+        tk.done_name(0, 1),
+    ]
+    assert load_ids(out, tk.shard_name(0, 1)).shape == (r.blocks, BLOCK)
+    assert load_ids(out, tk.heldout_name(0, 1)).shape == (r.heldout_blocks, BLOCK)
+
+
+def test_with_a_pool_every_task_is_encoded_in_a_worker_and_the_main_process_packs(
+    tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_corpus(tmp_path / "c", 90, seed=13, files=3)
+    monkeypatch.setattr(tk, "TASK_BYTES", 2000)
+    log = tmp_path / "pids"
+    real = tk._run_task
+
+    def run(tok: Any, eos: int, opts: Any, task: Any) -> Any:
+        with log.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(tok, eos, opts, task)
+
+    import multiprocessing as mp
+
+    monkeypatch.setattr(tk, "_run_task", run)  # forked workers inherit it
+    monkeypatch.setattr(tk, "_pool_context", lambda: mp.get_context("fork"))
+    one = tk.run_tokenize(cfg_for(tmp_path / "c", tok_dir, tmp_path / "o1"))
+    assert set(log.read_text().split()) == {str(os.getpid())}, "one worker: in process"
+    log.unlink()
+    two = tk.run_tokenize(cfg_for(tmp_path / "c", tok_dir, tmp_path / "o2", workers=2))
+    pids = log.read_text().split()
+    assert len(pids) > 6 and str(os.getpid()) not in pids
+    assert len(set(pids)) == 2, "both workers took tasks"
+    assert two.to_json() | {"seconds": 0} == one.to_json() | {"seconds": 0}
+    name = tk.shard_name(0, 1)
+    assert (load_ids(tmp_path / "o1", name) == load_ids(tmp_path / "o2", name)).all()
+
+
+def test_the_loaded_tokenizer_is_parsed_once_and_reused(tok_dir: Path) -> None:
+    tok = tk.load_tokenizer(str(tok_dir))
+    assert tok.rust() is tok.rust() is tok.loaded
+    assert tok == tk.LoadedTokenizer(tok.spec, tok.eos_id, tok.vocab_size, tok.digest)
+    fresh = tk.LoadedTokenizer(tok.spec, tok.eos_id, tok.vocab_size, tok.digest).rust()
+    assert fresh.to_str() == tok.spec
+    cache = tk.PieceCache.wrap(tok.rust(), tok.spec)
+    assert isinstance(cache, tk.PieceCache) and cache.rust is tok.loaded
