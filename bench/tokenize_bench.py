@@ -33,6 +33,7 @@ CPU-second is the steadier per-core figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -538,18 +539,8 @@ def bench(
     machine = common.cpu_machine()
     cfg = dict(info)
 
-    def best(key: str) -> dict[str, Any]:
-        # The fastest repeat: the least disturbed by other processes on a shared machine.
-        return max(runs[key], key=lambda r: r["tokensPerSec"])
-
-    def summary(key: str) -> dict[str, Any]:
-        rs = runs[key]
-        return {
-            "runs": rs,
-            "medianTokensPerSec": common.median([r["tokensPerSec"] for r in rs]),
-            "tokensPerCpuSec": common.median([r["tokensPerCpuSec"] for r in rs]),
-        }
-
+    best = functools.partial(best_run, runs)
+    summary = functools.partial(summarize_runs, runs)
     scaling = scaling_rows(runs, machine, code_info) if ncores >= 2 else []
     if not everything:
         return scaling
@@ -666,22 +657,28 @@ def bench(
     return out + scaling
 
 
+def best_run(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, Any]:
+    """The fastest repeat: the least disturbed by other processes on a shared machine."""
+    return max(runs[key], key=lambda r: r["tokensPerSec"])
+
+
+def summarize_runs(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, Any]:
+    rs = runs[key]
+    return {
+        "runs": rs,
+        "medianTokensPerSec": common.median([r["tokensPerSec"] for r in rs]),
+        "tokensPerCpuSec": common.median([r["tokensPerCpuSec"] for r in rs]),
+    }
+
+
 def scaling_rows(
     runs: dict[str, list[dict[str, Any]]], machine: str, code_info: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """``tokenize.scaling.*``: two workers (one shard process) and two shard processes (the
     Indexed Job's pods) against one, on the distinct code corpus of :func:`prepare_code`."""
 
-    def best(key: str) -> dict[str, Any]:
-        return max(runs[key], key=lambda r: r["tokensPerSec"])
-
-    def summary(key: str) -> dict[str, Any]:
-        rs = runs[key]
-        return {
-            "runs": rs,
-            "medianTokensPerSec": common.median([r["tokensPerSec"] for r in rs]),
-            "tokensPerCpuSec": common.median([r["tokensPerCpuSec"] for r in rs]),
-        }
+    best = functools.partial(best_run, runs)
+    summary = functools.partial(summarize_runs, runs)
 
     def efficiency(two: str, one: str) -> float:
         per_cpu = [common.median([r["tokensPerCpuSec"] for r in runs[k]]) for k in (two, one)]
