@@ -82,7 +82,7 @@ STORAGE_CACHE_SECONDS = 5.0
 # bounds how stale a namespace's admission state (quota, policies) can be for a new run.
 DRY_RUN_CACHE_SECONDS = float(os.environ.get("CPT_DRY_RUN_CACHE_SECONDS", "30"))
 # At most this many passes leave their Events and status patch to a task (reconcile_locked).
-DEFERRED_RECORDS = int(os.environ.get("CPT_DEFERRED_RECORDS", "256"))
+DEFERRED_RECORDS = int(os.environ.get("CPT_DEFERRED_RECORDS", "96"))
 RECORD_GRACE_SECONDS = 5.0
 ANNOTATION_PREFIX = "cpt.dev"
 FINALIZER = "cpt.dev/finalizer"  # declared for kopf; no handler of ours requires it
