@@ -122,10 +122,9 @@ class OperatorState:
     """When each run's last pass started (the resync skips runs an event just reconciled)."""
     roots: dict[RunKey, admission.RunRoots] = field(default_factory=dict)
     """The S3 prefixes each run owns (from the run watch): no two runs may overlap."""
-    recording: int = 0
-    """Passes whose Events and status patch are still being written (deferred records)."""
     records: set[asyncio.Task[None]] = field(default_factory=set)
-    """Their tasks: given a few seconds to finish when the operator stops."""
+    """Tasks writing passes' Events and status patches (deferred records): at most
+    DEFERRED_RECORDS, given a few seconds to finish when the operator stops."""
     dry_runs: dict[str, DryRunEntry] = field(default_factory=dict)
     """Dry runs by `admission.dry_run_key`: in flight, or accepted (until `expires`)."""
 
@@ -525,7 +524,7 @@ async def reconcile_locked(
             STATE.waiting.discard(key)
         raise
     # Over the cap, the pass writes its own record: bounds what waits in memory.
-    deferred: list[Record] | None = [] if STATE.recording < DEFERRED_RECORDS else None
+    deferred: list[Record] | None = [] if len(STATE.records) < DEFERRED_RECORDS else None
     try:
         if queued:
             STATE.waiting.discard(key)  # from here on, later changes need a new pass
@@ -543,7 +542,6 @@ async def reconcile_locked(
     if not deferred:
         lock.release()
         return decision
-    STATE.recording += 1
     # The Events and the status patch wait behind other runs' creates (request priorities):
     # written by a task that keeps the run's lock, so the kopf worker (one of worker_limit's
     # slots) is free for the next run's event, and the pass's body and manifests are freed.
@@ -570,7 +568,6 @@ async def _record(key: RunKey, record: Record, lock: asyncio.Lock) -> None:
         STATE.runs.setdefault(key, "")
         schedule_reconcile(key, 5.0)
     finally:
-        STATE.recording -= 1
         lock.release()
 
 

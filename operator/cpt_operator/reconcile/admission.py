@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.api.models import NAME_PATTERN, ContinualPretrainSpec
 from cpt_operator.builders import jobs, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
 from cpt_training.flops import instance_type
@@ -138,9 +138,6 @@ def dry_run_manifests(
     return out
 
 
-DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-
-
 def dry_run_key(spec: ContinualPretrainSpec, run: RunRef) -> str | None:
     """A key under which one accepted dry run stands for every run with the same key, so a
     burst of runs from one template costs the API server one dry run, not one per run.
@@ -151,8 +148,8 @@ def dry_run_key(spec: ContinualPretrainSpec, run: RunRef) -> str | None:
     What remains is what the server validates: names and labels (the run's name enters only
     those, and any two DNS-1035 names of one length pass the same name and label rules),
     images, resources, affinity, tolerations, security context, env var names and sources.
-    None (no sharing) for a name outside DNS-1035."""
-    if not DNS1035_LABEL.fullmatch(run.name):
+    None (no sharing) for a name outside DNS-1035 (the CRD's own name rule, NAME_PATTERN)."""
+    if not re.fullmatch(NAME_PATTERN, run.name):
         return None
     stand_in = RunRef("r" + "0" * (len(run.name) - 1), run.namespace, "stand-in-uid")
     manifests = [m for _, _, m in dry_run_manifests(spec, stand_in)]
