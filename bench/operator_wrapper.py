@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,17 @@ def _dump_body_referrers(path: Path) -> None:
     )
 
 
+def _every(seconds: float, fn: Callable[[], object]) -> None:
+    """Calls ``fn`` every ``seconds`` from a daemon thread, for the process's life."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(seconds)
+            fn()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def main() -> None:
     install()
     prof_path = os.environ.get("CPT_BENCH_PROFILE")
@@ -167,24 +179,13 @@ def main() -> None:
     if gc_every > 0:  # experiment: is cyclic garbage part of the resident set?
         import gc
 
-        def collect_forever() -> None:
-            while True:
-                time.sleep(gc_every)
-                gc.collect()
-
-        threading.Thread(target=collect_forever, daemon=True).start()
+        _every(gc_every, gc.collect)
     trim_every = float(os.environ.get("CPT_BENCH_TRIM_SECONDS", "0"))
     if trim_every > 0:  # experiment: is freed-but-kept C heap part of the resident set?
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-
-        def trim_forever() -> None:
-            while True:
-                time.sleep(trim_every)
-                libc.malloc_trim(0)
-
-        threading.Thread(target=trim_forever, daemon=True).start()
+        _every(trim_every, lambda: libc.malloc_trim(0))
     out = os.environ.get("CPT_BENCH_COUNTS")
     if out:
         threading.Thread(target=_dump_forever, args=(Path(out),), daemon=True).start()

@@ -677,50 +677,49 @@ def scaling_rows(
     """``tokenize.scaling.*``: two workers (one shard process) and two shard processes (the
     Indexed Job's pods) against one, on the distinct code corpus of :func:`prepare_code`."""
 
-    best = functools.partial(best_run, runs)
-    summary = functools.partial(summarize_runs, runs)
-
-    def efficiency(two: str, one: str) -> float:
-        per_cpu = [common.median([r["tokensPerCpuSec"] for r in runs[k]]) for k in (two, one)]
-        return per_cpu[0] / per_cpu[1]
+    def row(
+        name: str, two: str, one: str, cfg: dict[str, Any], baseline: str, one_as: str, what: str
+    ) -> dict[str, Any]:
+        """``two`` (the runs on two cores) against ``one`` (the same work on one core)."""
+        mine, base = summarize_runs(runs, two), summarize_runs(runs, one)
+        return common.measurement(
+            SCALING + name,
+            machine,
+            {**code_info, "cores": 2, **cfg},
+            "tokens/s",
+            best_run(runs, two)["tokensPerSec"],
+            baseline=(baseline, best_run(runs, one)["tokensPerSec"]),
+            goal=common.goal(">=", 1.7, "ratio"),
+            details={
+                **mine,
+                one_as: base,
+                "cpuEfficiency": mine["tokensPerCpuSec"] / base["tokensPerCpuSec"],
+                "what": what,
+            },
+        )
 
     return [
-        common.measurement(
-            SCALING + "2workers",
-            machine,
-            {**code_info, "cores": 2, "workers": 2},
-            "tokens/s",
-            best("code-2")["tokensPerSec"],
-            baseline=("ours, 1 worker, same corpus", best("code-1")["tokensPerSec"]),
-            goal=common.goal(">=", 1.7, "ratio"),
-            details={
-                **summary("code-2"),
-                "oneWorker": summary("code-1"),
-                "cpuEfficiency": efficiency("code-2", "code-1"),
-                "what": "run_tokenize with workers=2 on two cores against workers=1 on one core, "
-                "one shard of the distinct code corpus; both timed from the call (tokenizer load, "
-                "encoding, packing, Arrow writing included)",
-            },
+        row(
+            "2workers",
+            "code-2",
+            "code-1",
+            {"workers": 2},
+            "ours, 1 worker, same corpus",
+            "oneWorker",
+            "run_tokenize with workers=2 on two cores against workers=1 on one core, one shard "
+            "of the distinct code corpus; both timed from the call (tokenizer load, encoding, "
+            "packing, Arrow writing included)",
         ),
-        common.measurement(
-            SCALING + "2shards",
-            machine,
-            {**code_info, "cores": 2, "shards": 2, "workersPerShard": 1},
-            "tokens/s",
-            best("code-shards-2")["tokensPerSec"],
-            baseline=(
-                "one shard process, timed the same way",
-                best("code-shards-1")["tokensPerSec"],
-            ),
-            goal=common.goal(">=", 1.7, "ratio"),
-            details={
-                **summary("code-shards-2"),
-                "oneShard": summary("code-shards-1"),
-                "cpuEfficiency": efficiency("code-shards-2", "code-shards-1"),
-                "what": "two shard processes at once (the Indexed Job's pods), one core each, "
-                "against one shard process on one core, on the distinct code corpus; both "
-                "timed from process start (interpreter, imports, tokenizer load included)",
-            },
+        row(
+            "2shards",
+            "code-shards-2",
+            "code-shards-1",
+            {"shards": 2, "workersPerShard": 1},
+            "one shard process, timed the same way",
+            "oneShard",
+            "two shard processes at once (the Indexed Job's pods), one core each, against one "
+            "shard process on one core, on the distinct code corpus; both timed from process "
+            "start (interpreter, imports, tokenizer load included)",
         ),
     ]
 
