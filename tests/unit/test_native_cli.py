@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,51 @@ def test_the_console_script_module_runs_and_rejects_unknown_stages() -> None:
     )
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
+
+
+# A thread busy inside torch when the process ends: interpreter finalization stops it inside
+# torch's C++ code, which aborts the process ("terminate called without an active exception",
+# exit -6) after the stage has finished. torch's own gloo threads can be in that state at the
+# end of a training run; a plain spinning thread makes the hazard certain.
+_ENTRY_WITH_A_BUSY_TORCH_THREAD = """
+import sys, threading, time, torch
+from cpt_training import cli
+
+def spin():
+    a = torch.randn(256, 256)
+    while True:
+        a = torch.mm(a, a).clamp_(-1, 1)
+
+threading.Thread(target=spin, daemon=True).start()
+time.sleep(0.2)
+sys.argv = ["cpt-train", "preflight"]
+cli.{call}
+"""
+
+
+def test_the_entry_point_exits_with_the_stage_code_and_its_log_while_torch_threads_run() -> None:
+    env = {
+        **os.environ,
+        "CPT_STAGE_CONFIG": json.dumps(
+            {
+                "stage": "preflight",
+                "device": "cpu",
+                "sizeMb": 1,
+                "iterations": 1,
+                "minBusBandwidthGbps": 1,
+            }
+        ),
+    }
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENTRY_WITH_A_BUSY_TORCH_THREAD.format(call="entry()")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    # The stage's own verdict (a world of one has no bus to measure), not an abort.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "a world of 1 process has no bus to measure" in proc.stderr
+    assert '"stage": "preflight"' in proc.stdout
+    assert "terminate called" not in proc.stderr

@@ -15,13 +15,15 @@ Training runs under torchrun as a module::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
@@ -161,5 +163,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
 
 
+def entry() -> NoReturn:
+    """The process entry point (``cpt-train``, ``python -m cpt_training.cli``): :func:`main`,
+    then flush and leave with ``os._exit``.
+
+    Why not a normal exit: interpreter finalization stops every thread that still wants the
+    GIL, and one stopped inside torch's C++ code aborts the whole process ("terminate called
+    without an active exception", exit -6) after the stage has done its work. torch keeps
+    threads of its own past ``destroy_process_group`` (gloo's workers, once FSDP has used the
+    group), so a rank that finished cleanly could still fail its pod now and then. Everything
+    a stage writes is closed before :func:`main` returns; only the log and stdio buffers are
+    left to flush. An exception still ends the process the usual way (traceback, exit 1)."""
+    # A fatal signal (an abort inside torch, a crash in a native library) prints every
+    # thread's Python stack to stderr: the only trace such a crash leaves in the pod log.
+    faulthandler.enable(all_threads=True)
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
