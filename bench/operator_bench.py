@@ -190,7 +190,10 @@ def bench(
     profile: Path | None = None,
     operator_env: dict[str, str] | None = None,
     apiserver_profile: Path | None = None,
+    floor: bool = False,
 ) -> list[dict[str, Any]]:
+    """The burst, the idle window and the memory reading against the operator; with `floor`,
+    only the burst, against bench/floor_operator.py (the least any operator can do)."""
     common.bootstrap()
     sys.path.insert(0, str(common.REPO / "hack" / "devcluster"))
     import devcluster  # type: ignore[import-not-found]
@@ -255,9 +258,18 @@ def bench(
                 ),
             }
         )
+        if floor:
+            env.update(
+                {
+                    "CPT_FLOOR_API": cluster.api_url,
+                    "CPT_FLOOR_TOKEN": cluster.admin_token,
+                    "CPT_FLOOR_CA": str(cluster.ca_file),
+                    "CPT_FLOOR_NAMESPACE": NS,
+                }
+            )
         log = open(work / "operator.log", "wb")  # noqa: SIM115 - closed below
         op = subprocess.Popen(
-            [sys.executable, "-m", "bench.operator_wrapper"],
+            [sys.executable, "-m", "bench.floor_operator" if floor else "bench.operator_wrapper"],
             cwd=common.REPO,
             env=env,
             stdout=log,
@@ -265,6 +277,8 @@ def bench(
         )
 
         def counts() -> dict[str, int]:
+            if floor:  # no request counters there
+                return {}
             for _ in range(50):
                 try:
                     data: dict[str, int] = json.loads(counts_file.read_text())["counts"]
@@ -276,7 +290,9 @@ def bench(
         # Ready: kopf has started its watches.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if counts_file.is_file() and any("(watch)" in k for k in counts()):
+            if floor and b"watching" in (work / "operator.log").read_bytes():
+                break
+            if not floor and counts_file.is_file() and any("(watch)" in k for k in counts()):
                 break
             time.sleep(0.5)
         time.sleep(2)
@@ -375,6 +391,10 @@ def bench(
             f"CPU s {burst_cpu}; requests {burst_requests}",
             flush=True,
         )
+
+        if floor:
+            watcher.stop = True
+            return floor_rows(lat, burst_seconds, burst_wall, timeline, burst_cpu)
 
         def phases() -> dict[str, int]:
             items = api.get(f"{API}/namespaces/{NS}/continualpretrains")["items"]
@@ -498,6 +518,46 @@ def bench(
     ]
 
 
+def floor_rows(
+    lat: list[float],
+    burst_seconds: float,
+    burst_wall: float,
+    timeline: list[dict[str, Any]],
+    burst_cpu: dict[str, float],
+) -> list[dict[str, Any]]:
+    """The floor's burst (no goal: the yardstick for the operator's own rows)."""
+    machine = common.cpu_machine() + ", local control plane (devcluster) on loopback"
+    cfg = {
+        "runs": len(lat),
+        "createConcurrency": 32,
+        "operator": "bench/floor_operator.py: watch runs, build and create the first child, "
+        "nothing else",
+        "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable tool pods",
+    }
+    details = {
+        "p90": common.percentile(lat, 90),
+        "max": max(lat),
+        "createBurstSeconds": burst_seconds,
+        "untilAllChildrenSeconds": burst_wall,
+        "timeline": timeline,
+        "cpuSecondsDuringBurst": burst_cpu,
+        "loadAvg": common.load_average(),
+    }
+    return [
+        common.measurement(
+            "operator.floor.first_child.p50",
+            machine,
+            cfg,
+            "s",
+            common.percentile(lat, 50),
+            details=details,
+        ),
+        common.measurement(
+            "operator.floor.first_child.p99", machine, cfg, "s", common.percentile(lat, 99)
+        ),
+    ]
+
+
 def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
     """The operator's profile: functions by own time, and our code / the HTTP client by
     cumulative time (what a reconcile costs and where)."""
@@ -553,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra operator environment (tuning, e.g. CPT_WORKER_LIMIT=16); recorded",
     )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="the burst only, against bench/floor_operator.py instead of the operator "
+        "(results: operator-floor.json)",
+    )
     args = p.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.operator_env)
     items = bench(
@@ -563,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile,
         extra,
         args.apiserver_profile,
+        args.floor,
     )
     for m in items:
         print(f"{m['name']:40s} {m['value']:.3f} {m['metric']}")
@@ -588,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             print("wrote", common.write_results("operator-profile", [prof]))
         return 0
     if not args.no_write:
-        print("wrote", common.write_results("operator", items))
+        print("wrote", common.write_results("operator-floor" if args.floor else "operator", items))
     return 0
 
 

@@ -320,3 +320,28 @@ def test_annotation_time_is_parsed_from_the_profiler_table_and_removed_once() ->
     assert fixed["categories"]["other kernels"]["msPerStep"] == 20.0
     assert fixed["categories"]["matmul"]["share"] == pytest.approx(0.6)
     assert gpu_train.fix_profile(fixed, table, steps=2) == fixed
+
+
+def test_the_floor_operator_creates_the_first_child_the_operator_creates() -> None:
+    """bench/floor_operator.py is the yardstick for the operator's first-child latency: it
+    must build the very child the operator's passes over a new run create first."""
+    from datetime import UTC, datetime
+
+    from bench import floor_operator
+    from bench import operator_bench as ob
+    from cpt_operator.reconcile.actions import CreateChild
+    from cpt_operator.reconcile.decide import RunMeta, decide
+    from cpt_operator.reconcile.observe import observe
+
+    body = ob.run_body("run-0007", "bucket")
+    body["metadata"]["uid"] = "0b0e0c0d-0000-4000-8000-000000000007"
+    status: dict[str, Any] | None = None
+    created: list[dict[str, Any]] = []
+    for _ in range(4):  # the operator's passes until one creates something
+        d = decide(RunMeta.of(body), body["spec"], status, observe(), datetime.now(UTC))
+        created = [a.manifest for a in d.actions if isinstance(a, CreateChild)]
+        if created:
+            break
+        status = d.status
+    assert [c["kind"] for c in created] == ["PyTorchJob"]
+    assert floor_operator.first_child(body) == created[0]
