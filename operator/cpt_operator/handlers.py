@@ -4,8 +4,9 @@ Level-based: every reconcile recomputes the whole decision from what exists now,
 not matter which event woke it up, how many were missed, or whether the operator restarted in
 between. Two triggers feed it:
 
-* `@kopf.on.event` on runs and on the run's Jobs/PyTorchJobs/Pods (label `cpt.dev/run`): fast
-  reaction to phase changes of children;
+* `@kopf.on.event` on runs, and the operator's own watches of the run's Jobs/PyTorchJobs/Pods
+  (label `cpt.dev/run`, selected by the API server: cpt_operator/k8s/watch.py): fast reaction
+  to phase changes of children;
 * a resync loop (every `CPT_RESYNC_SECONDS`, default 10 s) over the non-terminal runs kopf has
   seen: time-based rules (pending/hang/node timeouts) and progress.json refresh. A run that an
   event reconciled less than half an interval ago is left for the next pass.
@@ -61,9 +62,9 @@ from cpt_operator.api.models import (
     Phase,
 )
 from cpt_operator.builders import stages
-from cpt_operator.builders.meta import RUN_LABEL
 from cpt_operator.index import ALL_NAMESPACES, ChildIndex, RunKey, compare_versions
-from cpt_operator.k8s.client import Kube, KubeApi
+from cpt_operator.k8s import watch
+from cpt_operator.k8s.client import CHILD_KINDS, Kube, KubeApi
 from cpt_operator.progress import StorageView, read_storage_async
 from cpt_operator.reconcile import admission, conditions
 from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
@@ -115,6 +116,8 @@ class OperatorState:
     waiting: set[RunKey] = field(default_factory=set)
     """Runs with a pass queued that has not started (it reads the run afresh): coalescing."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    watches: list[asyncio.Task[None]] = field(default_factory=list)
+    """The children's watches (start_child_watches)."""
     scopes: tuple[str, ...] = (ALL_NAMESPACES,)
     """What the child index LISTs: the watched namespaces, or every namespace."""
     reconciles: int = 0
@@ -223,7 +226,7 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
     try:
         spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
         run = RunMeta.of(body)
-        manifests = admission.dry_run_manifests(spec, run.ref)
+        key = admission.dry_run_key(spec, run.ref)
     except ValueError:  # an invalid spec fails in planning with its own message
         return ()
     ns = run.namespace
@@ -232,9 +235,9 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
     answers = await asyncio.gather(
         asyncio.gather(*(kube.secret_exists(ns, secret) for _, secret in secrets)),
         kube.pod_security_level(ns),
-        dry_run(kube, [m for _, _, m in manifests], ns, admission.dry_run_key(spec, run.ref)),
+        dry_run(kube, lambda: admission.dry_run_manifests(spec, run.ref), ns, key),
     )
-    exists, level, messages = answers
+    exists, level, asked = answers
     found: list[Blocker] = [
         admission.missing_secret(field_, secret, ns)
         for (field_, secret), there in zip(secrets, exists, strict=True)
@@ -244,29 +247,39 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
     mine = admission.RunRoots.of(body, spec)
     if mine is not None:
         found += admission.shared_roots(mine, list(STATE.roots.values()))
-    for (what, field_, _), message in zip(manifests, messages, strict=True):
+    for what, field_, message in asked:
         if message:
             found.append(admission.rejected(what, field_, message))
     return tuple(found)
 
 
-async def dry_run(
-    kube: KubeApi, manifests: list[dict[str, Any]], namespace: str, key: str | None
-) -> list[str]:
-    """The API server's messages for server-side dry runs of `manifests` ("" = accepted).
-    Runs whose templates share a key share one dry run: concurrent ones wait for it, later
-    ones reuse its acceptance for DRY_RUN_CACHE_SECONDS. A rejection is never shared (its
-    message names the other run's objects): each rejected run asks for itself."""
+Manifests = list[tuple[str, str, dict[str, Any]]]
+"""(what, spec field, manifest), as admission.dry_run_manifests builds them."""
 
-    async def ask() -> list[str]:
-        return list(await asyncio.gather(*(kube.dry_run_create(m, namespace) for m in manifests)))
+
+async def dry_run(
+    kube: KubeApi, build: Callable[[], Manifests], namespace: str, key: str | None
+) -> list[tuple[str, str, str]]:
+    """(what, spec field, the API server's message: "" = accepted) for server-side dry runs
+    of the manifests `build` makes. Runs whose templates share a key share one dry run:
+    concurrent ones wait for it, later ones reuse its acceptance for DRY_RUN_CACHE_SECONDS
+    and get [] without building anything (the run's own manifests are the costliest part of
+    its admission). A rejection is never shared (its message names the other run's
+    objects): each rejected run asks for itself."""
+
+    async def ask() -> list[tuple[str, str, str]]:
+        manifests = build()
+        messages = await asyncio.gather(
+            *(kube.dry_run_create(m, namespace) for _, _, m in manifests)
+        )
+        return [(what, f, msg) for (what, f, _), msg in zip(manifests, messages, strict=True)]
 
     if key is None or DRY_RUN_CACHE_SECONDS <= 0:
         return await ask()
     now = time.monotonic()
     entry = STATE.dry_runs.get(key)
     if entry is not None and entry.expires > now and await asyncio.shield(entry.accepted):
-        return [""] * len(manifests)
+        return []
     if len(STATE.dry_runs) > 1024:
         for stale in [k for k, e in STATE.dry_runs.items() if e.expires <= now]:
             del STATE.dry_runs[stale]
@@ -274,9 +287,9 @@ async def dry_run(
     STATE.dry_runs[key] = mine
     accepted = False
     try:
-        messages = await ask()
-        accepted = not any(messages)
-        return messages
+        asked = await ask()
+        accepted = not any(msg for _, _, msg in asked)
+        return asked
     finally:
         mine.accepted.set_result(accepted)
         if accepted:
@@ -635,13 +648,38 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure(settings)
     STATE.kube = STATE.kube or Kube()
     STATE.scopes = watched_scopes()
-    try:  # before kopf's watches start: their first events then land on a primed index
+    try:  # before the watches start: their first events then land on a primed index
         await verify_index(STATE.kube, STATE.index, STATE.scopes)
     except ApiError as err:  # e.g. no RBAC to list cluster-wide: each run LISTs its own
         log.warning("could not list the runs' children (each run lists its own): %s", err)
     await prime_roots(STATE.kube, STATE.scopes)
     STATE.last_resync = time.monotonic()
     STATE.resync_task = asyncio.create_task(resync_forever(RESYNC_SECONDS))
+    STATE.watches = start_child_watches(STATE.kube, STATE.scopes)
+
+
+def start_child_watches(kube: KubeApi, scopes: tuple[str, ...]) -> list[asyncio.Task[None]]:
+    """One watch per child kind and scope, labels selected by the API server."""
+    if not isinstance(kube, Kube):  # tests of the glue feed child_event themselves
+        return []
+
+    async def verify() -> None:  # a watch restarted from now: deletions in between
+        await verify_index(kube, STATE.index, STATE.scopes)
+
+    return [
+        asyncio.create_task(
+            watch.follow(
+                kube,
+                kind,
+                None if scope == ALL_NAMESPACES else scope,
+                child_event,
+                on_restart=verify,
+            ),
+            name=f"watch {kind[1]} in {scope}",
+        )
+        for kind in CHILD_KINDS
+        for scope in scopes
+    ]
 
 
 async def prime_roots(kube: KubeApi, scopes: tuple[str, ...]) -> None:
@@ -676,6 +714,8 @@ def remember_roots(body: Mapping[str, Any]) -> None:
 async def cleanup(**_: Any) -> None:
     if STATE.resync_task is not None:
         STATE.resync_task.cancel()
+    for task in STATE.watches:
+        task.cancel()
     for task in list(STATE.tasks):
         task.cancel()
     if STATE.records:  # written statuses spare the next start repeating passes and Events
@@ -694,6 +734,8 @@ def resync_probe(**_: Any) -> float:
     task = STATE.resync_task
     if task is None or task.done() or age > 6 * RESYNC_SECONDS + 60:
         raise RuntimeError(f"the resync loop is not running (last pass {age:.0f}s ago)")
+    if stopped := [t.get_name() for t in STATE.watches if t.done()]:
+        raise RuntimeError(f"stopped: {', '.join(stopped)}")
     return round(age, 1)
 
 
@@ -745,12 +787,10 @@ async def run_event(
             raise kopf.PermanentError(f"invalid spec: {reasons[0].get('message')}")
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
-@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={RUN_LABEL: kopf.PRESENT})
-@kopf.on.event("", "v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
-async def child_event(type: str | None, body: Mapping[str, Any], **_: Any) -> None:
-    """Into the index; a reconcile only when the run is known and the child changed in a way
-    the decision reads (our own create's ADDED event, for one, changes nothing)."""
+def child_event(type: str | None, body: Mapping[str, Any]) -> None:
+    """A child's watch event (cpt_operator/k8s/watch.py): into the index; a reconcile only
+    when the run is known and the child changed in a way the decision reads (our own create's
+    ADDED event, for one, changes nothing)."""
     key = STATE.index.apply(type, body)
     if key is not None and key in STATE.runs and STATE.runs[key] not in TERMINAL:
         schedule_reconcile(key, CHILD_SETTLE_SECONDS)

@@ -3,8 +3,9 @@
 Why: a reconcile used to LIST the three kinds by label on every event. Under a burst of new
 runs those LISTs dominated the API server (each scans the whole namespace) and a new run
 waited behind the repeats of others. This index is the operator's informer cache: it is
-fed by the child watch events kopf already delivers, written through by the operator's own
-creates and deletes, and checked by real LISTs, so a reconcile reads children from memory.
+fed by the children's watch events (cpt_operator/k8s/watch.py), written through by the
+operator's own creates and deletes, and checked by real LISTs, so a reconcile reads children
+from memory.
 
 Rules that keep it safe for a level-based reconcile (it must never make the operator act on
 children that no longer look like that):
@@ -209,7 +210,7 @@ class ChildIndex:
         entry.touched[ok] = self._seq
 
     def apply(self, type_: str | None, body: Mapping[str, Any]) -> RunKey | None:
-        """A watch event (type None: kopf's initial listing). Returns the run whose view
+        """A watch event (type None: an initial listing). Returns the run whose view
         changed in a way the decision can see, else None (nothing to reconcile)."""
         key = run_key(body)
         if key is None:

@@ -161,3 +161,60 @@ def test_the_index_listing_finds_every_labelled_child_of_the_namespace_with_its_
     assert ("Job", "a-tokenize") in found and ("Job", "b-tokenize") in found
     assert all(name != "not-ours" for _, name in found)
     assert {kind for kind, _ in found} <= {"Job", "Pod"}
+
+
+def test_the_children_watch_gets_only_labelled_objects_and_resumes_where_it_was(
+    runs: Runs,
+) -> None:
+    """The API server selects the label: an unlabelled Job never reaches the operator; a
+    watch request started from the last version seen gets only what happened after it."""
+    from cpt_operator.k8s import watch
+
+    job = ("batch/v1", "Job")
+
+    async def go() -> tuple[list[tuple[str, str]], set[tuple[str, str]], list[tuple[str, str]]]:
+        kube = Kube()
+        seen: list[tuple[str, str]] = []
+        kinds: set[tuple[str, str]] = set()
+        versions: list[str] = []
+        got = asyncio.Event()
+
+        def deliver(type_: str, obj: dict[str, Any]) -> None:
+            seen.append((type_, obj["metadata"]["name"]))
+            versions.append(obj["metadata"]["resourceVersion"])
+            kinds.add((obj["apiVersion"], obj["kind"]))
+            if obj["metadata"]["name"] == "w2-tokenize" and type_ == "DELETED":
+                got.set()
+
+        try:
+            await kube.create(job_manifest(runs.ns, "w1", "w1-tokenize"), runs.ns)
+            task = asyncio.create_task(watch.follow(kube, job, runs.ns, deliver))
+            unlabelled = job_manifest(runs.ns, "x", "not-ours")
+            unlabelled["metadata"]["labels"] = {}
+            await kube.create(unlabelled, runs.ns)
+            await kube.create(job_manifest(runs.ns, "w2", "w2-tokenize"), runs.ns)
+            await kube.delete("batch/v1", "Job", "w2-tokenize", runs.ns)
+            await asyncio.wait_for(got.wait(), 60)
+            task.cancel()
+            # A new request from the last version the loop saw: only what came after it.
+            version = versions[-1]
+            later: list[tuple[str, str]] = []
+            await kube.create(job_manifest(runs.ns, "w3", "w3-tokenize"), runs.ns)
+            async for line in kube.watch_labelled(job, runs.ns, version):
+                type_, obj = watch.parse(line, job)
+                later.append((type_, obj["metadata"]["name"]))
+                if obj["metadata"]["name"] == "w3-tokenize":
+                    break
+            return seen, kinds, later
+        finally:
+            await kube.close()
+
+    seen, kinds, later = asyncio.run(go())
+    assert kinds == {job}
+    names = {name for _, name in seen}
+    assert "not-ours" not in names
+    assert ("ADDED", "w1-tokenize") in seen  # already there: the initial state
+    assert ("ADDED", "w2-tokenize") in seen and ("DELETED", "w2-tokenize") in seen
+    assert later[-1] == ("ADDED", "w3-tokenize")
+    assert ("ADDED", "w1-tokenize") not in later
+    assert all(name != "w2-tokenize" for _, name in later)

@@ -81,26 +81,40 @@ def _fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handlers, "DRY_RUN_CACHE_SECONDS", 30.0)
 
 
-MANIFESTS = [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]
+MANIFESTS = [
+    ("tokenize Job", "spec.runtime", {"metadata": {"name": "a"}}),
+    ("training pod template", "spec.runtime", {"metadata": {"name": "b"}}),
+]
 
 
-def ask_many(kube: CountingKube, n: int, key_: str | None = "k") -> list[list[str]]:
+def ask_many(
+    kube: CountingKube, n: int, key_: str | None = "k", built: list[int] | None = None
+) -> list[list[str]]:
+    """n concurrent runs' dry runs: the messages each got (one per manifest it asked)."""
+    built = [] if built is None else built
+
+    def build() -> handlers.Manifests:
+        built.append(1)
+        return [(w, f, dict(m)) for w, f, m in MANIFESTS]
+
     async def main() -> list[list[str]]:
-        return list(
-            await asyncio.gather(
-                *(handlers.dry_run(kube, MANIFESTS, "ns", key_) for _ in range(n))  # type: ignore[arg-type]
-            )
+        answers = await asyncio.gather(
+            *(handlers.dry_run(kube, build, "ns", key_) for _ in range(n))  # type: ignore[arg-type]
         )
+        return [[msg for _, _, msg in a] for a in answers]
 
     return asyncio.run(main())
 
 
 def test_concurrent_runs_with_one_key_wait_for_one_dry_run_and_later_ones_reuse_it() -> None:
     kube = CountingKube()
-    assert ask_many(kube, 20) == [["", ""]] * 20
+    built: list[int] = []
+    out = ask_many(kube, 20, built=built)
+    assert sorted(out) == [[]] * 19 + [["", ""]]  # one asked, the others reused its answer
     assert kube.calls == 2  # one dry run of each of the two manifests
-    assert ask_many(kube, 3) == [["", ""]] * 3
-    assert kube.calls == 2
+    assert len(built) == 1  # and only the asking run built its manifests
+    assert ask_many(kube, 3, built=built) == [[]] * 3
+    assert kube.calls == 2 and len(built) == 1
 
 
 def test_an_accepted_dry_run_expires(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -406,3 +406,32 @@ def test_a_run_name_whose_children_would_exceed_63_characters_is_rejected() -> N
     run = RunRef("x" * 50, "ns", "u")
     with pytest.raises(ValueError, match="63"):
         pytorchjob.training_job(spec, run, stages.train_stage(spec, run.name, 1))
+
+
+def _containers_of(obj: Any) -> list[int]:
+    """ids of every dict and list inside obj (obj included)."""
+    out: list[int] = []
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            out.append(id(x))
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            out.append(id(x))
+            stack.extend(x)
+    return out
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_build_returns_objects_of_its_own(name: str) -> None:
+    """Callers edit what the builders return (the dry run's key blanks env values, a wrapper
+    Job takes the pod template), and adopt() copies only the metadata: two builds, and the
+    spec they come from, must share no dict or list, or one edit would change every later
+    child."""
+    spec, run = load(name)
+    first, second = render_all(spec, run), render_all(spec, run)
+    ids_first = _containers_of(first)
+    assert len(ids_first) == len(set(ids_first)), "one object appears twice in one build"
+    assert not set(ids_first) & set(_containers_of(second))
+    assert not set(ids_first) & set(_containers_of(spec.model_dump()))

@@ -136,7 +136,7 @@ def _pod_template(
         "imagePullPolicy": rt.images.pull_policy,
         "command": ["torchrun"],
         "args": torchrun_args(t.resolved_processes_per_node(), stage),
-        "env": [NODE_ID_ENV, *pods.stage_env(spec, config, device_env)],
+        "env": [copy.deepcopy(NODE_ID_ENV), *pods.stage_env(spec, config, device_env)],
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "securityContext": pods.container_security_context(ipc_lock=inst.efa_devices > 0),
         "volumeMounts": [

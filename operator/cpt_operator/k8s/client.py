@@ -1,6 +1,7 @@
 """The operator's one door to the Kubernetes API (lightkube, async).
 
-Kopf owns the watches; everything else the operator does to the API goes through `Kube`:
+Kopf owns the run watch; the children's watches (`watch_labelled`, driven by
+cpt_operator/k8s/watch.py) and everything else the operator does to the API go through `Kube`:
 reading a run and its children, create-if-absent, delete, status patches and Events. Objects
 cross this boundary as plain dicts so the pure layers never see a client type. The class is
 small on purpose: tests wrap or replace it to count writes.
@@ -198,6 +199,45 @@ class Kube:
         ns = namespace if namespace is not None else ALL_NS
         found = await asyncio.gather(*(self._list(kind, ns, labels) for kind in CHILD_KINDS))
         return [obj for objs in found for obj in objs]
+
+    async def watch_labelled(
+        self, kind: tuple[str, str], namespace: str | None, resource_version: str | None
+    ) -> AsyncIterator[str]:
+        """Raw event lines of a watch of `kind`'s objects carrying the run label, in one
+        namespace or (None) all: the label is selected by the API server (see
+        cpt_operator/k8s/watch.py). Lines are left undecoded: lightkube would build a model
+        of every object, the index keeps a few fields. Raises watch.Gone on 410. Holds no
+        request slot (it is open for minutes)."""
+        from cpt_operator.k8s.watch import WATCH_TIMEOUT_S, Gone
+
+        generic = self._client._client  # lightkube's HTTP client: auth, TLS, base URL
+        br = generic.prepare_request(
+            "list",
+            res=_KINDS[kind],
+            namespace=namespace if namespace is not None else ALL_NS,
+            watch=True,
+            params={
+                "labelSelector": RUN_LABEL,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": WATCH_TIMEOUT_S,
+                "resourceVersion": resource_version,
+            },
+        )
+        req = generic._client.build_request(
+            br.method, br.url, params=br.params, timeout=WATCH_TIMEOUT_S + 30
+        )
+        resp = await generic.send(req, stream=True)  # type: ignore[no-untyped-call]
+        try:
+            if resp.status_code == 410:
+                raise Gone(f"HTTP 410 for {kind[1]} at resourceVersion {resource_version}")
+            if resp.status_code != 200:
+                body = (await resp.aread())[:300]
+                raise RuntimeError(f"watch {kind[1]}: HTTP {resp.status_code}: {body!r}")
+            async for line in resp.aiter_lines():
+                if line:
+                    yield line
+        finally:
+            await resp.aclose()
 
     async def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
         """Every ContinualPretrain in one namespace or (None) all of them: which S3 prefixes
