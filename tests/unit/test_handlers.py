@@ -248,9 +248,15 @@ def test_an_invalid_spec_event_fails_the_run_and_raises_a_permanent_error() -> N
     body["spec"]["training"]["tensorParallel"] = 3
     kube = FakeKube(body)
     handlers.STATE.kube = kube  # type: ignore[assignment]
-    try:
+
+    async def main() -> None:
         with pytest.raises(kopf.PermanentError, match="tensorParallel"):
-            asyncio.run(handlers.run_event(type="ADDED", namespace="team-b", name="llama-gpu"))
+            await handlers.run_event(type="ADDED", namespace="team-b", name="llama-gpu")
+        while handlers.STATE.records:  # the Event and status follow (deferred record)
+            await asyncio.gather(*handlers.STATE.records)
+
+    try:
+        asyncio.run(main())
     finally:
         handlers.STATE.kube = None
         handlers.STATE.runs.clear()
@@ -392,3 +398,16 @@ def test_stopping_the_operator_lets_pending_records_finish() -> None:
 
     run_as_operator(kube, main)
     assert kube.run["status"]["phase"] == "Tokenizing"
+
+
+def test_deferred_records_wait_for_new_runs_to_pause_but_not_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst's Events and status patches follow its first children: a record waits until
+    no new run started a pass for RECORD_QUIET_SECONDS, and at most until its deadline."""
+    monkeypatch.setattr(handlers, "RECORD_QUIET_SECONDS", 0.5)
+    left = handlers._hold_left
+    assert left(now=100.0, new_run_at=float("-inf"), deadline=110.0) <= 0  # none lately
+    assert left(now=100.0, new_run_at=99.8, deadline=110.0) == pytest.approx(0.3)
+    assert left(now=100.0, new_run_at=99.4, deadline=110.0) <= 0  # quiet long enough
+    assert left(now=109.9, new_run_at=109.9, deadline=110.0) == pytest.approx(0.1)  # hold ends
