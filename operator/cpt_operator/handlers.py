@@ -28,7 +28,9 @@ behind LISTs and repeats, docs/PERFORMANCE.md section 5):
 * admission facts are read concurrently (and cached per namespace in the client); runs whose
   pod templates differ only in their name and per-run paths share one accepted dry run;
 * a pass's Events and status patch are written by a task holding the run's lock once its
-  children exist, so the kopf worker is free for the next run (docs/PERFORMANCE.md 5).
+  children exist, so the kopf worker is free for the next run, and after new runs pause (at
+  most a few seconds), so a burst's bookkeeping follows its first children
+  (docs/PERFORMANCE.md 5).
 
 No finalizer is used on purpose (kopf adds one for `@kopf.timer`/daemons, which is why the
 resync is a plain task): children go with the run through ownerReferences, S3 data stays, and
@@ -137,9 +139,9 @@ class OperatorState:
     """Tasks writing passes' Events and status patches (deferred records): at most
     DEFERRED_RECORDS, given a few seconds to finish when the operator stops."""
     dry_runs: dict[str, DryRunEntry] = field(default_factory=dict)
+    """Dry runs by `admission.dry_run_key`: in flight, or accepted (until `expires`)."""
     new_run_at: float = float("-inf")
     """Event-loop time of the last pass of a run without children yet (_record waits)."""
-    """Dry runs by `admission.dry_run_key`: in flight, or accepted (until `expires`)."""
 
 
 STATE = OperatorState()
