@@ -33,8 +33,9 @@ from cpt_operator.reconcile.decide import RunMeta
 API = "/apis/cpt.dev/v1alpha1"
 
 
-class Conn:
-    """One kept-alive HTTPS connection per thread, as client-go keeps them."""
+class KeptAlive:
+    """Requests on one kept-alive HTTPS connection per thread, as client-go keeps them (the
+    benchmark's own creates use it too)."""
 
     def __init__(self, url: str, token: str, ctx: ssl.SSLContext) -> None:
         self.u = urllib.parse.urlsplit(url)
@@ -72,7 +73,7 @@ def main() -> int:
         os.environ[k] for k in ("CPT_FLOOR_API", "CPT_FLOOR_TOKEN", "CPT_FLOOR_NAMESPACE")
     )
     ctx = ssl.create_default_context(cafile=os.environ["CPT_FLOOR_CA"])
-    api = Conn(url, token, ctx)
+    api = KeptAlive(url, token, ctx)
     todo: queue.Queue[dict[str, Any]] = queue.Queue()
     seen: set[str] = set()
     build_seconds = [0.0]

@@ -19,7 +19,6 @@ request counters), watching one namespace.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +37,7 @@ if __package__ in (None, ""):
 import yaml
 
 from bench import common
+from bench.floor_operator import KeptAlive
 
 NS = "cpt-bench"
 API = "/apis/cpt.dev/v1alpha1"
@@ -71,6 +70,10 @@ def run_body(name: str, bucket: str) -> dict[str, Any]:
     spec.setdefault("resiliency", {})["pendingTimeoutSeconds"] = 0
     out: dict[str, Any] = body
     return out
+
+
+def machine_label() -> str:
+    return common.cpu_machine() + ", local control plane (devcluster) on loopback"
 
 
 def counts_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -301,29 +304,16 @@ def bench(
 
         created: dict[str, float] = {}
 
-        conns = threading.local()
-        url = urllib.parse.urlsplit(cluster.api_url)
+        client = KeptAlive(cluster.api_url, cluster.admin_token, api.ctx)
 
         def create(name: str) -> None:
             """POST on the thread's own kept-alive connection, as kubectl and client-go do (a
             new TLS handshake per request would cost the API server CPU no real client adds)."""
-            if getattr(conns, "conn", None) is None:
-                conns.conn = http.client.HTTPSConnection(
-                    url.hostname or "127.0.0.1", url.port, context=api.ctx, timeout=60
-                )
-            conns.conn.request(
-                "POST",
-                f"{API}/namespaces/{NS}/continualpretrains",
-                body=json.dumps(run_body(name, bucket)),
-                headers={
-                    "Authorization": f"Bearer {cluster.admin_token}",
-                    "Content-Type": "application/json",
-                },
+            status, text = client.request(
+                "POST", f"{API}/namespaces/{NS}/continualpretrains", run_body(name, bucket)
             )
-            resp = conns.conn.getresponse()
-            text = resp.read()
-            if resp.status != 201:
-                raise RuntimeError(f"create {name}: HTTP {resp.status}: {text[:300]!r}")
+            if status != 201:
+                raise RuntimeError(f"create {name}: HTTP {status}: {text[:300]!r}")
             created[name] = time.perf_counter()
 
         names = [f"run-{i:04d}" for i in range(crs)]
@@ -445,7 +435,7 @@ def bench(
         devcluster.down(state, force=True)
         shutil.rmtree(state / "etcd", ignore_errors=True)
 
-    machine = common.cpu_machine() + ", local control plane (devcluster) on loopback"
+    machine = machine_label()
     cfg = {
         "runs": crs,
         "createConcurrency": 32,
@@ -526,7 +516,7 @@ def floor_rows(
     burst_cpu: dict[str, float],
 ) -> list[dict[str, Any]]:
     """The floor's burst (no goal: the yardstick for the operator's own rows)."""
-    machine = common.cpu_machine() + ", local control plane (devcluster) on loopback"
+    machine = machine_label()
     cfg = {
         "runs": len(lat),
         "createConcurrency": 32,

@@ -247,7 +247,6 @@ def test_an_invalid_spec_event_fails_the_run_and_raises_a_permanent_error() -> N
     body = new_run()
     body["spec"]["training"]["tensorParallel"] = 3
     kube = FakeKube(body)
-    handlers.STATE.kube = kube  # type: ignore[assignment]
 
     async def main() -> None:
         with pytest.raises(kopf.PermanentError, match="tensorParallel"):
@@ -255,12 +254,7 @@ def test_an_invalid_spec_event_fails_the_run_and_raises_a_permanent_error() -> N
         while handlers.STATE.records:  # the Event and status follow (deferred record)
             await asyncio.gather(*handlers.STATE.records)
 
-    try:
-        asyncio.run(main())
-    finally:
-        handlers.STATE.kube = None
-        handlers.STATE.runs.clear()
-        handlers.STATE.locks.clear()
+    run_as_operator(kube, main)
     assert kube.run["status"]["phase"] == "Failed"
     assert kube.children == {}
     assert kube.events == [("Warning", "InvalidSpec")]

@@ -45,7 +45,11 @@ class ScriptedApi:
             yield item
 
 
-def run_follow(api: ScriptedApi, **kw: Any) -> tuple[list[tuple[str, str]], int]:
+def run_follow(
+    api: ScriptedApi, deliver: watch.Deliver | None = None
+) -> tuple[list[tuple[str, str]], int]:
+    """Follows `api` until its scripts are played; (type, name) of what was delivered (by the
+    default `deliver`) and how many times the watch asked for a verification."""
     got: list[tuple[str, str]] = []
     restarts = 0
 
@@ -59,10 +63,9 @@ def run_follow(api: ScriptedApi, **kw: Any) -> tuple[list[tuple[str, str]], int]
                 api,
                 POD,
                 "ns",
-                lambda t, o: got.append((t, o["metadata"]["name"])),
+                deliver or (lambda t, o: got.append((t, o["metadata"]["name"]))),
                 on_restart=on_restart,
                 backoff=(0.01, 0.02),
-                **kw,
             )
         )
         await asyncio.wait_for(api.done.wait(), 10)
@@ -134,11 +137,6 @@ def test_an_event_the_handler_cannot_apply_is_skipped_not_replayed() -> None:
             raise KeyError("status")
         got.append(obj["metadata"]["name"])
 
-    async def main() -> None:
-        task = asyncio.create_task(watch.follow(api, POD, "ns", deliver, backoff=(0.01, 0.02)))
-        await asyncio.wait_for(api.done.wait(), 10)
-        task.cancel()
-
-    asyncio.run(main())
+    run_follow(api, deliver)
     assert got == ["good"]
     assert api.asked == [("ns", None), ("ns", "6")]

@@ -36,6 +36,7 @@ from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Event, Namespace, Node, Pod, Secret
 from lightkube.types import CascadeType, PatchType
 
+from cpt_operator.k8s.watch import WATCH_TIMEOUT_S, Gone
 from cpt_operator.reconcile.observe import RUN_LABEL
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,6 @@ class Kube:
         cpt_operator/k8s/watch.py). Lines are left undecoded: lightkube would build a model
         of every object, the index keeps a few fields. Raises watch.Gone on 410. Holds no
         request slot (it is open for minutes)."""
-        from cpt_operator.k8s.watch import WATCH_TIMEOUT_S, Gone
-
         generic = self._client._client  # lightkube's HTTP client: auth, TLS, base URL
         br = generic.prepare_request(
             "list",
