@@ -66,7 +66,7 @@ from cpt_operator.api.models import (
 from cpt_operator.builders import stages
 from cpt_operator.index import ALL_NAMESPACES, ChildIndex, RunKey, compare_versions
 from cpt_operator.k8s import watch
-from cpt_operator.k8s.client import CHILD_KINDS, Kube, KubeApi
+from cpt_operator.k8s.client import CHILD_KINDS, LIST_PAGE, Kube, KubeApi
 from cpt_operator.progress import StorageView, read_storage_async
 from cpt_operator.reconcile import admission, conditions
 from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
@@ -184,6 +184,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 5
+    # Each watch restart re-lists every run: in pages, not one answer of all of them (the
+    # heap a whole answer takes at its peak stays in the resident set).
+    settings.watching.chunk_size = LIST_PAGE
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 5
     # Workers wait on the API (capped in the client) only until a run's children exist; its

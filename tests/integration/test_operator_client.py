@@ -142,8 +142,15 @@ def test_a_reconcile_with_nothing_to_do_makes_no_writes_to_the_real_api(
 
 
 def test_the_index_listing_finds_every_labelled_child_of_the_namespace_with_its_kind(
-    runs: Runs,
+    runs: Runs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Page by page (one object a page here: the continue tokens are followed), each object
+    projected to what the index keeps (a Job's spec is not)."""
+    from cpt_operator.k8s import client as client_mod
+
+    monkeypatch.setattr(client_mod, "LIST_PAGE", 1)
+    shapes: list[tuple[str, set[str]]] = []
+
     async def go() -> list[tuple[str, str]]:
         kube = Kube()
         try:
@@ -153,6 +160,7 @@ def test_the_index_listing_finds_every_labelled_child_of_the_namespace_with_its_
             unlabelled["metadata"]["labels"] = {}
             await kube.create(unlabelled, runs.ns)
             listed = await kube.list_labelled(runs.ns)
+            shapes.extend((o["kind"], set(o)) for o in listed)
             return sorted((o["kind"], o["metadata"]["name"]) for o in listed)
         finally:
             await kube.close()
@@ -161,6 +169,8 @@ def test_the_index_listing_finds_every_labelled_child_of_the_namespace_with_its_
     assert ("Job", "a-tokenize") in found and ("Job", "b-tokenize") in found
     assert all(name != "not-ours" for _, name in found)
     assert {kind for kind, _ in found} <= {"Job", "Pod"}
+    assert all("spec" not in keys for kind, keys in shapes if kind == "Job")
+    assert sum(1 for kind, _ in found if kind == "Job") == 2  # both pages of Jobs
 
 
 def test_the_children_watch_gets_only_labelled_objects_and_resumes_where_it_was(

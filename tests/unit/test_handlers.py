@@ -265,6 +265,7 @@ def test_operator_settings_use_our_prefix_and_bounded_watch_timeouts() -> None:
     handlers.configure(settings)
     assert settings.watching.server_timeout == 120 and settings.watching.client_timeout == 150
     assert settings.networking.request_timeout == 30
+    assert settings.watching.chunk_size == handlers.LIST_PAGE > 0  # re-lists come in pages
     assert settings.persistence.finalizer == "cpt.dev/finalizer"
     assert settings.persistence.progress_storage.prefix == "cpt.dev"  # type: ignore[attr-defined]
 

@@ -107,6 +107,8 @@ def test_trimmed_children_give_the_same_observation_as_the_full_objects() -> Non
     assert trimmed == full
     assert "managedFields" not in trim(full_job)["metadata"] and "spec" not in trim(full_job)
     assert trim(full_pod)["spec"] == {"nodeName": "trn-0"}
+    # The verification LIST arrives projected (Kube.list_labelled) and the index trims again.
+    assert all(trim(trim(o)) == trim(o) for o in (full_job, ptj, full_pod))
 
 
 def test_a_run_is_not_vouched_for_until_a_list_covers_it() -> None:
