@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,6 +195,8 @@ def bench(
     operator_env: dict[str, str] | None = None,
     apiserver_profile: Path | None = None,
     floor: bool = False,
+    profile_seconds: int = 5,
+    add_concurrency: int = 32,
 ) -> list[dict[str, Any]]:
     """The burst, the idle window and the memory reading against the operator; with `floor`,
     only the burst, against bench/floor_operator.py (the least any operator can do)."""
@@ -329,7 +332,9 @@ def bench(
         if apiserver_profile is not None:
             pprof = threading.Thread(
                 target=lambda: apiserver_profile.write_bytes(
-                    api.open("GET", "/debug/pprof/profile?seconds=12", timeout=60).read()
+                    api.open(
+                        "GET", f"/debug/pprof/profile?seconds={profile_seconds}", timeout=60
+                    ).read()
                 ),
                 daemon=True,
             )
@@ -351,11 +356,14 @@ def bench(
             raise RuntimeError(f"{len(missing)} runs got no child in {timeout}s: {missing[:5]}")
 
         wait_children(names, 600)
-        if pprof is not None:
-            pprof.join()
         burst_wall = time.perf_counter() - t_burst
         burst_cpu = {k: round(cpu_seconds(pid) - cpu0[k], 2) for k, pid in procs.items()}
         burst_requests = counts_diff(c_burst0, counts())
+        api_profile: dict[str, Any] = {}
+        if pprof is not None and apiserver_profile is not None:
+            pprof.join()
+            api_profile = apiserver_profile_summary(apiserver_profile, profile_seconds)
+            print(f"API server profile: {api_profile}", flush=True)
         lat = [watcher.first[n] - created[n] for n in names]
         # The burst's shape: per 20 runs in answer order, when their creates were answered and
         # when their first children appeared (seconds from the burst's start).
@@ -384,7 +392,7 @@ def bench(
 
         if floor:
             watcher.stop = True
-            return floor_rows(lat, burst_seconds, burst_wall, timeline, burst_cpu)
+            return floor_rows(lat, burst_seconds, burst_wall, timeline, burst_cpu, api_profile)
 
         def phases() -> dict[str, int]:
             items = api.get(f"{API}/namespaces/{NS}/continualpretrains")["items"]
@@ -410,7 +418,7 @@ def bench(
         more = [f"run-{i:04d}" for i in range(crs, idle_crs)]
         if more:
             print(f"adding {len(more)} runs ...", flush=True)
-            with ThreadPoolExecutor(32) as pool:
+            with ThreadPoolExecutor(add_concurrency) as pool:
                 list(pool.map(create, more))
             wait_children(names + more, 900)
             time.sleep(3 * resync)
@@ -445,6 +453,7 @@ def bench(
         ),
         "operatorEnv": dict(operator_env or {}),
         "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable tool pods",
+        "apiserverProfiled": bool(api_profile),
     }
     return [
         common.measurement(
@@ -462,6 +471,7 @@ def bench(
                 "untilAllChildrenSeconds": burst_wall,
                 "timeline": timeline,
                 "cpuSecondsDuringBurst": burst_cpu,
+                **({"apiserverProfile": api_profile} if api_profile else {}),
                 "requestsDuringBurst": burst_requests,
                 "loadAvg": common.load_average(),
             },
@@ -514,6 +524,7 @@ def floor_rows(
     burst_wall: float,
     timeline: list[dict[str, Any]],
     burst_cpu: dict[str, float],
+    api_profile: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The floor's burst (no goal: the yardstick for the operator's own rows)."""
     machine = machine_label()
@@ -523,6 +534,7 @@ def floor_rows(
         "operator": "bench/floor_operator.py: watch runs, build and create the first child, "
         "nothing else",
         "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable tool pods",
+        "apiserverProfiled": bool(api_profile),
     }
     details = {
         "p90": common.percentile(lat, 90),
@@ -532,6 +544,7 @@ def floor_rows(
         "timeline": timeline,
         "cpuSecondsDuringBurst": burst_cpu,
         "loadAvg": common.load_average(),
+        **({"apiserverProfile": api_profile} if api_profile else {}),
     }
     return [
         common.measurement(
@@ -546,6 +559,80 @@ def floor_rows(
             "operator.floor.first_child.p99", machine, cfg, "s", common.percentile(lat, 99)
         ),
     ]
+
+
+# What the API server's CPU went to, by the first rule whose frame is on a sample's stack (in
+# this order: a status write of a custom resource also passes through generic handlers).
+APISERVER_WORK: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Go garbage collector (background)", ("runtime.gcBgMarkWorker", "runtime.bgsweep")),
+    (
+        "custom resources: creates (runs, PyTorchJobs)",
+        ("crdHandler).serveResource.CreateResource",),
+    ),
+    ("custom resources: status writes", ("crdHandler).serveStatus",)),
+    (
+        "custom resources: other writes",
+        (
+            "crdHandler).serveResource.UpdateResource",
+            "crdHandler).serveResource.PatchResource",
+            "crdHandler).serveResource.DeleteResource",
+        ),
+    ),
+    ("pods: status writes (scheduler, kubelets)", ("registry/core/pod/storage.(*StatusREST)",)),
+    ("pods: bindings", ("registry/core/pod/storage.(*BindingREST)",)),
+    ("built-in creates (pods, services, Events, ...)", ("handlers.CreateResource",)),
+    ("built-in updates and patches", ("handlers.PatchResource", "handlers.UpdateResource")),
+    ("watches: sending events", ("handlers.(*WatchServer)",)),
+    ("watches: etcd stream and watch cache", ("etcd3.(*watchChan)", "storage/cacher.")),
+    ("reads (GET, LIST)", ("handlers.GetResource", "handlers.ListResource")),
+    # Go keeps 64 frames of a stack: deep write paths lose their handler frame.
+    ("writes, handler cut from the stack (managed fields)", ("managedfields", "structured-merge")),
+    ("handler chain (routing, authn/z, metrics)", ("DefaultBuildHandlerChain",)),
+    ("HTTP/2 and TLS", ("golang.org/x/net/http2", "crypto/tls", "net/http.")),
+    ("etcd client (gRPC)", ("google.golang.org/grpc", "go.etcd.io/etcd/client")),
+)
+OTHER_WORK = "other (in-process controllers, runtime)"
+
+
+def classify_traces(text: str) -> dict[str, float]:
+    """CPU seconds by kind of work from `go tool pprof -traces` output (pure; unit-tested)."""
+    out: dict[str, float] = {}
+    for block in text.split("-----------+")[1:]:
+        lines = [ln for ln in block.splitlines()[1:] if ln.strip()]
+        if not lines:
+            continue
+        head = lines[0].split()
+        m = re.fullmatch(r"([0-9.]+)(ns|us|µs|ms|s)", head[0]) if head else None
+        if m is None:
+            continue
+        seconds = float(m[1]) * {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}[m[2]]
+        frames = [head[1] if len(head) > 1 else "", *(ln.strip() for ln in lines[1:])]
+        kind = next(
+            (
+                name
+                for name, marks in APISERVER_WORK
+                if any(mark in f for f in frames for mark in marks)
+            ),
+            OTHER_WORK,
+        )
+        out[kind] = out.get(kind, 0.0) + seconds
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def apiserver_profile_summary(path: Path, seconds: int) -> dict[str, Any]:
+    """The API server's Go CPU profile of the burst, by kind of work."""
+    go = shutil.which("go")
+    if go is None:
+        return {"error": "no go toolchain to read the profile"}
+    text = subprocess.run(
+        [go, "tool", "pprof", "-traces", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    work = classify_traces(text)
+    return {
+        "windowSeconds": seconds,
+        "cpuSeconds": round(sum(work.values()), 2),
+        "byWork": work,
+    }
 
 
 def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
@@ -594,7 +681,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--apiserver-profile",
         type=Path,
-        help="the API server's Go CPU profile of the burst's first 12 s (go tool pprof -top)",
+        help="the API server's Go CPU profile of the burst's first seconds (go tool pprof); "
+        "its summary by kind of work goes into the results",
+    )
+    p.add_argument("--apiserver-profile-seconds", type=int, default=5)
+    p.add_argument(
+        "--add-concurrency",
+        type=int,
+        default=32,
+        help="concurrent creates when adding the runs for the memory reading",
     )
     p.add_argument(
         "--operator-env",
@@ -620,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         extra,
         args.apiserver_profile,
         args.floor,
+        args.apiserver_profile_seconds,
+        args.add_concurrency,
     )
     for m in items:
         print(f"{m['name']:40s} {m['value']:.3f} {m['metric']}")

@@ -170,11 +170,38 @@ def main() -> None:
 
         tracemalloc.start(8)
         atexit.register(lambda: tracemalloc.take_snapshot().dump(trace_path))
+    peak_path = os.environ.get("CPT_BENCH_TRACEMALLOC_PEAK")
+    if peak_path:  # what the traced memory is at its highest (a snapshot at each new high)
+        import tracemalloc
+
+        tracemalloc.start(12)
+
+        def watch_peak() -> None:
+            best = 0
+            while True:
+                time.sleep(0.25)
+                current, _ = tracemalloc.get_traced_memory()
+                if current > max(best * 1.1, 32 << 20):
+                    best = current
+                    tracemalloc.take_snapshot().dump(peak_path)
+                    print(f"tracemalloc peak snapshot at {current >> 20} MiB", flush=True)
+
+        threading.Thread(target=watch_peak, daemon=True).start()
     referrers_path = os.environ.get("CPT_BENCH_REFERRERS")
     if referrers_path:  # who keeps whole object bodies alive (written when the operator exits)
         import atexit
 
         atexit.register(_dump_body_referrers, Path(referrers_path))
+    if os.environ.get("CPT_BENCH_MALLOCSTATS"):  # pymalloc's arenas, used and free, at exit
+        import atexit
+
+        def mallocstats() -> None:
+            status = Path("/proc/self/status").read_text()
+            print(*(ln for ln in status.splitlines() if ln.startswith("Vm")), sep="\n")
+            sys.stdout.flush()
+            sys._debugmallocstats()
+
+        atexit.register(mallocstats)
     gc_every = float(os.environ.get("CPT_BENCH_GC_SECONDS", "0"))
     if gc_every > 0:  # experiment: is cyclic garbage part of the resident set?
         import gc

@@ -340,6 +340,40 @@ def operator_profile_table(items: list[dict[str, Any]]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def apiserver_profile_table(items: list[dict[str, Any]]) -> str | None:
+    """Where the API server's CPU went during a burst, for the floor and the operator (the
+    rows whose run took the API server's Go profile)."""
+    cols = []
+    for name, label in (
+        ("operator.floor.first_child.p50", "floor"),
+        ("operator.first_child.p50", "operator"),
+    ):
+        m = _find(items, name)
+        prof = ((m or {}).get("details") or {}).get("apiserverProfile") or {}
+        if prof.get("byWork"):
+            cols.append((label, m or {}, prof))
+    if not cols:
+        return None
+    lines = [
+        "API server CPU seconds by kind of work, from its Go CPU profile of the burst's first "
+        + " and ".join(
+            f"{p.get('windowSeconds')} s ({label}, `{m.get('source', '')}`)" for label, m, p in cols
+        )
+        + ":",
+        "",
+        _row(["work", *(label for label, _, _ in cols)]),
+        _row(["---"] * (1 + len(cols))),
+    ]
+    kinds = sorted(
+        {k for _, _, p in cols for k in p["byWork"]},
+        key=lambda k: -max(p["byWork"].get(k, 0.0) for _, _, p in cols),
+    )
+    for k in kinds:
+        lines.append(_row([k, *(f"{p['byWork'].get(k, 0.0):.2f}" for _, _, p in cols)]))
+    lines.append(_row(["**total**", *(f"{p.get('cpuSeconds', 0.0):.2f}" for _, _, p in cols)]))
+    return "\n".join(lines) + "\n"
+
+
 def render_blocks(items: list[dict[str, Any]]) -> dict[str, str]:
     """Block name -> generated markdown (pure; unit-tested)."""
     sections: dict[str, list[dict[str, Any]]] = {}
@@ -357,6 +391,7 @@ def render_blocks(items: list[dict[str, Any]]) -> dict[str, str]:
         ("tokenize-runs", runs_table(items, "tokenize.")),
         ("ckpt-runs", runs_table(items, "ckpt.sync.")),
         ("operator-profile", operator_profile_table(items)),
+        ("operator-apiserver", apiserver_profile_table(items)),
     ):
         if body is not None:
             blocks[name] = body

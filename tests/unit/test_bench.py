@@ -32,6 +32,7 @@ def _m(**kw: Any) -> dict[str, Any]:
         baseline=base.get("baseline"),
         goal=base.get("goal"),
         date="2026-01-01T00:00:00+00:00",
+        details=base.get("details"),
     )
 
 
@@ -345,3 +346,45 @@ def test_the_floor_operator_creates_the_first_child_the_operator_creates() -> No
         status = d.status
     assert [c["kind"] for c in created] == ["PyTorchJob"]
     assert floor_operator.first_child(body) == created[0]
+
+
+def test_api_server_samples_are_classified_by_the_first_rule_on_their_stack() -> None:
+    """The profile that explains the operator's missed p50 must put each sample where its
+    handler says: a CR status write passes generic handlers too, a cut stack has no handler."""
+    from bench import operator_bench as ob
+
+    sep = "-----------+-------------------------------------------------------\n"
+    traces = (
+        "File: kube-apiserver\nType: cpu\n"
+        + sep
+        + "      20ms   runtime.scanObject\n             runtime.gcBgMarkWorker\n"
+        + sep
+        + "     1.50s   encoding/json.Marshal\n"
+        "             k8s.io/apiserver/pkg/endpoints/handlers.UpdateResource.func1\n"
+        "             k8s.io/apiextensions-apiserver/pkg/apiserver.(*crdHandler)"
+        ".serveStatus.UpdateResource.func2\n"
+        + sep
+        + "      10ms   sigs.k8s.io/structured-merge-diff/v6/typed.(*compareWalker).compare\n"
+        "             k8s.io/apimachinery/pkg/util/managedfields/internal.(*FieldManager).Update\n"
+        + sep
+        + "      30ms   k8s.io/apiserver/pkg/endpoints/handlers.createHandler.func1\n"
+        "             k8s.io/apiserver/pkg/endpoints/handlers.CreateResource"
+        ".createHandler.func1.2\n" + sep + "      5ms   main.something\n"
+    )
+    work = ob.classify_traces(traces)
+    assert work == {
+        "custom resources: status writes": 1.5,
+        "built-in creates (pods, services, Events, ...)": 0.03,
+        "Go garbage collector (background)": 0.02,
+        "writes, handler cut from the stack (managed fields)": 0.01,
+        "other (in-process controllers, runtime)": 0.005,
+    }
+    assert next(iter(work)) == "custom resources: status writes"  # largest first
+
+    prof = {"windowSeconds": 5, "cpuSeconds": 1.57, "byWork": work}
+    items = [
+        _m(name="operator.floor.first_child.p50", value=1.3, details={"apiserverProfile": prof}),
+        _m(name="operator.first_child.p50", value=1.7),
+    ]
+    table = report.render_blocks(items)["operator-apiserver"]
+    assert "| custom resources: status writes | 1.50 |" in table and "operator |" not in table
