@@ -366,7 +366,7 @@ def apiserver_profile_table(items: list[dict[str, Any]]) -> str | None:
     ]
     kinds = sorted(
         {k for _, _, p in cols for k in p["byWork"]},
-        key=lambda k: -max(p["byWork"].get(k, 0.0) for _, _, p in cols),
+        key=lambda k: (-max(p["byWork"].get(k, 0.0) for _, _, p in cols), k),  # stable
     )
     for k in kinds:
         lines.append(_row([k, *(f"{p['byWork'].get(k, 0.0):.2f}" for _, _, p in cols)]))
