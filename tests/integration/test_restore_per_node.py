@@ -88,3 +88,49 @@ def test_each_node_restores_exactly_its_ranks_nxd_shards_from_s3(
             assert (local / rel).read_bytes() == (src / rel).read_bytes(), rel
         total += len(have - shared)
     assert total == len(manifest.files) - len(shared), "every shard went to exactly one node"
+
+
+def test_a_tag_written_with_other_degrees_is_refused_on_every_rank_before_any_download(
+    s3_env: Any, bucket: str, tmp_path: Path
+) -> None:
+    """The nxd trainer's pre-download check: this attempt runs TP=4, the tag was written with
+    TP=2. Every rank gets the same refusal naming both sides, and no node fetched a byte
+    (a 70B tag was downloaded in full before check_resume refused it)."""
+    from cpt_training.nxd.train import resume_refusal
+
+    root = f"s3://{bucket}/runs/nxd/refuse"
+    src = _save_tag(tmp_path / "saved", 8)
+    world = {"backend": "nxd", "tensorParallel": TP, "pipelineParallel": PP}
+    world |= {"dataParallel": DP, "zero1": True}
+    ck.upload_and_commit(src, f"{root}/step_8", world=world)
+    plan = NxdPlan(WORLD, 4, 1, WORLD // 4, 1, 1, 16, True, False)
+
+    def rank_main(rank: int, coll: Any) -> str:
+        node = rank // LWS
+        try:
+            ck.restore_distributed(
+                root,
+                tmp_path / f"node{node}",
+                collective=coll,
+                node_id=f"n{node}",
+                include_pretrained=True,
+                select=restore_selector(plan, rank, LWS),
+                refuse=resume_refusal(plan),
+            )
+        except ck.CheckpointRefused as exc:
+            return str(exc)
+        return "restored"
+
+    answers = run_ranks(WORLD, rank_main)
+    assert len(set(answers)) == 1, answers
+    assert "tensorParallel=2 in the checkpoint but 4 now" in answers[0]
+    assert "pipelineParallel=2 in the checkpoint but 1 now" in answers[0]
+    fetched = [q for node in range(NODES) for q in (tmp_path / f"node{node}").rglob("*")]
+    assert [q for q in fetched if q.is_file()] == []
+    # The same attempt with its own degrees is not refused (the check is not a blanket no).
+    assert (
+        resume_refusal(NxdPlan(WORLD, TP, PP, DP, 1, 1, 16, True, False))(
+            "step_8", ck.read_manifest(f"{root}/step_8")
+        )
+        is None
+    )

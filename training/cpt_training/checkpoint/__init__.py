@@ -11,12 +11,13 @@ Stable API (trainers, convert and export jobs use these names)::
     read_manifest(tag_uri) -> Manifest
     restore(root_uri, local_dir, *, tag=None, include_pretrained=False, select=None)
         -> CommittedCheckpoint | None       # .local_path = <local_dir>/<tag>
-    restore_distributed(root_uri, local_dir, *, collective=None, select=None) -> ...  # all ranks
+    restore_distributed(root_uri, local_dir, *, collective=None, select=None, refuse=None)
+        -> ...  # all ranks; refuse(tag, manifest) -> reason: CheckpointRefused, no download
     Selection, TagFiles, FileSelector: per-rank file selection for restore (``select``)
     prune(root_uri, keep) -> deleted tags;  prune_local(local_dir, keep_tags=[...])
     CheckpointSyncer(root_uri, keep=2, ...).submit(local_tag_dir, step=N, ready=...)
         .poll() / .finalize() / .close(), .last_committed, .failures
-    CheckpointError, CheckpointCorruptError
+    CheckpointError, CheckpointCorruptError, CheckpointRefused
     MANIFEST_NAME = "cpt-manifest.json", COMMIT_NAME = "cpt-commit.json",
     PRETRAINED_TAG = "pretrained_weight"
 
@@ -47,6 +48,7 @@ from cpt_training.checkpoint.select import (
 from cpt_training.checkpoint.store import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointRefused,
     CommittedCheckpoint,
     commit,
     latest_committed,
@@ -80,6 +82,7 @@ __all__ = [
     "WHOLE_TAG_ENV",
     "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointRefused",
     "CheckpointSyncer",
     "Collective",
     "CommittedCheckpoint",

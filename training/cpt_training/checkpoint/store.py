@@ -55,6 +55,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be committed or restored."""
 
 
+class CheckpointRefused(CheckpointError):
+    """The newest committed checkpoint cannot be used by this attempt (e.g. other parallel
+    degrees): decided from its manifest, before anything is downloaded. Not corruption: no
+    older tag is tried, since it would silently lose the newer progress."""
+
+
 class CheckpointCorruptError(CheckpointError):
     """A committed checkpoint does not match its manifest (missing, truncated or altered
     files). The message names the tag and the first problems."""

@@ -52,11 +52,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from cpt_training.checkpoint.manifest import FileEntry
+from cpt_training.checkpoint.manifest import FileEntry, Manifest
 from cpt_training.checkpoint.select import FileSelector, Selection, TagFiles, choose, union
 from cpt_training.checkpoint.store import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointRefused,
     CommittedCheckpoint,
     _quarantine,
     _restore_one,
@@ -488,6 +489,7 @@ def restore_distributed(
     concurrency: int | None = None,
     settings: TransferSettings | None = None,
     select: FileSelector | None = None,
+    refuse: Callable[[str, Manifest], str | None] | None = None,
 ) -> CommittedCheckpoint | None:
     """:func:`~cpt_training.checkpoint.store.restore` for a multi-node job. All ranks call it.
 
@@ -497,7 +499,13 @@ def restore_distributed(
 
     With ``select`` (given on every rank or on none) each rank names the files of a candidate
     it will read, and a node fetches and verifies only the union of its ranks' files; one
-    rank that cannot decide makes its node fetch the whole tag (see ``checkpoint.select``)."""
+    rank that cannot decide makes its node fetch the whole tag (see ``checkpoint.select``).
+
+    With ``refuse`` (given on every rank or on none) each rank checks a candidate's tag and
+    manifest before anything is downloaded; a reason from any rank raises
+    :class:`CheckpointRefused` on every rank (a 70B tag written with other degrees is
+    refused without fetching it). An unreadable manifest is not a refusal: the download
+    then finds the tag corrupt and falls back as usual."""
     coll = collective or collective_for()
     nid = node_id or default_node_id()
     cands = (
@@ -514,6 +522,11 @@ def restore_distributed(
         target = Path(local_dir).absolute() / ckpt.tag
         err: str | None = None
         only: frozenset[str] | None = None
+        if refuse is not None:
+            reasons = coll.all_gather_object(_refusal_on_rank(refuse, ckpt, settings))
+            refused = next((r for r in reasons if r), None)
+            if refused:
+                raise CheckpointRefused(refused)
         if select is not None:
             mine = _select_on_rank(select, ckpt, settings)
             sels = coll.all_gather_object(mine.to_wire())
@@ -543,6 +556,22 @@ def restore_distributed(
             f"no intact committed checkpoint under {root_uri}: " + " | ".join(errors)
         )
     return None
+
+
+def _refusal_on_rank(
+    refuse: Callable[[str, Manifest], str | None],
+    ckpt: CommittedCheckpoint,
+    settings: TransferSettings | None,
+) -> str | None:
+    """This rank's verdict on a candidate from its manifest alone; never raises."""
+    try:
+        manifest = read_manifest(ckpt.uri, settings=settings)
+    except Exception:
+        return None  # the download reports it (corrupt: the previous tag is tried)
+    try:
+        return refuse(ckpt.tag, manifest)
+    except Exception as exc:
+        return f"checking {ckpt.tag} failed: {exc}"
 
 
 def _select_on_rank(

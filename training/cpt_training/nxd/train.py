@@ -11,8 +11,9 @@ One process per NeuronCore under torchrun (32 per trn1.32xlarge). The shape of a
    multiplier, TP, PP), so the model is exactly what the converter wrote.
 4. Restore: the newest committed tag (``step_N``, else ``pretrained_weight``) is downloaded
    into node-local scratch by :func:`~cpt_training.checkpoint.restore_distributed`; its
-   recorded degrees are checked against this attempt (NxD can only load the same TP/PP, and
-   with ZeRO-1 the same DP) and a mismatch stops with a message naming both.
+   recorded degrees are checked against this attempt first, from its manifest (NxD can only
+   load the same TP/PP, and with ZeRO-1 the same DP): a mismatch stops with a message naming
+   both before anything is downloaded.
 5. ``neuronx_distributed_config`` + ``initialize_parallel_model`` (meta-device init, NxD
    materialises only the local PP stage) + ``initialize_parallel_optimizer`` (AdamW, ZeRO-1).
    Weight decay is applied per parameter group from the config; NxD's Llama example builds
@@ -42,7 +43,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,6 +249,19 @@ def check_resume(saved: Mapping[str, Any], plan: NxdPlan, *, tag: str) -> None:
         raise ConfigError(f"cannot load {tag}: {detail}; NxD needs identical degrees: {hint}")
 
 
+def resume_refusal(plan: NxdPlan) -> Callable[[str, Any], str | None]:
+    """``check_resume`` as a pre-download check for ``restore_distributed(refuse=...)``."""
+
+    def refuse(tag: str, manifest: Any) -> str | None:
+        try:
+            check_resume(manifest.world, plan, tag=tag)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    return refuse
+
+
 def layout_from_record(shape: LlamaShape, saved: Mapping[str, Any]) -> NxdLayout:
     try:
         return plan_layout(
@@ -275,8 +289,9 @@ def user_content(step: int, plan: NxdPlan, layout: NxdLayout, attempt: int) -> d
 def restore_selector(plan: NxdPlan, rank: int, local_world_size: int | None) -> FileSelector:
     """The restore file selector of one rank (``checkpoint.select``): the tag's shared files
     plus this rank's model shard and optimizer shard, at the coordinates NxD will give it.
-    A tag written with other degrees is restored whole (``check_resume`` then refuses it with
-    both sides named); so is one whose files this layout does not explain."""
+    A tag written with other degrees is restored whole (the trainer refuses such a tag before
+    the download, ``resume_refusal``; whole is the safe answer without that check); so is one
+    whose files this layout does not explain."""
     from cpt_training.checkpoint import Selection
 
     def select(view: TagFiles) -> Selection:
@@ -430,20 +445,25 @@ class _Trainer:
         return apply_overrides(config, self.cfg.config_overrides), manifest.world
 
     def _restore(self, collective: Any) -> Any:
-        """Each node fetches only its ranks' shards of the newest committed tag."""
-        from cpt_training.checkpoint import WHOLE_TAG_ENV, restore_distributed
+        """Each node fetches only its ranks' shards of the newest committed tag, once its
+        manifest shows degrees this attempt can load (else nothing is downloaded)."""
+        from cpt_training.checkpoint import WHOLE_TAG_ENV, CheckpointRefused, restore_distributed
 
         select = None
         if os.environ.get(WHOLE_TAG_ENV, "") in ("", "0"):
             lws = os.environ.get("LOCAL_WORLD_SIZE")
             select = restore_selector(self.plan, self.rank, int(lws) if lws else None)
-        return restore_distributed(
-            self.cfg.checkpoint.uri,
-            self.cfg.checkpoint.local_dir,
-            collective=collective,
-            include_pretrained=True,
-            select=select,
-        )
+        try:
+            return restore_distributed(
+                self.cfg.checkpoint.uri,
+                self.cfg.checkpoint.local_dir,
+                collective=collective,
+                include_pretrained=True,
+                select=select,
+                refuse=resume_refusal(self.plan),
+            )
+        except CheckpointRefused as exc:
+            raise ConfigError(str(exc)) from None
 
     def _check_restored_files(self, ckpt: Any) -> None:
         """After NxD assigned this rank its coordinates: every file it will load is here."""
