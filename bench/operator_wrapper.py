@@ -83,7 +83,7 @@ def _dump_forever(path: Path) -> None:
     while True:
         with _LOCK:
             snap = dict(COUNTS)
-        state = getattr(sys.modules.get("cpt_operator.handlers"), "STATE", None)
+        state = getattr(sys.modules.get("cpt_operator.passes"), "STATE", None)
         if state is not None:  # None while the module is still being imported
             snap["reconciles"] = int(state.reconciles)
         tmp.write_text(json.dumps({"t": time.time(), "counts": snap}))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from e2e.harness import Runs, install_crd, spec_body
 
-from cpt_operator import handlers
+from cpt_operator import passes
 from cpt_operator.k8s.client import Kube
 from fixtures.cluster import Cluster
 from fixtures.s3 import S3Server
@@ -126,11 +126,11 @@ def test_a_reconcile_with_nothing_to_do_makes_no_writes_to_the_real_api(
     async def go() -> tuple[list[str], list[str]]:
         kube = CountingKube()
         try:
-            await handlers.reconcile(kube, runs.ns, "steady", now=datetime.now(UTC))
+            await passes.reconcile(kube, runs.ns, "steady", now=datetime.now(UTC))
             first = list(kube.writes)
             kube.writes.clear()
             for _ in range(3):
-                await handlers.reconcile(kube, runs.ns, "steady", now=datetime.now(UTC))
+                await passes.reconcile(kube, runs.ns, "steady", now=datetime.now(UTC))
             return first, kube.writes
         finally:
             await kube.close()

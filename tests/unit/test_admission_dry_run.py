@@ -1,5 +1,5 @@
 """A burst of runs from one template costs one server-side dry run (admission.dry_run_key and
-handlers.dry_run): the key shares acceptance only between runs whose pod templates the API
+passes.dry_run): the key shares acceptance only between runs whose pod templates the API
 server would judge alike, and a rejection is never shared."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cpt_operator import handlers
+from cpt_operator import passes
 from cpt_operator.api.models import ContinualPretrainSpec
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.reconcile.admission import dry_run_key
@@ -77,8 +77,8 @@ class CountingKube:
 
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handlers.STATE, "dry_runs", {})
-    monkeypatch.setattr(handlers, "DRY_RUN_CACHE_SECONDS", 30.0)
+    monkeypatch.setattr(passes.STATE, "dry_runs", {})
+    monkeypatch.setattr(passes, "DRY_RUN_CACHE_SECONDS", 30.0)
 
 
 MANIFESTS = [
@@ -93,13 +93,13 @@ def ask_many(
     """n concurrent runs' dry runs: the messages each got (one per manifest it asked)."""
     built = [] if built is None else built
 
-    def build() -> handlers.Manifests:
+    def build() -> passes.Manifests:
         built.append(1)
         return [(w, f, dict(m)) for w, f, m in MANIFESTS]
 
     async def main() -> list[list[str]]:
         answers = await asyncio.gather(
-            *(handlers.dry_run(kube, build, "ns", key_) for _ in range(n))  # type: ignore[arg-type]
+            *(passes.dry_run(kube, build, "ns", key_) for _ in range(n))  # type: ignore[arg-type]
         )
         return [[msg for _, _, msg in a] for a in answers]
 
@@ -119,13 +119,13 @@ def test_concurrent_runs_with_one_key_wait_for_one_dry_run_and_later_ones_reuse_
 
 def test_an_accepted_dry_run_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     kube = CountingKube()
-    monkeypatch.setattr(handlers, "DRY_RUN_CACHE_SECONDS", 0.0)
+    monkeypatch.setattr(passes, "DRY_RUN_CACHE_SECONDS", 0.0)
     ask_many(kube, 1)
     ask_many(kube, 1)
     assert kube.calls == 4
-    monkeypatch.setattr(handlers, "DRY_RUN_CACHE_SECONDS", 30.0)
+    monkeypatch.setattr(passes, "DRY_RUN_CACHE_SECONDS", 30.0)
     ask_many(kube, 1)
-    for entry in handlers.STATE.dry_runs.values():
+    for entry in passes.STATE.dry_runs.values():
         entry.expires = 0.0  # as if 30 s went by
     ask_many(kube, 1)
     assert kube.calls == 8
@@ -136,7 +136,7 @@ def test_a_rejection_is_not_shared_each_run_asks_for_itself() -> None:
     out = ask_many(kube, 3)
     assert out == [["spec.template: Invalid value"] * 2] * 3
     assert kube.calls == 6
-    assert handlers.STATE.dry_runs == {}
+    assert passes.STATE.dry_runs == {}
 
 
 def test_runs_without_a_key_always_ask() -> None:

@@ -79,22 +79,22 @@ def test_a_run_with_an_invalid_spec_owns_nothing() -> None:
 def test_the_watch_validates_a_runs_spec_once_per_generation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cpt_operator import handlers
+    from cpt_operator import passes
 
-    monkeypatch.setattr(handlers, "STATE", handlers.OperatorState())
+    monkeypatch.setattr(passes, "STATE", passes.OperatorState())
     body = run_body("r", "s3://bkt/runs/r/", "s3://bkt/models/r/")
     body["metadata"].update(uid="u1", generation=1)
-    handlers.remember_roots(body)
+    passes.remember_roots(body)
     calls: list[Any] = []
     real = RunRoots.of
     monkeypatch.setattr(RunRoots, "of", lambda b, s=None: calls.append(b) or real(b, s))
     echo = {**body, "status": {"phase": "Tokenizing"}}
-    handlers.remember_roots(echo)  # a status write: same uid and generation
+    passes.remember_roots(echo)  # a status write: same uid and generation
     assert calls == []
     changed = run_body("r", "s3://bkt/runs/other/", "s3://bkt/models/r/")
     changed["metadata"].update(uid="u1", generation=2)
-    handlers.remember_roots(changed)
+    passes.remember_roots(changed)
     assert len(calls) == 1
-    assert dict(handlers.STATE.roots[("team-a", "r")].roots)["spec.checkpoints.s3Uri"] == (
+    assert dict(passes.STATE.roots[("team-a", "r")].roots)["spec.checkpoints.s3Uri"] == (
         "s3://bkt/runs/other/"
     )

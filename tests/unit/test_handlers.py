@@ -17,7 +17,7 @@ import kopf
 import pytest
 import yaml
 
-from cpt_operator import handlers
+from cpt_operator import handlers, passes
 from cpt_operator.reconcile.patch import merge_patch
 
 pytestmark = pytest.mark.unit
@@ -153,7 +153,7 @@ def new_run(name: str = "p5-native") -> dict[str, Any]:
 
 def reconcile(kube: FakeKube, now: datetime = T0) -> Any:
     m = kube.run["metadata"]
-    return asyncio.run(handlers.reconcile(kube, m["namespace"], m["name"], now=now))
+    return asyncio.run(passes.reconcile(kube, m["namespace"], m["name"], now=now))
 
 
 def complete_job(kube: FakeKube, name: str) -> None:
@@ -165,10 +165,10 @@ def complete_job(kube: FakeKube, name: str) -> None:
 @pytest.fixture(autouse=True)
 def _no_s3(monkeypatch: pytest.MonkeyPatch) -> None:
     async def no_storage(body: Mapping[str, Any], *, use_cache: bool = True) -> Any:
-        return handlers.StorageView()
+        return passes.StorageView()
 
-    monkeypatch.setattr(handlers, "read_storage", no_storage)
-    monkeypatch.setattr(handlers.STATE, "dry_runs", {})  # no accepted dry run from another test
+    monkeypatch.setattr(passes, "read_storage", no_storage)
+    monkeypatch.setattr(passes.STATE, "dry_runs", {})  # no accepted dry run from another test
 
 
 def test_a_reconcile_with_nothing_to_do_makes_no_api_writes() -> None:
@@ -251,8 +251,8 @@ def test_an_invalid_spec_event_fails_the_run_and_raises_a_permanent_error() -> N
     async def main() -> None:
         with pytest.raises(kopf.PermanentError, match="tensorParallel"):
             await handlers.run_event(type="ADDED", namespace="team-b", name="llama-gpu")
-        while handlers.STATE.records:  # the Event and status follow (deferred record)
-            await asyncio.gather(*handlers.STATE.records)
+        while passes.STATE.records:  # the Event and status follow (deferred record)
+            await asyncio.gather(*passes.STATE.records)
 
     run_as_operator(kube, main)
     assert kube.run["status"]["phase"] == "Failed"
@@ -302,14 +302,14 @@ def test_no_diff_essence_is_built_because_no_change_handler_needs_one() -> None:
 
 def run_as_operator(kube: FakeKube, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Runs `main` with the operator's process state wired to `kube` and a fresh index."""
-    handlers.STATE.kube = kube  # type: ignore[assignment]
-    handlers.STATE.index = handlers.ChildIndex()
+    passes.STATE.kube = kube  # type: ignore[assignment]
+    passes.STATE.index = passes.ChildIndex()
     try:
         asyncio.run(main())
     finally:
-        handlers.STATE.kube = None
-        handlers.STATE.runs.clear()
-        handlers.STATE.locks.clear()
+        passes.STATE.kube = None
+        passes.STATE.runs.clear()
+        passes.STATE.locks.clear()
 
 
 class GatedKube(FakeKube):
@@ -341,12 +341,12 @@ def test_a_pass_returns_after_its_creates_and_records_status_later_holding_the_r
     key = (m["namespace"], m["name"])
 
     async def main() -> None:
-        decision = await handlers.reconcile_locked(*key)
+        decision = await passes.reconcile_locked(*key)
         assert decision is not None and decision.status["phase"] == "Tokenizing"
         assert ("Job", "llama-gpu-tokenize") in kube.children
         assert "status" not in kube.run or not kube.run["status"]  # not yet recorded
-        assert handlers.STATE.locks[key].locked()
-        second = asyncio.create_task(handlers.reconcile_locked(*key))
+        assert passes.STATE.locks[key].locked()
+        second = asyncio.create_task(passes.reconcile_locked(*key))
         for _ in range(20):
             await asyncio.sleep(0)
         assert not second.done()  # waits for the record
@@ -354,7 +354,7 @@ def test_a_pass_returns_after_its_creates_and_records_status_later_holding_the_r
         await second
         assert kube.run["status"]["phase"] == "Tokenizing"
         assert [c[0] for c in kube.writes()].count("patch_status") == 1  # the second saw it
-        assert not handlers.STATE.locks[key].locked()
+        assert not passes.STATE.locks[key].locked()
 
     run_as_operator(kube, main)
 
@@ -367,13 +367,13 @@ def test_a_failed_record_releases_the_run_and_schedules_another_pass(
     m = kube.run["metadata"]
     key = (m["namespace"], m["name"])
     scheduled: list[tuple[tuple[str, str], float]] = []
-    monkeypatch.setattr(handlers, "schedule_reconcile", lambda k, d: scheduled.append((k, d)))
+    monkeypatch.setattr(passes, "schedule_reconcile", lambda k, d: scheduled.append((k, d)))
 
     async def main() -> None:
-        await handlers.reconcile_locked(*key)
-        while handlers.STATE.records:
-            await asyncio.gather(*handlers.STATE.records)
-        assert not handlers.STATE.locks[key].locked()
+        await passes.reconcile_locked(*key)
+        while passes.STATE.records:
+            await asyncio.gather(*passes.STATE.records)
+        assert not passes.STATE.locks[key].locked()
 
     run_as_operator(kube, main)
     assert scheduled == [(key, 5.0)]
@@ -385,11 +385,11 @@ def test_stopping_the_operator_lets_pending_records_finish() -> None:
     m = kube.run["metadata"]
 
     async def main() -> None:
-        await handlers.reconcile_locked(m["namespace"], m["name"])
-        assert handlers.STATE.records
+        await passes.reconcile_locked(m["namespace"], m["name"])
+        assert passes.STATE.records
         asyncio.get_running_loop().call_later(0.05, kube.gate.set)
         await handlers.cleanup()
-        assert not handlers.STATE.records
+        assert not passes.STATE.records
 
     run_as_operator(kube, main)
     assert kube.run["status"]["phase"] == "Tokenizing"
@@ -400,8 +400,8 @@ def test_deferred_records_wait_for_new_runs_to_pause_but_not_forever(
 ) -> None:
     """A burst's Events and status patches follow its first children: a record waits until
     no new run started a pass for RECORD_QUIET_SECONDS, and at most until its deadline."""
-    monkeypatch.setattr(handlers, "RECORD_QUIET_SECONDS", 0.5)
-    left = handlers._hold_left
+    monkeypatch.setattr(passes, "RECORD_QUIET_SECONDS", 0.5)
+    left = passes._hold_left
     assert left(now=100.0, new_run_at=float("-inf"), deadline=110.0) <= 0  # none lately
     assert left(now=100.0, new_run_at=99.8, deadline=110.0) == pytest.approx(0.3)
     assert left(now=100.0, new_run_at=99.4, deadline=110.0) <= 0  # quiet long enough

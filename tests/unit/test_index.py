@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from test_handlers import T0, FakeKube, new_run
 
-from cpt_operator import handlers
+from cpt_operator import passes
 from cpt_operator.index import ALL_NAMESPACES, ChildIndex, trim
 from cpt_operator.reconcile.observe import observe
 
@@ -195,7 +195,7 @@ def test_the_glue_reads_children_from_the_index_once_it_can_vouch_for_the_run() 
     key = (m["namespace"], m["name"])
 
     def go() -> Any:
-        return asyncio.run(handlers.reconcile(kube, *key, now=T0, index=index))
+        return asyncio.run(passes.reconcile(kube, *key, now=T0, index=index))
 
     go()  # not vouched for: the run's own LIST, then the create is written through
     assert ("list_children", m["name"]) in kube.calls
@@ -206,7 +206,7 @@ def test_the_glue_reads_children_from_the_index_once_it_can_vouch_for_the_run() 
     # A child deleted behind the operator's back and its event lost: the verification LIST
     # (from the resync) notices, and the next pass re-creates the child.
     del kube.children[("Job", "llama-gpu-tokenize")]
-    asyncio.run(handlers.verify_index(kube, index, (m["namespace"],)))
+    asyncio.run(passes.verify_index(kube, index, (m["namespace"],)))
     kube.calls.clear()
     go()
     assert ("create", "llama-gpu-tokenize") in kube.calls
@@ -214,14 +214,14 @@ def test_the_glue_reads_children_from_the_index_once_it_can_vouch_for_the_run() 
 
 def test_the_echo_of_our_own_status_patch_is_skipped_and_older_events_read_the_run() -> None:
     key = ("ns", "r")
-    handlers.STATE.written[key] = "10"
+    passes.STATE.written[key] = "10"
     try:
         body = {"metadata": {"resourceVersion": "10"}}
-        assert handlers.run_event_body(key, body) is handlers.SKIP
-        assert handlers.run_event_body(key, {"metadata": {"resourceVersion": "9"}}) is None
+        assert passes.run_event_body(key, body) is passes.SKIP
+        assert passes.run_event_body(key, {"metadata": {"resourceVersion": "9"}}) is None
         newer = {"metadata": {"resourceVersion": "11"}, "spec": {"suspend": True}}
-        got = handlers.run_event_body(key, newer)
+        got = passes.run_event_body(key, newer)
         assert got == newer and got is not newer
-        assert handlers.run_event_body(("ns", "never-patched"), copy.deepcopy(newer)) == newer
+        assert passes.run_event_body(("ns", "never-patched"), copy.deepcopy(newer)) == newer
     finally:
-        handlers.STATE.written.clear()
+        passes.STATE.written.clear()
