@@ -39,6 +39,22 @@ def _save_tag(scratch: Path, step: int) -> Path:
     return tag
 
 
+def _restore_as_rank(
+    rank: int, coll: Any, root: str, tmp_path: Path, plan: NxdPlan, **extra: Any
+) -> Any:
+    """One rank of the two-node job, with the nxd trainer's own file selector."""
+    node = rank // LWS
+    return ck.restore_distributed(
+        root,
+        tmp_path / f"node{node}",
+        collective=coll,
+        node_id=f"n{node}",
+        include_pretrained=True,
+        select=restore_selector(plan, rank, LWS),
+        **extra,
+    )
+
+
 def test_each_node_restores_exactly_its_ranks_nxd_shards_from_s3(
     s3_env: Any, bucket: str, tmp_path: Path
 ) -> None:
@@ -50,15 +66,7 @@ def test_each_node_restores_exactly_its_ranks_nxd_shards_from_s3(
     plan = NxdPlan(WORLD, TP, PP, DP, 1, 1, 16, True, False)
 
     def rank_main(rank: int, coll: Any) -> Any:
-        node = rank // LWS
-        got = ck.restore_distributed(
-            root,
-            tmp_path / f"node{node}",
-            collective=coll,
-            node_id=f"n{node}",
-            include_pretrained=True,
-            select=restore_selector(plan, rank, LWS),
-        )
+        got = _restore_as_rank(rank, coll, root, tmp_path, plan)
         assert got is not None and got.tag == "step_8"
         return got.local_path
 
@@ -106,17 +114,8 @@ def test_a_tag_written_with_other_degrees_is_refused_on_every_rank_before_any_do
     plan = NxdPlan(WORLD, 4, 1, WORLD // 4, 1, 1, 16, True, False)
 
     def rank_main(rank: int, coll: Any) -> str:
-        node = rank // LWS
         try:
-            ck.restore_distributed(
-                root,
-                tmp_path / f"node{node}",
-                collective=coll,
-                node_id=f"n{node}",
-                include_pretrained=True,
-                select=restore_selector(plan, rank, LWS),
-                refuse=resume_refusal(plan),
-            )
+            _restore_as_rank(rank, coll, root, tmp_path, plan, refuse=resume_refusal(plan))
         except ck.CheckpointRefused as exc:
             return str(exc)
         return "restored"
