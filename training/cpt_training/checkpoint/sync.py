@@ -522,13 +522,15 @@ def restore_distributed(
         target = Path(local_dir).absolute() / ckpt.tag
         err: str | None = None
         only: frozenset[str] | None = None
+        wants_manifest = refuse is not None or select is not None
+        manifest = _manifest_on_rank(ckpt, settings) if wants_manifest else None
         if refuse is not None:
-            reasons = coll.all_gather_object(_refusal_on_rank(refuse, ckpt, settings))
+            reasons = coll.all_gather_object(_refusal_on_rank(refuse, ckpt.tag, manifest))
             refused = next((r for r in reasons if r), None)
             if refused:
                 raise CheckpointRefused(refused)
         if select is not None:
-            mine = _select_on_rank(select, ckpt, settings)
+            mine = _select_on_rank(select, ckpt, manifest, settings)
             sels = coll.all_gather_object(mine.to_wire())
             node_sel = union(Selection.from_wire(sels[r]) for r in sorted(nodes[nid]))
             only = node_sel.paths
@@ -558,29 +560,38 @@ def restore_distributed(
     return None
 
 
-def _refusal_on_rank(
-    refuse: Callable[[str, Manifest], str | None],
-    ckpt: CommittedCheckpoint,
-    settings: TransferSettings | None,
-) -> str | None:
-    """This rank's verdict on a candidate from its manifest alone; never raises."""
+def _manifest_on_rank(
+    ckpt: CommittedCheckpoint, settings: TransferSettings | None
+) -> Manifest | str:
+    """A candidate's manifest, read once for the refusal and the selection, or why it could
+    not be read; never raises (the node's download then reports the tag as corrupt)."""
     try:
-        manifest = read_manifest(ckpt.uri, settings=settings)
-    except Exception:
-        return None  # the download reports it (corrupt: the previous tag is tried)
-    try:
-        return refuse(ckpt.tag, manifest)
+        return read_manifest(ckpt.uri, settings=settings)
     except Exception as exc:
-        return f"checking {ckpt.tag} failed: {exc}"
+        return f"manifest unreadable: {exc}"
+
+
+def _refusal_on_rank(
+    refuse: Callable[[str, Manifest], str | None], tag: str, manifest: Manifest | str | None
+) -> str | None:
+    """This rank's verdict on a candidate from its manifest alone; never raises. An
+    unreadable manifest is no refusal: the download reports it (the previous tag is tried)."""
+    if not isinstance(manifest, Manifest):
+        return None
+    try:
+        return refuse(tag, manifest)
+    except Exception as exc:
+        return f"checking {tag} failed: {exc}"
 
 
 def _select_on_rank(
-    select: FileSelector, ckpt: CommittedCheckpoint, settings: TransferSettings | None
+    select: FileSelector,
+    ckpt: CommittedCheckpoint,
+    manifest: Manifest | str | None,
+    settings: TransferSettings | None,
 ) -> Selection:
     """This rank's files of a candidate; never raises (an unreadable manifest means "whole
     tag" here, and the node's download then reports the tag as corrupt)."""
-    try:
-        manifest = read_manifest(ckpt.uri, settings=settings)
-    except Exception as exc:
-        return Selection.whole(f"manifest unreadable: {exc}")
+    if not isinstance(manifest, Manifest):
+        return Selection.whole(manifest or "manifest not read")
     return choose(select, TagFiles(ckpt.uri, manifest, settings))

@@ -294,12 +294,12 @@ def restore_selector(plan: NxdPlan, rank: int, local_world_size: int | None) -> 
     whose files this layout does not explain."""
     from cpt_training.checkpoint import Selection
 
+    refusal = resume_refusal(plan)
+
     def select(view: TagFiles) -> Selection:
-        saved = view.manifest.world
-        try:
-            check_resume(saved, plan, tag=view.tag)
-        except ConfigError as exc:
-            return Selection.whole(str(exc))
+        reason = refusal(view.tag, view.manifest)
+        if reason:
+            return Selection.whole(reason)
         coords = nxd_rank_coords(
             rank,
             world_size=plan.world_size,
