@@ -206,21 +206,46 @@ class Kube:
             out += await self._list_projected(kind, ns)
         return out
 
+    async def _send_labelled(
+        self,
+        kind: tuple[str, str],
+        namespace: Any,
+        params: dict[str, Any],
+        *,
+        watch: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """A raw LIST or watch request of `kind`'s objects carrying the run label, through
+        lightkube's own HTTP client (its auth, TLS and base URL), answered undecoded: lightkube
+        would build a model of every object where the index keeps a few fields. The one place
+        that uses lightkube's internals for it."""
+        generic = self._client._client
+        br = generic.prepare_request(
+            "list",
+            res=_KINDS[kind],
+            namespace=namespace,
+            watch=watch,
+            params={"labelSelector": RUN_LABEL, **params},
+        )
+        build = generic._client.build_request
+        req = (
+            build(br.method, br.url, params=br.params)  # the client's own timeouts
+            if timeout is None
+            else build(br.method, br.url, params=br.params, timeout=timeout)
+        )
+        resp = await generic.send(req, stream=watch)  # type: ignore[no-untyped-call]
+        if not watch:  # a watch reads its status itself (410 is Gone, not an error)
+            generic.raise_for_status(resp)  # type: ignore[no-untyped-call]  # ApiError
+        return resp
+
     async def _list_projected(self, kind: tuple[str, str], namespace: Any) -> list[dict[str, Any]]:
-        generic = self._client._client  # raw pages: no model of every object (see watch)
         out: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            br = generic.prepare_request(
-                "list",
-                res=_KINDS[kind],
-                namespace=namespace,
-                params={"labelSelector": RUN_LABEL, "limit": LIST_PAGE, "continue": token},
-            )
-            req = generic._client.build_request(br.method, br.url, params=br.params)
             async with self._slots(LATER):
-                resp = await generic.send(req)  # type: ignore[no-untyped-call]
-            generic.raise_for_status(resp)  # type: ignore[no-untyped-call]  # ApiError
+                resp = await self._send_labelled(
+                    kind, namespace, {"limit": LIST_PAGE, "continue": token}
+                )
             page = resp.json()
             del resp
             for item in page.get("items") or []:
@@ -238,23 +263,17 @@ class Kube:
         cpt_operator/k8s/watch.py). Lines are left undecoded: lightkube would build a model
         of every object, the index keeps a few fields. Raises watch.Gone on 410. Holds no
         request slot (it is open for minutes)."""
-        generic = self._client._client  # lightkube's HTTP client: auth, TLS, base URL
-        br = generic.prepare_request(
-            "list",
-            res=_KINDS[kind],
-            namespace=namespace if namespace is not None else ALL_NS,
-            watch=True,
-            params={
-                "labelSelector": RUN_LABEL,
+        resp = await self._send_labelled(
+            kind,
+            namespace if namespace is not None else ALL_NS,
+            {
                 "allowWatchBookmarks": "true",
                 "timeoutSeconds": WATCH_TIMEOUT_S,
                 "resourceVersion": resource_version,
             },
+            watch=True,
+            timeout=WATCH_TIMEOUT_S + 30,
         )
-        req = generic._client.build_request(
-            br.method, br.url, params=br.params, timeout=WATCH_TIMEOUT_S + 30
-        )
-        resp = await generic.send(req, stream=True)  # type: ignore[no-untyped-call]
         try:
             if resp.status_code == 410:
                 raise Gone(f"HTTP 410 for {kind[1]} at resourceVersion {resource_version}")
