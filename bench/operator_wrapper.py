@@ -175,18 +175,16 @@ def main() -> None:
         import tracemalloc
 
         tracemalloc.start(12)
+        best = [0]
 
-        def watch_peak() -> None:
-            best = 0
-            while True:
-                time.sleep(0.25)
-                current, _ = tracemalloc.get_traced_memory()
-                if current > max(best * 1.1, 32 << 20):
-                    best = current
-                    tracemalloc.take_snapshot().dump(peak_path)
-                    print(f"tracemalloc peak snapshot at {current >> 20} MiB", flush=True)
+        def at_new_high() -> None:
+            current, _ = tracemalloc.get_traced_memory()
+            if current > max(best[0] * 1.1, 32 << 20):
+                best[0] = current
+                tracemalloc.take_snapshot().dump(peak_path)
+                print(f"tracemalloc peak snapshot at {current >> 20} MiB", flush=True)
 
-        threading.Thread(target=watch_peak, daemon=True).start()
+        _every(0.25, at_new_high)
     referrers_path = os.environ.get("CPT_BENCH_REFERRERS")
     if referrers_path:  # who keeps whole object bodies alive (written when the operator exits)
         import atexit
