@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
+import msgspec
+
 Component = Literal["tokenize", "weights", "preflight", "train", "export"]
 
 CPT_API_VERSION: Final = "cpt.dev/v1alpha1"
@@ -89,6 +91,13 @@ def adopt(manifest: Mapping[str, Any], owner: Mapping[str, Any]) -> dict[str, An
     refs.append(owner_reference(owner))
     meta["ownerReferences"] = refs
     return out
+
+
+def clone(data: Any) -> Any:
+    """A deep copy of JSON data (manifests, templates): through msgspec's C encoder and
+    decoder, several times faster than `copy.deepcopy`, which was half the cost of building
+    a run's manifests (tuples come back as lists, as they would from the API server)."""
+    return msgspec.json.decode(msgspec.json.encode(data))
 
 
 def check_name(name: str) -> str:

@@ -18,7 +18,6 @@ Shape decisions (see /work/shared/reference/peers.md §1):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,7 +86,7 @@ def avoid_nodes(affinity: dict[str, Any] | None, nodes: Sequence[str]) -> dict[s
     term's own requirements are ANDed with it); without terms it becomes the only one. The
     other parts of the affinity (preferred terms, pod (anti-)affinity) are kept as they are.
     """
-    out = copy.deepcopy(affinity or {})
+    out: dict[str, Any] = meta.clone(affinity or {})
     hosts = list(dict.fromkeys(nodes))
     if not hosts:
         return out
@@ -136,7 +135,7 @@ def _pod_template(
         "imagePullPolicy": rt.images.pull_policy,
         "command": ["torchrun"],
         "args": torchrun_args(t.resolved_processes_per_node(), stage),
-        "env": [copy.deepcopy(NODE_ID_ENV), *pods.stage_env(spec, config, device_env)],
+        "env": [meta.clone(NODE_ID_ENV), *pods.stage_env(spec, config, device_env)],
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "securityContext": pods.container_security_context(ipc_lock=inst.efa_devices > 0),
         "volumeMounts": [
@@ -204,7 +203,7 @@ def _gang_job(
         replicas["Worker"] = {
             "replicas": t.nodes - 1,
             "restartPolicy": "Never",
-            "template": copy.deepcopy(template),
+            "template": meta.clone(template),
         }
     run_policy: dict[str, Any] = {"cleanPodPolicy": "Running", "backoffLimit": 0}
     if rt.gang_scheduling != "none":
