@@ -16,6 +16,7 @@ import yaml
 from cpt_operator import passes
 from cpt_operator.api.models import ContinualPretrainSpec
 from cpt_operator.builders.jobs import RunRef
+from cpt_operator.reconcile import admission
 from cpt_operator.reconcile.admission import dry_run_key
 
 pytestmark = pytest.mark.unit
@@ -60,6 +61,49 @@ def test_a_name_outside_dns_1035_shares_nothing() -> None:
     spec = spec_for("x")
     assert dry_run_key(spec, RunRef("1run", "team-a", "u")) is None
     assert dry_run_key(spec, RunRef("run.a", "team-a", "u")) is None
+
+
+def _elsewhere(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with every storage location moved (same scheme, another place and length)."""
+    out = copy.deepcopy(raw)
+    places = [(out.get(a) or {}, b) for a, b in admission.STORAGE_FIELDS]
+    places += [(src, k) for src in out["data"].get("sources") or () for k in ("uri", "s3Uri")]
+    for parent, leaf in places:
+        value = parent.get(leaf)
+        if isinstance(value, str):
+            if value.startswith("hf://"):  # hf://org/name[@revision]
+                parent[leaf] = "hf://zz-elsewhere-org/another-model@v2"
+            else:
+                scheme = "s3://" if value.startswith("s3://") else "/"
+                parent[leaf] = value.replace(scheme, scheme + "zz-elsewhere/deeper/", 1)
+    return out
+
+
+@pytest.mark.parametrize("golden", sorted(p.name for p in SPECS.glob("*.yaml")))
+def test_storage_locations_enter_only_what_the_key_blanks(golden: str) -> None:
+    """The memo (`template_of`) cuts the storage locations: sound only while they reach the
+    manifests as free text alone. Checked by building the manifests of every golden spec
+    with its locations moved, without the memo."""
+    raw = yaml.safe_load((SPECS / golden).read_text())["spec"]
+    moved = _elsewhere(raw)
+    assert moved != raw
+    a, b = (ContinualPretrainSpec.model_validate(r) for r in (raw, moved))
+    run = RunRef("run-0001", "team-a", "u")
+    assert admission.template_of(a) == admission.template_of(b)
+    assert admission._manifests_key(a, run) == admission._manifests_key(b, run)
+
+
+def test_the_memo_answers_what_the_manifests_would() -> None:
+    run = RunRef("run-0001", "team-a", "u")
+    spec = spec_for("run-0001")
+    admission._KEYS.clear()
+    assert dry_run_key(spec, run) == admission._manifests_key(spec, run)
+    assert len(admission._KEYS) == 1
+    assert dry_run_key(spec_for("run-0002"), RunRef("run-0002", "team-a", "v")) == key("run-0001")
+    assert len(admission._KEYS) == 1  # same template, name length and namespace: one entry
+    other = spec_for("run-0001", runtime__images__tools="example.com/other:1")
+    assert dry_run_key(other, run) == admission._manifests_key(other, run) != key("run-0001")
+    assert len(admission._KEYS) == 2
 
 
 class CountingKube:

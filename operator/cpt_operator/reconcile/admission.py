@@ -14,7 +14,6 @@ blocker: the run goes on and the kubelet / admission report the problem on the p
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
@@ -22,8 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from cpt_operator.api.models import NAME_PATTERN, ContinualPretrainSpec
-from cpt_operator.builders import jobs, pytorchjob, stages
+from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
 from cpt_training.flops import instance_type
 
@@ -126,7 +127,7 @@ def dry_run_manifests(
     out.append(("tokenize Job", "spec.runtime", jobs.tokenize_job(spec, run, tok)))
     cfg = stages.train_stage(spec, run.name, 1, run.namespace)
     ptj = pytorchjob.training_job(spec, run, cfg)
-    template = copy.deepcopy(ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
+    template = meta.clone(ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
     template["spec"]["restartPolicy"] = "Never"
     wrapper = {
         "apiVersion": "batch/v1",
@@ -136,6 +137,40 @@ def dry_run_manifests(
     }
     out.append(("training pod template", "spec.runtime", wrapper))
     return out
+
+
+STORAGE_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("model", "source"),
+    ("model", "tokenizer"),
+    ("data", "tokenizedUri"),
+    ("checkpoints", "s3Uri"),
+    ("output", "s3Uri"),
+    ("runtime", "neuronCompileCacheUri"),
+)
+"""The spec's storage locations (plus each data source's): per-run paths that enter the
+manifests only as env values, which the dry-run key blanks (a unit test checks this on every
+golden spec)."""
+_SCHEME = re.compile(r"^[a-z0-9]+://|^/")
+_KEYS: dict[tuple[bytes, int, str], str] = {}
+_KEYS_MAX = 256
+
+
+def template_of(spec: ContinualPretrainSpec) -> bytes:
+    """The spec as sorted JSON with its storage locations cut to their scheme (`s3://`,
+    `hf://`, `/`): runs written from one template have the same one."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    places = [(data.get(a) or {}, b) for a, b in STORAGE_FIELDS]
+    places += [
+        (source, k)
+        for source in (data.get("data") or {}).get("sources") or ()
+        for k in ("uri", "s3Uri")
+    ]
+    for parent, leaf in places:
+        value = parent.get(leaf)
+        if isinstance(value, str):
+            scheme = _SCHEME.match(value)
+            parent[leaf] = scheme.group(0) if scheme else ""
+    return msgspec.json.encode(data, order="sorted")
 
 
 def dry_run_key(spec: ContinualPretrainSpec, run: RunRef) -> str | None:
@@ -148,9 +183,23 @@ def dry_run_key(spec: ContinualPretrainSpec, run: RunRef) -> str | None:
     What remains is what the server validates: names and labels (the run's name enters only
     those, and any two DNS-1035 names of one length pass the same name and label rules),
     images, resources, affinity, tolerations, security context, env var names and sources.
-    None (no sharing) for a name outside DNS-1035 (the CRD's own name rule, NAME_PATTERN)."""
+    None (no sharing) for a name outside DNS-1035 (the CRD's own name rule, NAME_PATTERN).
+
+    Remembered per `template_of(spec)`, name length and namespace, which determine it:
+    building the manifests was a fifth of the operator's CPU in a burst of new runs."""
     if not re.fullmatch(NAME_PATTERN, run.name):
         return None
+    memo = (template_of(spec), len(run.name), run.namespace)
+    key = _KEYS.get(memo)
+    if key is None:
+        key = _manifests_key(spec, run)
+        if len(_KEYS) >= _KEYS_MAX:
+            del _KEYS[next(iter(_KEYS))]  # the oldest template
+        _KEYS[memo] = key
+    return key
+
+
+def _manifests_key(spec: ContinualPretrainSpec, run: RunRef) -> str:
     stand_in = RunRef("r" + "0" * (len(run.name) - 1), run.namespace, "stand-in-uid")
     manifests = [m for _, _, m in dry_run_manifests(spec, stand_in)]
     for manifest in manifests:
