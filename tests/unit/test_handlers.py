@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -268,6 +270,23 @@ def test_operator_settings_use_our_prefix_and_bounded_watch_timeouts() -> None:
     assert settings.watching.chunk_size == handlers.LIST_PAGE > 0  # re-lists come in pages
     assert settings.persistence.finalizer == "cpt.dev/finalizer"
     assert settings.persistence.progress_storage.prefix == "cpt.dev"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("threshold", "frozen"), [(12345, True), (0, False)])
+def test_the_operator_process_tunes_its_garbage_collector(threshold: int, frozen: bool) -> None:
+    """In a process of its own: the setting is process-wide (a frozen test runner would
+    never collect what it froze)."""
+    code = (
+        "import gc; from cpt_operator.__main__ import tune_gc; "
+        f"before = gc.get_threshold(); tune_gc({threshold}); "
+        "print(before[0], gc.get_threshold()[0], gc.get_threshold()[1:] == before[1:], "
+        "gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    default = out[0]
+    assert out[1:] == [str(threshold) if frozen else default, "True", str(frozen)]
 
 
 def test_idle_kopf_workers_release_their_slot_quickly() -> None:
