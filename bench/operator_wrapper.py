@@ -2,7 +2,8 @@
 
 Every Kubernetes API request the process makes is counted by method and by what it touched,
 at the two HTTP clients it uses: kopf's (aiohttp: watches, its own patches and events) and
-ours (lightkube over httpx2: reads, child creation, status patches). The counters are written
+ours (lightkube's httpx2 client, over aiohttp by default: reads, child creation, status
+patches; counted once, at httpx2). The counters are written
 as JSON to ``$CPT_BENCH_COUNTS`` twice a second, so the benchmark can diff them around an idle
 window. Besides requests, ``reconciles`` counts the operator's reconcile passes (its own
 counter: a reconcile no longer always starts with a GET of the run). Nothing else changes: the
@@ -18,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,10 +63,22 @@ def install() -> None:
     import aiohttp
     import httpx2
 
+    from cpt_operator.k8s import transport
+
+    ours: weakref.WeakSet[Any] = weakref.WeakSet()  # our transport's sessions: counted at httpx
+    orig_session = transport.AiohttpTransport._session_now
+
+    def _session_now(self: Any) -> Any:
+        session = orig_session(self)
+        ours.add(session)
+        return session
+
+    transport.AiohttpTransport._session_now = _session_now  # type: ignore[method-assign]
     orig_request = aiohttp.ClientSession._request
 
     async def _request(self: Any, method: str, str_or_url: Any, *a: Any, **k: Any) -> Any:
-        _count(method, str(str_or_url))
+        if self not in ours:
+            _count(method, str(str_or_url))
         return await orig_request(self, method, str_or_url, *a, **k)
 
     aiohttp.ClientSession._request = _request  # type: ignore[method-assign]

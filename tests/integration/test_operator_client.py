@@ -71,9 +71,18 @@ def job_manifest(namespace: str, run: str, name: str) -> dict[str, Any]:
     }
 
 
-def test_create_is_create_if_absent_and_delete_tolerates_absence(runs: Runs) -> None:
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+def test_create_is_create_if_absent_and_delete_tolerates_absence(
+    runs: Runs, http_client: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over either HTTP client (CPT_HTTP_CLIENT; the other tests use the default, aiohttp)."""
+    monkeypatch.setenv("CPT_HTTP_CLIENT", http_client)
+
     async def go() -> tuple[Any, Any, list[str], bool, bool]:
         kube = Kube()
+        assert type(kube._client._client._client._transport).__name__ == (
+            "AiohttpTransport" if http_client == "aiohttp" else "AsyncHTTPTransport"
+        )
         try:
             m = job_manifest(runs.ns, "r1", "r1-tokenize")
             first = await kube.create(m, runs.ns)

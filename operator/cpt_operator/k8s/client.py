@@ -27,7 +27,9 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from lightkube import ALL_NS, ApiError, AsyncClient, codecs
+from lightkube import ALL_NS, ApiError, AsyncClient, ConfigError, codecs
+from lightkube.config.client_adapter import verify_cluster
+from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
@@ -36,6 +38,7 @@ from lightkube.resources.core_v1 import Event, Namespace, Node, Pod, Secret
 from lightkube.types import CascadeType, PatchType
 
 from cpt_operator.index import trim
+from cpt_operator.k8s.transport import AiohttpTransport
 from cpt_operator.k8s.watch import WATCH_TIMEOUT_S, Gone
 from cpt_operator.reconcile.observe import RUN_LABEL
 
@@ -162,11 +165,26 @@ class KubeApi(Protocol):
     ) -> None: ...
 
 
+def default_client() -> AsyncClient:
+    """lightkube's client for the environment's cluster (kubeconfig or in-cluster), its
+    requests sent over aiohttp (cpt_operator/k8s/transport.py) unless CPT_HTTP_CLIENT=httpx."""
+    choice = os.environ.get("CPT_HTTP_CLIENT", "aiohttp")
+    if choice not in ("aiohttp", "httpx"):
+        raise ValueError(f"CPT_HTTP_CLIENT={choice!r}: use aiohttp or httpx")
+    if choice == "httpx":
+        return AsyncClient(field_manager=FIELD_MANAGER)
+    config = KubeConfig.from_env().get()
+    if config is None or config.user is None:
+        raise ConfigError("no Kubernetes context or user in the environment's configuration")
+    tls = verify_cluster(config.cluster, config.user, config.abs_file)
+    return AsyncClient(config, field_manager=FIELD_MANAGER, transport=AiohttpTransport(tls))
+
+
 class Kube:
     """lightkube-backed implementation of `KubeApi`."""
 
     def __init__(self, client: AsyncClient | None = None, *, concurrency: int = 0) -> None:
-        self._client = client or AsyncClient(field_manager=FIELD_MANAGER)
+        self._client = client or default_client()
         self._slots = _Slots(concurrency or API_CONCURRENCY)
         self._pod_security: dict[str, tuple[float, str | None]] = {}
         self._secrets_forbidden: dict[str, float] = {}
