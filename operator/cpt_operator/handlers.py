@@ -161,6 +161,7 @@ async def cleanup(**_: Any) -> None:
     for task in list(passes.STATE.tasks):
         task.cancel()
     passes.STATE.new_run_at = float("-inf")  # held records go now
+    passes.STATE.new_passes = 0
     if passes.STATE.records:  # written statuses spare the next start repeating passes and Events
         _done, pending = await asyncio.wait(
             set(passes.STATE.records), timeout=passes.RECORD_GRACE_SECONDS

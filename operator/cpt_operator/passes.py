@@ -79,14 +79,15 @@ DRY_RUN_CACHE_SECONDS = float(os.environ.get("CPT_DRY_RUN_CACHE_SECONDS", "30"))
 # At most this many passes leave their Events and status patch to a task (reconcile_locked).
 DEFERRED_RECORDS = int(os.environ.get("CPT_DEFERRED_RECORDS", "96"))
 RECORD_GRACE_SECONDS = 5.0
-# Deferred records wait until no new run has started a pass for this long (at most
-# RECORD_HOLD_SECONDS): a burst's Events and status patches then follow its first children
-# instead of competing with them for the API server (measured: written during the burst, the
-# 550 writes of 200 runs doubled its CPU and pushed the last first child past 5 s). The hold
-# is short because held records count against DEFERRED_RECORDS, and past that cap passes
-# write their own (with a 10 s hold, 1,000 runs once reached 209 MiB; 3 s: 150 MiB).
+# Deferred records wait until no pass of a new run is under way and none started or ended for
+# RECORD_QUIET_SECONDS (at most RECORD_HOLD_SECONDS): a burst's Events and status patches then
+# follow its first children instead of competing with them for the API server (measured:
+# written during the burst, the 550 writes of 200 runs doubled its CPU and pushed the last
+# first child past 5 s). The hold outlasts the benchmark's burst of 200 runs (first children
+# over 3.5-4 s: a 3 s hold let the earliest records into its last half second); held records
+# count against DEFERRED_RECORDS, and past that cap passes write their own.
 RECORD_QUIET_SECONDS = float(os.environ.get("CPT_RECORD_QUIET_SECONDS", "0.5"))
-RECORD_HOLD_SECONDS = float(os.environ.get("CPT_RECORD_HOLD_SECONDS", "3"))
+RECORD_HOLD_SECONDS = float(os.environ.get("CPT_RECORD_HOLD_SECONDS", "8"))
 TERMINAL = {p.value for p in TERMINAL_PHASES}
 # Phases whose decision uses S3 (progress.json, committed checkpoints).
 STORAGE_PHASES = {"Tokenizing", "PreparingWeights", "Training", "Suspended", "Converting"}
@@ -131,7 +132,9 @@ class OperatorState:
     dry_runs: dict[str, DryRunEntry] = field(default_factory=dict)
     """Dry runs by `admission.dry_run_key`: in flight, or accepted (until `expires`)."""
     new_run_at: float = float("-inf")
-    """Event-loop time of the last pass of a run without children yet (_record waits)."""
+    """Event-loop time a pass of a run without children yet last started or ended."""
+    new_passes: int = 0
+    """Passes of runs without children yet under way (deferred records wait for none)."""
 
 
 STATE = OperatorState()
@@ -448,14 +451,22 @@ async def reconcile(
     if status.get("phase") in TERMINAL:
         STATE.runs[(namespace, name)] = str(status["phase"])
         return None
-    if status.get("phase") in PLANNING_PHASES:
-        STATE.new_run_at = asyncio.get_running_loop().time()
-    children = await read_children(kube, (namespace, name), index)
-    observed = await observe_run(kube, body, children)
-    decision = decide(
-        RunMeta.of(body), body.get("spec") or {}, status, observed, now or datetime.now(UTC)
-    )
-    record = await apply(kube, body, decision, index, defer_record=deferred is not None)
+    new_run = status.get("phase") in PLANNING_PHASES
+    loop = asyncio.get_running_loop()
+    if new_run:  # deferred records wait while it plans and creates (_until_new_runs_pause)
+        STATE.new_run_at = loop.time()
+        STATE.new_passes += 1
+    try:
+        children = await read_children(kube, (namespace, name), index)
+        observed = await observe_run(kube, body, children)
+        decision = decide(
+            RunMeta.of(body), body.get("spec") or {}, status, observed, now or datetime.now(UTC)
+        )
+        record = await apply(kube, body, decision, index, defer_record=deferred is not None)
+    finally:
+        if new_run:
+            STATE.new_passes = max(0, STATE.new_passes - 1)  # cleanup() may have reset it
+            STATE.new_run_at = loop.time()
     if record is not None and deferred is not None:
         deferred.append(record)
     STATE.runs[(namespace, name)] = str(decision.status.get("phase", ""))
@@ -516,17 +527,22 @@ def _before_our_write(key: RunKey, body: Mapping[str, Any]) -> bool:
     return order is None or order < 0
 
 
-def _hold_left(now: float, new_run_at: float, deadline: float) -> float:
+def _hold_left(now: float, new_run_at: float, deadline: float, in_flight: int = 0) -> float:
     """Seconds a deferred record still waits (<= 0: write it now)."""
+    if in_flight > 0:  # a new run is planning or creating its first children right now
+        return min(RECORD_QUIET_SECONDS, deadline - now)
     return min(new_run_at + RECORD_QUIET_SECONDS, deadline) - now
 
 
 async def _until_new_runs_pause() -> None:
-    """Return once no new run (one still planning its first children) started a pass for
-    RECORD_QUIET_SECONDS, or after RECORD_HOLD_SECONDS."""
+    """Return once no pass of a new run (one still planning its first children) is under
+    way and none started or ended for RECORD_QUIET_SECONDS, or after RECORD_HOLD_SECONDS.
+    Pass starts alone are not enough: while the API server is slowest, every worker waits
+    on a create and no pass starts, and records written then slowed the creates further
+    (measured: half the bench's bursts wrote 90-240 Events before their last first child)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RECORD_HOLD_SECONDS
-    while (left := _hold_left(loop.time(), STATE.new_run_at, deadline)) > 0:
+    while (left := _hold_left(loop.time(), STATE.new_run_at, deadline, STATE.new_passes)) > 0:
         await asyncio.sleep(left)
 
 

@@ -418,10 +418,16 @@ def test_deferred_records_wait_for_new_runs_to_pause_but_not_forever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A burst's Events and status patches follow its first children: a record waits until
-    no new run started a pass for RECORD_QUIET_SECONDS, and at most until its deadline."""
+    no new run's pass is under way and none started or ended for RECORD_QUIET_SECONDS, and at
+    most until its deadline."""
     monkeypatch.setattr(passes, "RECORD_QUIET_SECONDS", 0.5)
     left = passes._hold_left
     assert left(now=100.0, new_run_at=float("-inf"), deadline=110.0) <= 0  # none lately
     assert left(now=100.0, new_run_at=99.8, deadline=110.0) == pytest.approx(0.3)
     assert left(now=100.0, new_run_at=99.4, deadline=110.0) <= 0  # quiet long enough
     assert left(now=109.9, new_run_at=109.9, deadline=110.0) == pytest.approx(0.1)  # hold ends
+    # A new run's pass under way (its create waiting on the API server): the record waits,
+    # however long ago a pass last started, until the deadline.
+    assert left(now=100.0, new_run_at=90.0, deadline=110.0, in_flight=3) == pytest.approx(0.5)
+    assert left(now=109.8, new_run_at=90.0, deadline=110.0, in_flight=3) == pytest.approx(0.2)
+    assert left(now=110.0, new_run_at=90.0, deadline=110.0, in_flight=3) <= 0
