@@ -66,16 +66,13 @@ def test_a_name_outside_dns_1035_shares_nothing() -> None:
 def _elsewhere(raw: dict[str, Any]) -> dict[str, Any]:
     """`raw` with every storage location moved (same scheme, another place and length)."""
     out = copy.deepcopy(raw)
-    places = [(out.get(a) or {}, b) for a, b in admission.STORAGE_FIELDS]
-    places += [(src, k) for src in out["data"].get("sources") or () for k in ("uri", "s3Uri")]
-    for parent, leaf in places:
-        value = parent.get(leaf)
-        if isinstance(value, str):
-            if value.startswith("hf://"):  # hf://org/name[@revision]
-                parent[leaf] = "hf://zz-elsewhere-org/another-model@v2"
-            else:
-                scheme = "s3://" if value.startswith("s3://") else "/"
-                parent[leaf] = value.replace(scheme, scheme + "zz-elsewhere/deeper/", 1)
+    for path, value in ContinualPretrainSpec.model_validate(raw).storage_locations().items():
+        if value.startswith("hf://"):  # hf://org/name[@revision]
+            moved = "hf://zz-elsewhere-org/another-model@v2"
+        else:
+            scheme = "s3://" if value.startswith("s3://") else "/"
+            moved = value.replace(scheme, scheme + "zz-elsewhere/deeper/", 1)
+        admission.set_at(out, path, moved)
     return out
 
 

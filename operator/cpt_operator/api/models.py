@@ -503,6 +503,22 @@ class ContinualPretrainSpec(CamelModel):
             return self.data.tokenized_uri
         return join_uri(self.checkpoints.s3_uri, "data/")
 
+    def storage_locations(self) -> dict[str, str]:
+        """Every storage location the spec sets, by field path (`spec.model.source`, ...,
+        `spec.data.sources[0].uri`): the planner checks each, and the dry-run key's template
+        cuts each to its scheme (reconcile/admission.py)."""
+        fields = {
+            "spec.model.source": self.model.source,
+            "spec.model.tokenizer": self.model.tokenizer,
+            "spec.data.tokenizedUri": self.data.tokenized_uri,
+            "spec.checkpoints.s3Uri": self.checkpoints.s3_uri,
+            "spec.output.s3Uri": self.output.s3_uri,
+            "spec.runtime.neuronCompileCacheUri": self.runtime.neuron_compile_cache_uri,
+        }
+        for i, src in enumerate(self.data.sources):
+            fields[f"spec.data.sources[{i}].uri"] = src.uri
+        return {path: value for path, value in fields.items() if value is not None}
+
     def max_steps(self) -> int:
         """maxSteps, or maxTokens rounded up to whole steps."""
         if self.training.max_steps is not None:

@@ -399,19 +399,9 @@ class _Planner:
 
     def _storage(self) -> None:
         s = self.spec
-        fields = {
-            "spec.model.source": s.model.source,
-            "spec.model.tokenizer": s.model.tokenizer,
-            "spec.data.tokenizedUri": s.data.tokenized_uri,
-            "spec.checkpoints.s3Uri": s.checkpoints.s3_uri,
-            "spec.output.s3Uri": s.output.s3_uri,
-            "spec.runtime.neuronCompileCacheUri": s.runtime.neuron_compile_cache_uri,
-        }
-        for i, src in enumerate(s.data.sources):
-            fields[f"spec.data.sources[{i}].uri"] = src.uri
+        fields = s.storage_locations()
         for path, value in fields.items():
-            if value is not None:
-                self._uri_hygiene(path, value)
+            self._uri_hygiene(path, value)
         if s.output.s3_uri.rstrip("/") == s.checkpoints.s3_uri.rstrip("/"):
             self.error(
                 "spec.output.s3Uri",
@@ -420,7 +410,7 @@ class _Planner:
             )
         if self.p.mode == "cluster":
             for path, value in fields.items():
-                if value is not None and is_local_path(value):
+                if is_local_path(value):
                     self.error(
                         path,
                         f"{value!r} is a local path, which works only with `cpt local`; "

@@ -139,37 +139,29 @@ def dry_run_manifests(
     return out
 
 
-STORAGE_FIELDS: tuple[tuple[str, ...], ...] = (
-    ("model", "source"),
-    ("model", "tokenizer"),
-    ("data", "tokenizedUri"),
-    ("checkpoints", "s3Uri"),
-    ("output", "s3Uri"),
-    ("runtime", "neuronCompileCacheUri"),
-)
-"""The spec's storage locations (plus each data source's): per-run paths that enter the
-manifests only as env values, which the dry-run key blanks (a unit test checks this on every
-golden spec)."""
 _SCHEME = re.compile(r"^[a-z0-9]+://|^/")
 _KEYS: dict[tuple[bytes, int, str], str] = {}
 _KEYS_MAX = 256
 
 
+def set_at(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set the field at a spec path (`spec.data.sources[0].uri`) of a spec's JSON form."""
+    *parents, leaf = re.findall(r"[^.\[\]]+", path)[1:]
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[leaf] = value
+
+
 def template_of(spec: ContinualPretrainSpec) -> bytes:
-    """The spec as sorted JSON with its storage locations cut to their scheme (`s3://`,
-    `hf://`, `/`): runs written from one template have the same one."""
+    """The spec as sorted JSON with its storage locations (`storage_locations`: per-run
+    paths that reach the manifests only as env values, which the dry-run key blanks; a unit
+    test checks this on every golden spec) cut to their scheme (`s3://`, `hf://`, `/`): runs
+    written from one template have the same one."""
     data = spec.model_dump(mode="json", by_alias=True)
-    places = [(data.get(a) or {}, b) for a, b in STORAGE_FIELDS]
-    places += [
-        (source, k)
-        for source in (data.get("data") or {}).get("sources") or ()
-        for k in ("uri", "s3Uri")
-    ]
-    for parent, leaf in places:
-        value = parent.get(leaf)
-        if isinstance(value, str):
-            scheme = _SCHEME.match(value)
-            parent[leaf] = scheme.group(0) if scheme else ""
+    for path, value in spec.storage_locations().items():
+        scheme = _SCHEME.match(value)
+        set_at(data, path, scheme.group(0) if scheme else "")
     return msgspec.json.encode(data, order="sorted")
 
 
