@@ -53,7 +53,7 @@ class KeptAlive:
         conn.request(
             method,
             path,
-            body=None if body is None else json.dumps(body),
+            body=body if body is None or isinstance(body, bytes) else json.dumps(body),
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         resp = conn.getresponse()
