@@ -4,8 +4,9 @@
   echo of our own status patch, and forgets a deleted run;
 * `child_event` (the operator's own watches of labelled Jobs/PyTorchJobs/Pods,
   cpt_operator/k8s/watch.py) updates the child index and schedules one settled pass;
-* `startup` primes the child index and the runs' S3 roots, then starts the resync loop and
-  the children's watches; `cleanup` stops them and gives pending records a few seconds;
+* `startup` loads the planner's tables, primes the child index and the runs' S3 roots, then
+  starts the resync loop and the children's watches; `cleanup` stops them and gives pending
+  records a few seconds;
 * the liveness probe fails when the resync loop or a children's watch stopped.
 
 No finalizer is used on purpose (kopf adds one for `@kopf.timer`/daemons, which is why the
@@ -28,6 +29,7 @@ import kopf
 from lightkube import ApiError
 
 from cpt_operator import passes
+from cpt_operator.api import planner
 from cpt_operator.api.models import GROUP, PLURAL, VERSION
 from cpt_operator.index import ALL_NAMESPACES
 from cpt_operator.k8s import watch
@@ -116,6 +118,7 @@ def watched_scopes() -> tuple[str, ...]:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure(settings)
+    planner.warm()  # not on the first new run's pass, with the event loop blocked
     passes.STATE.kube = passes.STATE.kube or Kube()
     passes.STATE.scopes = watched_scopes()
     try:  # before the watches start: their first events then land on a primed index

@@ -1069,6 +1069,15 @@ def efficiency_model() -> EfficiencyModel:
     return fit_efficiency(anchors())
 
 
+def warm() -> None:
+    """Load the data tables and fit the efficiency model now (about 30 ms): the operator calls
+    this at startup, so the first run it plans does not pay for it in the middle of a burst of
+    new runs, with the event loop blocked (docs/PERFORMANCE.md 5)."""
+    known_models()
+    price_table()
+    efficiency_model()
+
+
 def _predict_anchor(model: EfficiencyModel, a: Anchor) -> float | None:
     if a.group not in model.group_efficiency:
         return None

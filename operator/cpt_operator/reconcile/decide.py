@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from cpt_operator.api import planner as api_planner
 from cpt_operator.api.models import (
     TERMINAL_PHASES,
     AttemptStatus,
@@ -774,9 +775,7 @@ class _Reconcile:
 def cluster_planner(spec: ContinualPretrainSpec) -> PlanSummary:
     """The API's planner in cluster mode (local paths are errors there). Raises the
     planner's PlanError (a ValueError naming every field at fault)."""
-    from cpt_operator.api import planner
-
-    return PlanSummary.model_validate(planner.plan(spec, mode="cluster").summary())
+    return PlanSummary.model_validate(api_planner.plan(spec, mode="cluster").summary())
 
 
 def decide(
