@@ -38,7 +38,6 @@ behind LISTs and repeats, docs/PERFORMANCE.md section 5):
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import time
@@ -57,6 +56,7 @@ from cpt_operator.api.models import (
     Phase,
 )
 from cpt_operator.builders import stages
+from cpt_operator.builders.meta import clone
 from cpt_operator.index import ALL_NAMESPACES, ChildIndex, RunKey, compare_versions
 from cpt_operator.k8s.client import KubeApi
 from cpt_operator.progress import StorageView, read_storage_async
@@ -77,7 +77,10 @@ STORAGE_CACHE_SECONDS = 5.0
 # bounds how stale a namespace's admission state (quota, policies) can be for a new run.
 DRY_RUN_CACHE_SECONDS = float(os.environ.get("CPT_DRY_RUN_CACHE_SECONDS", "30"))
 # At most this many passes leave their Events and status patch to a task (reconcile_locked).
-DEFERRED_RECORDS = int(os.environ.get("CPT_DEFERRED_RECORDS", "96"))
+# A held record is about 6 KB (the patch's dicts 3.3 KB, the sleeping task 1.4 KB, the Events:
+# measured with tracemalloc), so 256 of them are 1.5 MB; at 96, a burst of 200 new runs wrote
+# the last hundred runs' records in the middle of its creates (measured: 119-171 writes).
+DEFERRED_RECORDS = int(os.environ.get("CPT_DEFERRED_RECORDS", "256"))
 RECORD_GRACE_SECONDS = 5.0
 # Deferred records wait until no pass of a new run is under way and none started or ended for
 # RECORD_QUIET_SECONDS (at most RECORD_HOLD_SECONDS): a burst's Events and status patches then
@@ -124,7 +127,7 @@ class OperatorState:
     reconciles: int = 0
     passes: dict[RunKey, float] = field(default_factory=dict)
     """When each run's last pass started (the resync skips runs an event just reconciled)."""
-    roots: dict[RunKey, admission.RunRoots] = field(default_factory=dict)
+    roots: admission.RootIndex = field(default_factory=admission.RootIndex)
     """The S3 prefixes each run owns (from the run watch): no two runs may overlap."""
     records: set[asyncio.Task[None]] = field(default_factory=set)
     """Tasks writing passes' Events and status patches (deferred records): at most
@@ -190,7 +193,7 @@ async def admission_blockers(kube: KubeApi, body: Mapping[str, Any]) -> tuple[Bl
     found += admission.pod_security_problems(spec, level)
     mine = admission.RunRoots.of(body, spec)
     if mine is not None:
-        found += admission.shared_roots(mine, list(STATE.roots.values()))
+        found += admission.shared_roots(mine, STATE.roots.overlapping(mine))
     for what, field_, message in asked:
         if message:
             found.append(admission.rejected(what, field_, message))
@@ -631,9 +634,9 @@ def remember_roots(body: Mapping[str, Any]) -> None:
         return  # the echo of a status write: same spec, nothing to validate again
     roots = admission.RunRoots.of(body)
     if roots is None:
-        STATE.roots.pop(key, None)
+        STATE.roots.drop(key)
     else:
-        STATE.roots[key] = roots
+        STATE.roots.put(roots)
 
 
 def run_event_body(key: RunKey, body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -649,7 +652,8 @@ def run_event_body(key: RunKey, body: Mapping[str, Any] | None) -> Mapping[str, 
         return None
     if order is not None and order < 0:
         return None
-    return copy.deepcopy(dict(body))
+    current: Mapping[str, Any] = clone(dict(body))  # the pass outlives kopf's body view
+    return current
 
 
 SKIP: Mapping[str, Any] = {"skip": True}
@@ -663,4 +667,4 @@ def forget_run(key: RunKey) -> None:
     STATE.written.pop(key, None)
     STATE.passes.pop(key, None)
     STATE.index.forget(key)
-    STATE.roots.pop(key, None)
+    STATE.roots.drop(key)

@@ -3,13 +3,14 @@ the newer one is blocked before any child exists, the older one goes on."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from cpt_operator.reconcile.admission import ROOT_IN_USE, RunRoots, shared_roots
+from cpt_operator.reconcile.admission import ROOT_IN_USE, RootIndex, RunRoots, shared_roots
 
 pytestmark = pytest.mark.unit
 
@@ -98,3 +99,42 @@ def test_the_watch_validates_a_runs_spec_once_per_generation(
     assert dict(passes.STATE.roots[("team-a", "r")].roots)["spec.checkpoints.s3Uri"] == (
         "s3://bkt/runs/other/"
     )
+
+
+def _made(name: str, ckpt: str, out: str, ns: str = "team-a", at: int = 0) -> RunRoots:
+    return RunRoots(
+        ns,
+        name,
+        (f"2026-11-01T10:{at // 60:02d}:{at % 60:02d}Z", f"{ns}/{name}"),
+        (("spec.checkpoints.s3Uri", ckpt), ("spec.output.s3Uri", out)),
+    )
+
+
+def test_the_index_finds_exactly_the_clashes_a_comparison_with_every_run_finds() -> None:
+    """RootIndex (what the operator keeps) against shared_roots over every run, on random
+    prefixes that share buckets, folders, string prefixes and trailing slashes."""
+    rng = random.Random(7)
+    parts = ["runs", "run", "models", "x", "x2", "a"]
+
+    def uri() -> str:
+        depth = rng.randint(0, 3)
+        path = "/".join(rng.choice(parts) for _ in range(depth))
+        text = f"s3://{rng.choice(['bkt', 'bkt2'])}/{path}"
+        return text + rng.choice(["", "/"]) if path else text + "/"
+
+    index = RootIndex()
+    runs: dict[tuple[str, str], RunRoots] = {}
+    for i in range(300):
+        name = f"r{rng.randint(0, 60)}"
+        run = _made(name, uri(), uri(), ns=rng.choice(["a", "b"]), at=i)
+        if rng.random() < 0.1:
+            index.drop((run.namespace, run.name))
+            runs.pop((run.namespace, run.name), None)
+            continue
+        want = shared_roots(run, list(runs.values()))
+        got = shared_roots(run, index.overlapping(run))
+        assert sorted(got, key=repr) == sorted(want, key=repr)
+        index.put(run)  # a new version of a known run replaces its prefixes
+        runs[(run.namespace, run.name)] = run
+        assert len(index) == len(runs) and index.get((run.namespace, run.name)) == run
+    assert all(index[k] == v for k, v in runs.items())
