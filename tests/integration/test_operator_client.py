@@ -197,17 +197,24 @@ def test_the_children_watch_gets_only_labelled_objects_and_resumes_where_it_was(
         kinds: set[tuple[str, str]] = set()
         versions: list[str] = []
         got = asyncio.Event()
+        watching = asyncio.Event()
 
         def deliver(type_: str, obj: dict[str, Any]) -> None:
             seen.append((type_, obj["metadata"]["name"]))
             versions.append(obj["metadata"]["resourceVersion"])
             kinds.add((obj["apiVersion"], obj["kind"]))
+            if obj["metadata"]["name"] == "w1-tokenize":
+                watching.set()
             if obj["metadata"]["name"] == "w2-tokenize" and type_ == "DELETED":
                 got.set()
 
         try:
             await kube.create(job_manifest(runs.ns, "w1", "w1-tokenize"), runs.ns)
             task = asyncio.create_task(watch.follow(kube, job, runs.ns, deliver))
+            # A watch from "now" starts when the API server takes the request: changes made
+            # before that are not events (seen once under the full suite's load, where w2 was
+            # created and deleted before the request arrived).
+            await asyncio.wait_for(watching.wait(), 60)
             unlabelled = job_manifest(runs.ns, "x", "not-ours")
             unlabelled["metadata"]["labels"] = {}
             await kube.create(unlabelled, runs.ns)
