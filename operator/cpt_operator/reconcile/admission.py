@@ -326,7 +326,7 @@ class RootIndex:
 
 
 def _overlap(a: str, b: str) -> bool:
-    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    a, b = _prefix_form(a), _prefix_form(b)
     return a.startswith(b) or b.startswith(a)
 
 
