@@ -13,9 +13,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)} /^[a-zA-Z0-9_-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-# Always run: the venv is shared by every checkout on the machine (cached per lock hash), and
-# the cheap editable re-install points it at this checkout (about 2 s when warm).
-install: ## Create the project venv (cached per lock hash) and install this checkout into it
+# Always run: cheap when warm (about 2 s). Each checkout has its own .venv; the packages come
+# from uv's machine-wide cache, so a second checkout's venv takes seconds, not a download.
+install: ## Create this checkout's .venv (re-synced when the lock changes) and install the checkout
 	@hack/install.sh >/dev/null
 
 cluster-build: ## Build the local control plane binaries (cached by go.sum hash)
