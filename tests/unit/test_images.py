@@ -27,7 +27,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 HADOLINT = Path(sys.executable).parent / "hadolint"
-NAMES = ["operator", "trainer-neuron", "trainer-cuda", "trainer-cpu"]
+NAMES = ["operator", "trainer-neuron", "trainer-torchneuron", "trainer-cuda", "trainer-cpu"]
 
 
 def _load_reader():
@@ -105,7 +105,7 @@ def test_entry_points():
     assert "--standalone" in op and "--all-namespaces" in op
     assert op[op.index("-m") + 1] == "cpt_operator.handlers"
     assert any(a.startswith("--liveness=http://0.0.0.0:8080/") for a in op)
-    for name in ("trainer-neuron", "trainer-cuda", "trainer-cpu"):
+    for name in ("trainer-neuron", "trainer-torchneuron", "trainer-cuda", "trainer-cpu"):
         assert df.entrypoint(instrs(name)) == ["cpt-train"], name
 
 
@@ -134,6 +134,52 @@ def test_neuron_image_does_not_touch_torch_or_transformers():
     assert package_install and all("--no-deps" in argv for argv in package_install)
 
 
+def _args(name: str) -> dict[str, str]:
+    out = {}
+    for i in instrs(name):
+        if i.cmd == "ARG" and "=" in i.args:
+            key, _, value = i.args.partition("=")
+            out[key] = value
+    return out
+
+
+def test_torchneuron_image_installs_the_sdk_the_native_backend_targets():
+    """torch-neuronx of TorchNeuron 2.33's 2.14.3 family with torch 2.14, from Neuron's pip
+    repository and PyTorch's CPU index (Neuron's install guide), on Ubuntu 26.04 (the only OS
+    2.33's standalone wheels are published for)."""
+    from cpt_training.native import neuron
+
+    args = _args("trainer-torchneuron")
+    assert args["TORCH_NEURONX_VERSION"] == f"{neuron.TORCH_NEURONX_VERSION}.*"
+    assert args["PYTHON_VERSION"] == "3.12"
+    assert [i.args for i in instrs("trainer-torchneuron") if i.cmd == "FROM"] == ["ubuntu:26.04"]
+    pips = [
+        a for i in instrs("trainer-torchneuron") if i.cmd == "RUN" for a in df.pip_installs(i.args)
+    ]
+    (framework,) = [argv for argv in pips if any(a.startswith("torch-neuronx==") for a in argv)]
+    assert f"torch=={neuron.TORCH_VERSION}.*" in framework
+    assert "https://pip.repos.neuron.amazonaws.com" in framework
+    assert "https://download.pytorch.org/whl/cpu" in framework
+    runtime = " ".join(i.args for i in instrs("trainer-torchneuron") if i.cmd == "RUN")
+    for pkg in ("aws-neuronx-runtime-lib=", "aws-neuronx-collectives=", "efa_installer.sh"):
+        assert pkg in runtime
+
+
+def test_torchneuron_image_never_replaces_torch_with_the_locked_cuda_build():
+    runs = [i.args for i in instrs("trainer-torchneuron") if i.cmd == "RUN"]
+    (cpt,) = [r for r in runs if '".[training]"' in r]
+    # The lock's torch/triton/CUDA pins are cut from the constraints, and the build checks the
+    # installed torch is still the 2.14 TorchNeuron pulled in.
+    assert "grep -v -E '^(torch|triton|nvidia-)' requirements.lock > /tmp/constraints.txt" in cpt
+    (argv,) = df.pip_installs(cpt)
+    assert argv[argv.index("-c") + 1] == "/tmp/constraints.txt"
+    assert "pip show torch | grep -E '^Version: 2\\.14\\.'" in cpt
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    kept = [ln for ln in lock if not re.match(r"^(torch|triton|nvidia-)", ln)]
+    assert not [ln for ln in kept if ln.startswith(("torch==", "triton==", "nvidia-"))]
+    assert any(ln.startswith("torch==") for ln in lock)
+
+
 def test_cpu_image_torch_matches_the_lock():
     lock = (ROOT / "requirements.lock").read_text()
     locked = re.search(r"^torch==(\S+)", lock, re.M)
@@ -147,8 +193,8 @@ def test_dockerignore_admits_every_copy_source_and_nothing_private():
     ignore = df.DockerIgnore((ROOT / ".dockerignore").read_text())
     for name in NAMES:
         for i in instrs(name):
-            if i.cmd != "COPY":
-                continue
+            if i.cmd != "COPY" or "--from=" in i.args:
+                continue  # COPY --from reads another image, not the build context
             sources, _dst = df.copy_sources(i.args)
             for src in sources:
                 assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"

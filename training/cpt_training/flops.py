@@ -24,7 +24,7 @@ training process drives: a NeuronCore on Trainium, a GPU on NVIDIA. With no peak
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 GIB = 1024**3
@@ -175,8 +175,15 @@ DEVICES: dict[str, DeviceSpec] = {
             667.0 / 4,
             24.0,
             1.0,
-            "Assumes LNC=2 (the trn2 default): 2 physical NeuronCore-v3 per logical core, "
+            "LNC=2 (the trn2 default): 2 physical NeuronCore-v3 per logical core, "
             "4 logical cores per chip, so a quarter of the chip's 667 TFLOPS and 96 GiB.",
+        ),
+        DeviceSpec(
+            "trn2-physical-core",
+            667.0 / 8,
+            12.0,
+            0.5,
+            "LNC=1: one NeuronCore-v3, an eighth of the chip's 667 TFLOPS and 96 GiB.",
         ),
         DeviceSpec("h100", 989.0, 80.0, 1.5, "H100 SXM dense BF16 (torchtitan uses 989e12)."),
         DeviceSpec("h200", 989.0, 141.0, 1.5, "H200: same tensor cores as H100 SXM, 141 GB."),
@@ -203,10 +210,28 @@ class InstanceType:
     vcpus: int = 0
     memory_gib: int = 0
     network_gbps: int = 0
+    lnc_devices: tuple[tuple[int, str], ...] = ()
+    """Trainium2 and later: (logical NeuronCore configuration, device) pairs, default first. A
+    node runs one process per logical core: physical cores / LNC."""
+    physical_cores: int = 0
 
     @property
     def device_spec(self) -> DeviceSpec:
         return DEVICES[self.device]
+
+    @property
+    def lnc(self) -> int | None:
+        """The LNC this shape's device stands for (None where there is no such setting)."""
+        return next((lnc for lnc, dev in self.lnc_devices if dev == self.device), None)
+
+    def for_processes(self, processes: int) -> InstanceType:
+        """This instance run with ``processes`` per node: on Trainium2+ the LNC whose logical
+        core count equals it (64 -> LNC=2, 128 -> LNC=1 on trn2.48xlarge) and its device;
+        otherwise (or for any other count) unchanged."""
+        for lnc, dev in self.lnc_devices:
+            if self.physical_cores // lnc == processes:
+                return replace(self, device=dev, processes_per_node=processes)
+        return self
 
     @property
     def peak_flops_per_node(self) -> float | None:
@@ -260,17 +285,21 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
             512,
             1600,
         ),
-        _instance(
-            "trn2.48xlarge",
-            "trn2-logical-core",
-            64,
-            "neuron",
-            16,
-            _neuron(16, 16),
-            16,
-            192,
-            2048,
-            3200,
+        replace(
+            _instance(
+                "trn2.48xlarge",
+                "trn2-logical-core",
+                64,
+                "neuron",
+                16,
+                _neuron(16, 16),
+                16,
+                192,
+                2048,
+                3200,
+            ),
+            lnc_devices=((2, "trn2-logical-core"), (1, "trn2-physical-core")),
+            physical_cores=128,
         ),
         _instance("p4d.24xlarge", "a100-40", 8, "cuda", 8, _gpu(8, 4), 4, 96, 1152, 400),
         _instance("p4de.24xlarge", "a100-80", 8, "cuda", 8, _gpu(8, 4), 4, 96, 1152, 400),

@@ -41,7 +41,10 @@ _GPU_NAMES: tuple[tuple[tuple[str, ...], str], ...] = (
 
 
 def peak_flops_per_device(
-    device_type: str, device_name: str, instance_type: str | None = None
+    device_type: str,
+    device_name: str,
+    instance_type: str | None = None,
+    processes_per_node: int | None = None,
 ) -> float | None:
     """Dense BF16 peak FLOP/s of the device one process drives, or None when unknown.
 
@@ -55,6 +58,8 @@ def peak_flops_per_device(
         except ValueError:
             it = None
         if it is not None and it.accelerator == device_type:
+            if processes_per_node:  # Trainium2+: the LNC follows from the process count
+                it = it.for_processes(processes_per_node)
             return it.device_spec.peak_flops
     if device_type == "cuda":
         upper = device_name.upper()

@@ -78,12 +78,14 @@ is copied into every training pod, so it stays short)."""
 DEFAULT_IMAGE_TAG = "0.1.0"
 DEFAULT_IMAGES = {
     "trainer_neuron": f"ghcr.io/cpt-dev/cpt-trainer-neuron:{DEFAULT_IMAGE_TAG}",
+    "trainer_torchneuron": f"ghcr.io/cpt-dev/cpt-trainer-torchneuron:{DEFAULT_IMAGE_TAG}",
     "trainer_cuda": f"ghcr.io/cpt-dev/cpt-trainer-cuda:{DEFAULT_IMAGE_TAG}",
     "trainer_cpu": f"ghcr.io/cpt-dev/cpt-trainer-cpu:{DEFAULT_IMAGE_TAG}",
     "tools": f"ghcr.io/cpt-dev/cpt-tools:{DEFAULT_IMAGE_TAG}",
 }
-"""Pinned images. trainer-neuron is built FROM
-public.ecr.aws/neuron/pytorch-training-neuronx:2.9.0-neuronx-py312-sdk2.28.0-ubuntu24.04."""
+"""Pinned images. trainer-neuron (nxd on trn1) is built FROM
+public.ecr.aws/neuron/pytorch-training-neuronx:2.9.0-neuronx-py312-sdk2.28.0-ubuntu24.04;
+trainer-torchneuron (native on trn2/trn3) installs TorchNeuron 2.33 (torch-neuronx 2.14.3)."""
 
 
 class FieldErrors(ValueError):
@@ -377,7 +379,16 @@ class OutputSpec(CamelModel):
 
 
 class ImagesSpec(CamelModel):
-    trainer_neuron: str = Field(default=DEFAULT_IMAGES["trainer_neuron"], max_length=512)
+    trainer_neuron: str = Field(
+        default=DEFAULT_IMAGES["trainer_neuron"],
+        max_length=512,
+        description="backend nxd on trn1 (XLA, NxD).",
+    )
+    trainer_torchneuron: str = Field(
+        default=DEFAULT_IMAGES["trainer_torchneuron"],
+        max_length=512,
+        description="backend native on trn2/trn3 (TorchNeuron).",
+    )
     trainer_cuda: str = Field(default=DEFAULT_IMAGES["trainer_cuda"], max_length=512)
     trainer_cpu: str = Field(default=DEFAULT_IMAGES["trainer_cpu"], max_length=512)
     tools: str = Field(

@@ -436,7 +436,13 @@ class _Planner:
         image text in a Job: a malformed reference would only show up as pods stuck in
         InvalidImageName, so it is refused here."""
         images = self.spec.runtime.images
-        for key in ("trainer_neuron", "trainer_cuda", "trainer_cpu", "tools"):
+        for key in (
+            "trainer_neuron",
+            "trainer_torchneuron",
+            "trainer_cuda",
+            "trainer_cpu",
+            "tools",
+        ):
             value = getattr(images, key)
             if not IMAGE_REFERENCE.fullmatch(value):
                 camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), key)
@@ -465,10 +471,11 @@ class _Planner:
     def _layout(self) -> None:
         t, p = self.t, self.p
         inst = instance_type(t.instance_type)
-        p.instance = inst
         p.backend = t.resolved_backend()
         p.nodes = t.nodes
         p.processes_per_node = ppn = t.resolved_processes_per_node()
+        # On trn2 the process count picks the LNC, and with it the per-process device.
+        p.instance = inst = inst.for_processes(ppn)
         p.world_size = world = t.nodes * ppn
         p.tensor_parallel, p.pipeline_parallel = tp, pp = t.tensor_parallel, t.pipeline_parallel
         p.micro_batch_size = t.micro_batch_size
@@ -477,9 +484,14 @@ class _Planner:
         p.tokens_per_step = t.global_batch_size * p.seq_len
 
         if inst.accelerator != "cpu" and ppn > inst.processes_per_node:
+            choices = ", ".join(
+                f"{inst.physical_cores // lnc} (LNC={lnc})" for lnc, _ in inst.lnc_devices
+            )
             self.error(
                 "spec.training.processesPerNode",
-                f"{t.instance_type} has {inst.processes_per_node} devices: at most "
+                f"{t.instance_type} runs one process per logical NeuronCore: {choices} (got {ppn})"
+                if choices
+                else f"{t.instance_type} has {inst.processes_per_node} devices: at most "
                 f"{inst.processes_per_node} processes per node (got {ppn})",
             )
         elif inst.accelerator != "cpu" and ppn < inst.processes_per_node:
@@ -825,6 +837,7 @@ def device_class(device: str) -> str:
         "trn1-neuroncore": "trn1",
         "trn1-chip": "trn1",
         "trn2-logical-core": "trn2",
+        "trn2-physical-core": "trn2",
         "trn2-chip": "trn2",
         "h100": "h100",
         "h200": "h100",

@@ -11,9 +11,10 @@ Shape decisions (see /work/shared/reference/peers.md §1):
   under its checkpoint root; nothing is restored by the operator).
 * cleanPodPolicy Running: when a replica fails the job stops the others at once (they would
   otherwise hang in a collective until a timeout) but keeps failed pods for their logs.
-* One builder for every device: trn1/trn1n (neuron + EFA, NxD env), trn2 (native on the
-  `neuron` device), NVIDIA (nvidia.com/gpu) and local-cpu (gloo; no accelerator resources and
-  no instance-type selector, so it can target any labelled node, e.g. a test executor).
+* One builder for every device: trn1/trn1n (neuron + EFA, NxD env), trn2 (native on
+  TorchNeuron's `neuron` device: its own image, LNC and compile-cache env), NVIDIA
+  (nvidia.com/gpu) and local-cpu (gloo; no accelerator resources and no instance-type
+  selector, so it can target any labelled node, e.g. a test executor).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cpt_operator.builders.jobs import RunRef
 from cpt_operator.builders.meta import Component
 from cpt_training.config import PreflightStage, TrainStage
 from cpt_training.flops import instance_type as lookup_instance
+from cpt_training.native.neuron import DEFAULT_LNC, NEFF_CACHE_SUBDIR, torchneuron_env
 from cpt_training.nxd.env import neuron_env
 
 CONTAINER = "pytorch"
@@ -62,21 +64,28 @@ def torchrun_args(nproc_per_node: int, stage: str) -> list[str]:
 def _image(spec: ContinualPretrainSpec) -> str:
     accel = lookup_instance(spec.training.instance_type).accelerator
     images = spec.runtime.images
-    return {"neuron": images.trainer_neuron, "cuda": images.trainer_cuda}.get(
-        accel, images.trainer_cpu
-    )
+    if accel == "neuron":
+        nxd = spec.training.resolved_backend() == "nxd"
+        return images.trainer_neuron if nxd else images.trainer_torchneuron
+    return images.trainer_cuda if accel == "cuda" else images.trainer_cpu
 
 
 def _device_env(
     spec: ContinualPretrainSpec, config: TrainStage | None, cache: str
 ) -> dict[str, str]:
-    """NxD/XLA on trn1 gets the full Neuron env; native on trn2 only needs its compile cache."""
-    inst = lookup_instance(spec.training.instance_type)
+    """NxD/XLA on trn1 gets the full Neuron env; native on trn2 TorchNeuron's: the LNC that
+    the process count implies, its NEFF cache on the scratch volume, EFA."""
+    t = spec.training
+    inst = lookup_instance(t.instance_type)
     if inst.accelerator != "neuron":
         return {}
-    if config is not None and config.backend == "nxd":
-        return neuron_env(config, compile_cache_uri=cache)
-    return {"NEURON_COMPILE_CACHE_URL": cache}
+    if t.resolved_backend() == "nxd":
+        if config is not None:
+            return neuron_env(config, compile_cache_uri=cache)
+        return {"NEURON_COMPILE_CACHE_URL": cache}  # the preflight job
+    lnc = inst.for_processes(t.resolved_processes_per_node()).lnc or DEFAULT_LNC
+    neff_cache = f"{spec.checkpoints.scratch.mount_path.rstrip('/')}/{NEFF_CACHE_SUBDIR}"
+    return torchneuron_env(lnc=lnc, efa=inst.efa_devices > 0, neff_cache_dir=neff_cache)
 
 
 def avoid_nodes(affinity: dict[str, Any] | None, nodes: Sequence[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ environment). A process started without torchrun runs as a world of one, so the 
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import shutil
@@ -47,9 +48,23 @@ class Dist:
         return self.device.type
 
 
+NEURON_BACKEND = "neuron"
+"""TorchNeuron's process-group backend name (its distributed guide initialises with
+``backend="neuron"``); registered for the ``neuron`` device when torch_neuronx loads."""
+
+
+def _load_torch_neuronx() -> None:
+    """torch loads torch_neuronx by itself (device-backend autoload); with
+    ``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` it must be imported, which registers the device and its
+    process-group backend. Importing it twice is harmless; its absence is handled by callers."""
+    if torch._C._get_privateuse1_backend_name() != "neuron":
+        importlib.import_module("torch_neuronx")
+
+
 def neuron_available() -> bool:
     """True when TorchNeuron registered the ``neuron`` device (PrivateUse1) and it has cores."""
     try:
+        _load_torch_neuronx()
         if torch._C._get_privateuse1_backend_name() != "neuron":
             return False
         mod = getattr(torch, "neuron", None)
@@ -87,7 +102,9 @@ def backend_for(device_type: str) -> str:
         return "nccl"
     if device_type == "cpu":
         return "gloo"
-    # TorchNeuron registers its collective backend for its device type.
+    if device_type == "neuron":
+        return NEURON_BACKEND
+    # Another out-of-tree device registers its collective backend for its device type.
     getter = getattr(dist, "get_default_backend_for_device", None)
     if getter is not None:
         return str(getter(device_type))
@@ -103,6 +120,23 @@ def device_count(device_type: str) -> int:
     return int(mod.device_count()) if mod is not None else 0
 
 
+def local_device_index(device_type: str, local_rank: int, local_world: int, count: int) -> int:
+    """The device index this process drives.
+
+    Every process sees all of the node's devices (CUDA; TorchNeuron when the runtime is given
+    the whole node): the index is the local rank. A runtime that was handed one core per process
+    (``NEURON_RT_VISIBLE_CORES`` set per rank, as Neuron's runtime guide shows for partitioning
+    a node) exposes that core as index 0 of one device, whatever the local rank."""
+    if count == 1 and local_world > 1 and device_type != "cuda":
+        return 0
+    if local_rank >= count:
+        raise RuntimeError(
+            f"local rank {local_rank} has no {device_type} device: this node has {count} "
+            f"(nproc-per-node must not exceed the device count)"
+        )
+    return local_rank
+
+
 def init_distributed(choice: DeviceChoice, timeout_s: float = 1800.0) -> Dist:
     """Pick the device, bind this process to its local device and join the process group."""
     device_type = resolve_device_type(choice)
@@ -112,25 +146,22 @@ def init_distributed(choice: DeviceChoice, timeout_s: float = 1800.0) -> Dist:
     if device_type == "cpu":
         device = torch.device("cpu")
     else:
-        n = device_count(device_type)
-        if local_rank >= n:
-            raise RuntimeError(
-                f"local rank {local_rank} has no {device_type} device: this node has {n} "
-                f"(nproc-per-node must not exceed the device count)"
-            )
-        device = torch.device(device_type, local_rank)
+        index = local_device_index(device_type, local_rank, local_world, device_count(device_type))
+        device = torch.device(device_type, index)
         if device_type == "cuda":
             torch.cuda.set_device(device)
         else:
-            getattr(torch, device_type).set_device(local_rank)
+            getattr(torch, device_type).set_device(index)
     backend = backend_for(device_type)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
+            # device_id binds NCCL's communicator eagerly; TorchNeuron's guide initialises its
+            # backend without one, so it is passed on CUDA only.
             dist.init_process_group(
                 backend=backend,
                 timeout=timeout,
-                device_id=device if device_type != "cpu" else None,
+                device_id=device if device_type == "cuda" else None,
             )
         else:
             # Launched without torchrun: a world of one on an in-process store.

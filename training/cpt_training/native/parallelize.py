@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -84,6 +85,20 @@ def apply_tp(model: Llama, tp_mesh: DeviceMesh) -> None:
         parallelize_module(layer, tp_mesh, plan)
 
 
+def compile_options(device_type: str, tp: int) -> dict[str, Any]:
+    """``torch.compile`` arguments for the blocks.
+
+    One graph per block without breaks where the block holds plain tensors (tp == 1; with TP
+    the DTensor redistributions may break the graph). On Trainium TorchNeuron's Dynamo backend
+    (``backend="neuron"``, its torch.compile reference) with static shapes: that reference
+    lists ``dynamic=True`` as rejected, and torch's default (``None``) would retry a shape
+    change with dynamic shapes. Elsewhere torch's default backend (Inductor)."""
+    opts: dict[str, Any] = {"fullgraph": tp == 1}
+    if device_type == "neuron":
+        opts.update(backend="neuron", dynamic=False)
+    return opts
+
+
 def parallelize(
     model: Llama,
     mesh: DeviceMesh,
@@ -91,6 +106,7 @@ def parallelize(
     bf16: bool,
     activation_checkpointing: ActivationCheckpointing,
     compile_model: bool,
+    device_type: str = "cpu",
 ) -> Llama:
     """Parallelize ``model`` in place (it may be on the meta device) and return it."""
     tp = mesh["tp"].size()
@@ -100,7 +116,7 @@ def parallelize(
         apply_tp(model, mesh["tp"])
     model.set_activation_checkpointing(activation_checkpointing)
     if compile_model:
-        model.compile_blocks(fullgraph=tp == 1)
+        model.compile_blocks(**compile_options(device_type, tp))
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16

@@ -131,6 +131,7 @@ class Trainer:
                 bf16=cfg.precision == "bf16",
                 activation_checkpointing=cfg.activation_checkpointing,
                 compile_model=cfg.compile,
+                device_type=d.device_type,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -177,7 +178,9 @@ class Trainer:
                 Path(cfg.checkpoint.local_dir) / ".tensorboard" / f"attempt-{cfg.attempt}"
             )
             self.sink = MetricsSink(max_steps=cfg.max_steps, tensorboard_dir=self.tb_local)
-        peak = peak_flops_per_device(d.device_type, nd.device_name(d.device), cfg.instance_type)
+        peak = peak_flops_per_device(
+            d.device_type, nd.device_name(d.device), cfg.instance_type, d.local_world_size
+        )
         self.throughput = Throughput(
             self.shape.flops_per_token(cfg.seq_len), d.world_size, peak, start_step=0
         )
