@@ -183,7 +183,9 @@ def test_admission_rejects_an_invalid_spec_with_our_message(
     assert "s3cr3t-v4lue" not in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("name", ["run.yaml", "llama31-8b-trn1.yaml", "llama32-1b-p5.yaml"])
+@pytest.mark.parametrize(
+    "name", ["run.yaml", "llama31-8b-trn1.yaml", "llama31-8b-trn2.yaml", "llama32-1b-p5.yaml"]
+)
 def test_the_cluster_examples_are_admitted(crd: Cluster, namespace: str, name: str) -> None:
     doc = yaml.safe_load((ROOT / "examples" / name).read_text())
     proc = apply(crd, namespace, doc)
