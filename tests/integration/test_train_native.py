@@ -17,7 +17,7 @@ import pytest
 from cpt_training import storage
 from cpt_training.checkpoint import list_committed
 from cpt_training.metrics import parse_metrics_lines
-from cpt_training.testing import TinyAssets, make_tiny_assets
+from cpt_training.testing import TinyAssets, make_tiny_assets, native_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -60,22 +60,7 @@ def train(cfg: dict[str, Any], env: dict[str, str], nproc: int = 2, expect_ok: b
 
 
 def config(assets: TinyAssets, ckpt_uri: str, local: Path, **kw: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "stage": "train",
-        "device": "cpu",
-        "modelUri": str(assets.model),
-        "dataUri": str(assets.data),
-        "seqLen": assets.block_size,
-        "globalBatchSize": 8,
-        "microBatchSize": 2,  # x 2 ranks: 2 accumulation steps
-        "maxSteps": STEPS,
-        "precision": "fp32",
-        "activationCheckpointing": "none",
-        "optimizer": {"lr": 3e-3, "minLr": 3e-4, "warmupSteps": 2},
-        "checkpoint": {"uri": ckpt_uri, "everySteps": 2, "keep": 2, "localDir": str(local)},
-    }
-    cfg.update(kw)
-    return cfg
+    return native_train_config(assets, ckpt_uri, local, STEPS, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from cpt_training.checkpoint import list_committed
 from cpt_training.metrics import parse_metrics_lines
-from cpt_training.testing import TinyAssets, make_tiny_assets
+from cpt_training.testing import TinyAssets, make_tiny_assets, native_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -76,21 +76,14 @@ def _train(python: str, cfg: dict[str, Any], cache: Path) -> list[dict[str, Any]
 
 
 def _config(assets: TinyAssets, ckpt: Path, local: Path, max_steps: int) -> dict[str, Any]:
-    return {
-        "stage": "train",
-        "device": "cpu",
-        "modelUri": str(assets.model),
-        "dataUri": str(assets.data),
-        "seqLen": assets.block_size,
-        "globalBatchSize": 8,
-        "microBatchSize": 2,
-        "maxSteps": max_steps,
-        "stopAfterSteps": 4 if max_steps > 4 else None,
-        "precision": "fp32",
-        "activationCheckpointing": "selective",
-        "optimizer": {"lr": 3e-3, "minLr": 3e-4, "warmupSteps": 2},
-        "checkpoint": {"uri": str(ckpt), "everySteps": 2, "keep": 2, "localDir": str(local)},
-    }
+    return native_train_config(
+        assets,
+        str(ckpt),
+        local,
+        max_steps,
+        stopAfterSteps=4 if max_steps > 4 else None,
+        activationCheckpointing="selective",
+    )
 
 
 def test_the_native_trainer_trains_and_resumes_on_the_oldest_supported_torch(

@@ -146,3 +146,26 @@ def make_tiny_tokenizer(
 
     source: list[str] | Iterator[str] = list(texts) if texts is not None else sample_texts()
     return train_bpe_tokenizer(source, out_dir, vocab_size=vocab_size)
+
+
+def native_train_config(
+    assets: TinyAssets, ckpt_uri: str, local: str | Path, max_steps: int, **kw: Any
+) -> dict[str, Any]:
+    """A ``train`` stage config for the native trainer on CPU over ``assets``: 2 ranks x micro
+    batch 2 x 2 accumulation steps, checkpoints every 2 steps keeping 2; ``kw`` overrides."""
+    cfg: dict[str, Any] = {
+        "stage": "train",
+        "device": "cpu",
+        "modelUri": str(assets.model),
+        "dataUri": str(assets.data),
+        "seqLen": assets.block_size,
+        "globalBatchSize": 8,
+        "microBatchSize": 2,
+        "maxSteps": max_steps,
+        "precision": "fp32",
+        "activationCheckpointing": "none",
+        "optimizer": {"lr": 3e-3, "minLr": 3e-4, "warmupSteps": 2},
+        "checkpoint": {"uri": ckpt_uri, "everySteps": 2, "keep": 2, "localDir": str(local)},
+    }
+    cfg.update(kw)
+    return cfg
