@@ -113,3 +113,22 @@ def test_init_binds_the_local_core_and_joins_the_neuron_group_without_a_device_i
     assert (d.rank, d.world_size, d.local_world_size) == (70, 128, 64)
     nd.synchronize(types.SimpleNamespace(type="neuron"))  # type: ignore[arg-type]
     assert calls["synchronize"] is True
+
+
+def test_memory_statistics_come_from_the_device_modules_allocator(monkeypatch) -> None:
+    # The allocator counters TorchNeuron's torch.neuron module lists, per device index.
+    fake = FakeNeuron(
+        max_memory_allocated=lambda i: 3 << 30,
+        memory_allocated=lambda i: 2 << 30,
+        memory_reserved=lambda i: 4 << 30,
+    )
+    monkeypatch.setattr(torch, "neuron", fake, raising=False)
+    dev = types.SimpleNamespace(type="neuron", index=5)
+    assert nd.memory_stats(dev) == {  # type: ignore[arg-type]
+        "max_memory_allocated": 3 << 30,
+        "memory_allocated": 2 << 30,
+        "memory_reserved": 4 << 30,
+    }
+    assert nd.memory_stats(torch.device("cpu")) is None
+    monkeypatch.setattr(torch, "neuron", FakeNeuron(), raising=False)  # no allocator stats
+    assert nd.memory_stats(dev) is None  # type: ignore[arg-type]

@@ -205,6 +205,21 @@ def synchronize(device: torch.device) -> None:
             mod.synchronize()
 
 
+def memory_stats(device: torch.device) -> dict[str, int] | None:
+    """Peak and current allocator figures of this process's device (bytes), or None on CPU or
+    where the device module has no allocator statistics. ``torch.cuda`` and TorchNeuron's
+    ``torch.neuron`` (its device-module reference) expose the same functions; reading them is a
+    host-side query of the caching allocator, no device synchronisation."""
+    if device.type == "cpu":
+        return None
+    mod = getattr(torch, device.type, None)
+    names = ("max_memory_allocated", "memory_allocated", "memory_reserved")
+    if mod is None or not all(hasattr(mod, n) for n in names):
+        return None
+    index = device.index or 0
+    return {n: int(getattr(mod, n)(index)) for n in names}
+
+
 def neuron_ls() -> str | None:
     """``neuron-ls`` output when the tool is installed (Neuron hosts), else None."""
     exe = shutil.which("neuron-ls")

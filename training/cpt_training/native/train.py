@@ -298,6 +298,14 @@ class Trainer:
                 step=step, loss=loss, tokens_per_sec=m.tokens_per_sec, mfu=m.mfu, lr=lr
             )
 
+    def _log_memory(self, step: int) -> None:
+        """Device memory after the first step (weights, optimizer state and one step's peak
+        activations all allocated): what the planner's per-device estimate is checked against."""
+        stats = nd.memory_stats(self.d.device)
+        if stats is not None and self.d.is_local_main:
+            gib = {k: round(v / 2**30, 2) for k, v in stats.items()}
+            log.info("device memory after step %d (GiB, local rank 0): %s", step, gib)
+
     def train(self) -> int:
         try:
             return self._train()
@@ -377,6 +385,7 @@ class Trainer:
                     self._log(step, loss_sum, count, norm)
                     if step == start + 1:
                         # The first step pays for compilation and allocator warm-up.
+                        self._log_memory(step)
                         self.checkpointer.warm_up()
                         self.throughput.reset(step)
                 if step % every == 0 or step == cfg.max_steps:
