@@ -75,7 +75,8 @@ def _device_env(
     if inst.accelerator != "neuron":
         return {}
     if config is not None and config.backend == "nxd":
-        return neuron_env(config, compile_cache_uri=cache)
+        world = spec.training.nodes * spec.training.resolved_processes_per_node()
+        return neuron_env(config, world_size=world, compile_cache_uri=cache)
     return {"NEURON_COMPILE_CACHE_URL": cache}
 
 
