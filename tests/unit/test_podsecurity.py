@@ -75,7 +75,10 @@ def test_admission_rejects_only_what_the_enforced_level_does_not_admit():
     assert pod_security_problems(spec, "") == []
     assert pod_security_problems(spec, "privileged") == []
     base = pod_security_problems(spec, "baseline")
-    assert {b.field for b in base} <= {"spec.training.instanceType", "spec.checkpoints.scratch.type"}
+    assert {b.field for b in base} <= {
+        "spec.training.instanceType",
+        "spec.checkpoints.scratch.type",
+    }
     assert all("pod-security.kubernetes.io/enforce=privileged" in b.message for b in base)
     assert any("IPC_LOCK" in b.message for b in base)
     assert not any("run as root" in b.message for b in base)  # baseline admits root
