@@ -174,3 +174,34 @@ def test_fp32_moment_adamw_matches_torch_adamw_and_keeps_fp32_state_for_bf16_wei
 def test_recipe_refuses_a_data_parallel_degree_below_one():
     with pytest.raises(ValueError, match="data-parallel degree"):
         precision.recipe("bf16", True, 0)
+
+
+def test_the_seed_runs_pytorchjob_and_stage_config_follow_the_bf16_zero1_row():
+    """examples/run.yaml (bf16, ZeRO-1, DP 16): its training pods' env and the stage config
+    the trainer reads give row 1 of the table."""
+    import json
+
+    import yaml
+
+    from cpt_operator.api.models import ContinualPretrainSpec
+    from cpt_operator.api.planner import plan
+    from cpt_operator.builders import pytorchjob, stages
+    from cpt_operator.builders.jobs import RunRef
+    from cpt_training.config import STAGE_CONFIG_ENV
+
+    body = yaml.safe_load((ROOT / "examples" / "run.yaml").read_text())
+    spec = ContinualPretrainSpec.model_validate(body["spec"])
+    p = plan(spec)
+    assert p.ok and p.data_parallel == 16
+    cfg = stages.train_stage(spec, "seed", 1, "ml")
+    job = pytorchjob.training_job(spec, RunRef("seed", "ml", "uid-1"), cfg)
+    (container,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    stage = TrainStage.model_validate(json.loads(env[STAGE_CONFIG_ENV]))
+    rec = nt.precision_recipe(stage, nt.NxdPlan.make(stage, p.world_size))
+    assert rec == precision.recipe("bf16", True, 16)
+    assert rec.master_weights and rec.optimizer == "adamw" and rec.layer_dtype == "bfloat16"
+    assert env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "0"
+    assert env["XLA_DISABLE_FUNCTIONALIZATION"] == "0"
+    assert "XLA_DOWNCAST_BF16" not in env
+    assert env["FI_EFA_ENABLE_SHM_TRANSFER"] == "1" and env["FI_LOG_LEVEL"] == "warn"
