@@ -158,3 +158,14 @@ def test_the_seed_example_reads_wikicorpus_through_the_parquet_conversion() -> N
     assert src.hf_dataset == "wikicorpus" and src.hf_config == "raw_en"
     assert src.revision == PARQUET_CONVERSION
     assert src.hf_data_files() == {"train": ["raw_en/*train/*.parquet"]}
+
+
+def test_data_files_change_the_config_hash_only_when_set(tok_dir: Path, tmp_path: Path) -> None:
+    """Data tokenized before dataFiles existed keeps its config hash (a rerun reuses it);
+    a source with dataFiles hashes differently from one without."""
+    plain = stage(tok_dir, tmp_path / "a", hfDataset="x", hfConfig="y")
+    dumped = plain.model_dump(mode="json")["sources"][0]
+    assert dumped["data_files"] is None
+    assert tk.config_hash(plain, "d") == "a7a4c38ed0d44fe0"  # main before dataFiles existed
+    listed = stage(tok_dir, tmp_path / "a", hfDataset="x", dataFiles=["y/*.parquet"])
+    assert tk.config_hash(listed, "d") != tk.config_hash(plain, "d")

@@ -230,6 +230,9 @@ def config_hash(cfg: TokenizeStage, tokenizer_digest: str) -> str:
         mode="json",
         exclude={"shard_index", "workers", "output_uri", "stage", "tokenizer_uri"},
     )
+    for src in relevant["sources"]:
+        if src.get("data_files") is None:  # added later: unset keeps earlier hashes valid
+            src.pop("data_files", None)
     relevant["tokenizer"] = tokenizer_digest
     relevant["format"] = FORMAT
     relevant["txtSplit"] = _txt_split()
