@@ -79,34 +79,17 @@ def recipe(precision: Precision, zero1: bool, data_parallel: int) -> PrecisionRe
     if data_parallel < 1:
         raise ValueError(f"data-parallel degree must be >= 1, got {data_parallel}")
     z1 = effective_zero1(zero1, data_parallel)
-    if precision == "fp32":
-        return PrecisionRecipe(
-            layer_dtype="float32",
-            zero1=z1,
-            master_weights=False,
-            fp32_grad_acc=False,
-            optimizer="adamw",
-            stochastic_rounding=False,
-            disable_functionalization=z1,
-        )
-    if z1:
-        return PrecisionRecipe(
-            layer_dtype="bfloat16",
-            zero1=True,
-            master_weights=True,
-            fp32_grad_acc=True,
-            optimizer="adamw",
-            stochastic_rounding=False,
-            disable_functionalization=True,
-        )
+    bf16 = precision == "bf16"
+    master = bf16 and z1  # NxD: master weights (and fp32 grad acc) only inside ZeRO-1
+    in_place_bf16 = bf16 and not z1  # bf16 weights updated in place: fp32 moments, rounding
     return PrecisionRecipe(
-        layer_dtype="bfloat16",
-        zero1=False,
-        master_weights=False,
-        fp32_grad_acc=False,
-        optimizer="adamw-fp32-states",
-        stochastic_rounding=True,
-        disable_functionalization=False,
+        layer_dtype="bfloat16" if bf16 else "float32",
+        zero1=z1,
+        master_weights=master,
+        fp32_grad_acc=master,
+        optimizer="adamw-fp32-states" if in_place_bf16 else "adamw",
+        stochastic_rounding=in_place_bf16,
+        disable_functionalization=z1,
     )
 
 
