@@ -2,7 +2,7 @@
 
 We test these aspects:
 - EFA variables only where the instance has EFA; core count from the instance table.
-- Precision: never XLA_DOWNCAST_BF16; stochastic rounding off under ZeRO-1 master weights and
+- Precision: XLA_DOWNCAST_BF16 never 1 (0 with master weights); stochastic rounding off under ZeRO-1 master weights and
   on without them, keyed on ZeRO-1 as it runs (DP > 1); ZeRO-1 sets
   XLA_DISABLE_FUNCTIONALIZATION=0 (one test per row of the table: test_nxd_precision.py).
 - Compiler flags: llm-training only for sharded graphs; the compile cache is per run, never
@@ -55,7 +55,7 @@ def test_an_instance_without_efa_gets_no_efa_variables():
 
 def test_bf16_with_zero1_uses_master_weights_so_stochastic_rounding_is_off():
     e = env.neuron_env(stage(parallelism={"zero1": True}), world_size=64, compile_cache_uri=None)
-    assert "XLA_DOWNCAST_BF16" not in e
+    assert e["XLA_DOWNCAST_BF16"] == "0"  # never 1; 0 selects NxD's bf16-tensor bucket size
     assert e["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "0"
     assert e["XLA_DISABLE_FUNCTIONALIZATION"] == "0"
 

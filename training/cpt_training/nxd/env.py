@@ -20,7 +20,8 @@ Neuron runtime/compiler docs, all at the SDK 2.28 era):
   ``NEURON_RT_STOCHASTIC_ROUNDING_EN`` follows how weights are updated (off with ZeRO-1's
   fp32 master weights, on for bf16 weights updated in place), keyed on ZeRO-1 as it runs
   (configured and DP > 1), not as configured; ``XLA_DISABLE_FUNCTIONALIZATION=0`` with
-  ZeRO-1. ``XLA_DOWNCAST_BF16`` is never set: layers are bf16 themselves.
+  ZeRO-1. ``XLA_DOWNCAST_BF16`` is never ``1``: layers are bf16 themselves (``0`` with master
+  weights, for NxD's ZeRO-1 bucket size).
 * ``NEURON_CC_FLAGS``: ``--model-type=transformer``; ``--distribution-strategy=llm-training``
   only for sharded graphs (TP or PP > 1): it targets the collectives of model-parallel LLM
   training and is to be left off with NKI kernels (we use none); ``--cache_dir=<per run>``:

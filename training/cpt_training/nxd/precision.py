@@ -11,8 +11,10 @@ Why the rows are what they are:
 * Layers are built in the run's dtype (bf16 for ``precision: bf16``), as NxD's Llama
   examples build theirs from the model config's ``torch_dtype``. Neuron named SDK 2.24 the
   last release supporting ``XLA_DOWNCAST_BF16``/``XLA_USE_BF16`` and its migration note says
-  not to set them with bf16 models, so cpt never sets them: with them unset the dtype a
-  tensor has in torch is the dtype it has on the device.
+  not to set them with bf16 models, so cpt never turns them on: the dtype a tensor has in
+  torch is the dtype it has on the device. With master weights ``XLA_DOWNCAST_BF16=0`` is set
+  explicitly: NxD's trainer takes that as its bf16-in-torch case and halves the ZeRO-1 bucket
+  cap (130 to 65 MB) so a bucket holds the bytes it holds in NxD's downcast runs.
 * ZeRO-1 is effective only with more than one data-parallel rank (the trainer turns it off at
   DP=1: there is nothing to shard). With ZeRO-1, bf16 gets NxD's "GPU-compatible precision":
   fp32 master weights and fp32 gradient accumulation inside the ZeRO-1 optimizer, and the
@@ -54,8 +56,12 @@ class PrecisionRecipe:
     """Set ``XLA_DISABLE_FUNCTIONALIZATION=0`` (ZeRO-1 only)."""
 
     def env(self) -> dict[str, str]:
-        """The precision part of the pod env. ``XLA_DOWNCAST_BF16`` is never set."""
+        """The precision part of the pod env. ``XLA_DOWNCAST_BF16`` is never ``1``; with master
+        weights it is ``0``, which NxD's trainer reads as "bf16 tensors in torch" and halves
+        the ZeRO-1 bucket cap, so buckets hold the bytes they hold in its downcast runs."""
         out = {"NEURON_RT_STOCHASTIC_ROUNDING_EN": "1" if self.stochastic_rounding else "0"}
+        if self.master_weights:
+            out["XLA_DOWNCAST_BF16"] = "0"
         if self.disable_functionalization:
             out["XLA_DISABLE_FUNCTIONALIZATION"] = "0"
         return out
