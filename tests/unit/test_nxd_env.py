@@ -2,9 +2,9 @@
 
 We test these aspects:
 - EFA variables only where the instance has EFA; core count from the instance table.
-- Precision: XLA_DOWNCAST_BF16 never 1 (0 with master weights); stochastic rounding off under ZeRO-1 master weights and
-  on without them, keyed on ZeRO-1 as it runs (DP > 1); ZeRO-1 sets
-  XLA_DISABLE_FUNCTIONALIZATION=0 (one test per row of the table: test_nxd_precision.py).
+- Precision: XLA_DOWNCAST_BF16 never 1 (0 with master weights); stochastic rounding off
+  under ZeRO-1 master weights and on without them, keyed on ZeRO-1 as it runs (DP > 1);
+  ZeRO-1 sets XLA_DISABLE_FUNCTIONALIZATION=0 (one row per test: test_nxd_precision.py).
 - Compiler flags: llm-training only for sharded graphs; the compile cache is per run, never
   shared between two runs, and an explicit (s3) cache is used as given.
 - The async-exec knob exists only for SDKs before 2.31 (a no-op afterwards).
