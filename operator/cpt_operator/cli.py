@@ -1,8 +1,11 @@
-"""``cpt``: plan a run, write the generated CRD files, or run a spec locally.
+"""``cpt``: plan a run, check a cluster for it, write the generated CRD files, or run a spec
+locally. Installed as ``kubectl-cpt`` too, so ``kubectl cpt doctor run.yaml`` works.
 
 cpt plan run.yaml [--json] [--local]
+cpt doctor run.yaml [--namespace NS]
 cpt crds [--root DIR] [--check]
 cpt local run.yaml [--workdir DIR] ...
+cpt --version
 """
 
 from __future__ import annotations
@@ -33,6 +36,39 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         name = (obj.get("metadata") or {}).get("name", "?")
         sys.stdout.write(render_text(result, title=f"ContinualPretrain {name} ({path})"))
     return 0 if result.ok else 1
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cpt_operator import doctor
+    from cpt_operator.api.models import ContinualPretrainSpec
+    from cpt_operator.api.planner import load_run, validation_issues
+
+    path = Path(args.file)
+    try:
+        obj = load_run(path)
+        spec = ContinualPretrainSpec.model_validate(obj.get("spec") or {})
+    except ValidationError as exc:
+        print(f"cpt doctor: {path}: {'; '.join(map(str, validation_issues(exc)))}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"cpt doctor: {exc}", file=sys.stderr)
+        return 2
+    reader = doctor.LightkubeReader()
+    ns = args.namespace or (obj.get("metadata") or {}).get("namespace") or reader.default_namespace
+    checks = doctor.run_checks(spec, ns, reader)
+    sys.stdout.write(doctor.render(checks))
+    return doctor.exit_code(checks)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cpt")
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
@@ -71,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpt", description="ContinualPretrain: continual pretraining on Kubernetes."
     )
+    parser.add_argument("--version", action="version", version=f"cpt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="check a run.yaml and estimate memory, time and cost")
@@ -80,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--local", action="store_true", help="plan for `cpt local` (local paths allowed)"
     )
     p.set_defaults(func=_cmd_plan)
+
+    d = sub.add_parser(
+        "doctor",
+        help="check the cluster (KUBECONFIG) for what a run.yaml needs; exit 1 on blockers",
+    )
+    d.add_argument("file", help="a ContinualPretrain YAML file")
+    d.add_argument(
+        "--namespace", "-n", default=None, help="the run's namespace (default: metadata, context)"
+    )
+    d.set_defaults(func=_cmd_doctor)
 
     c = sub.add_parser("crds", help="write the generated CRD and JSON schema files")
     c.add_argument("--root", default=".", help="repository root (default: .)")

@@ -132,14 +132,26 @@ def test_every_child_is_owned_by_the_run_and_labelled(name: str) -> None:
 
 @pytest.mark.parametrize("name", SPECS)
 def test_every_pod_runs_restricted_except_documented_efa_ipc_lock(name: str) -> None:
+    """Non-root uid 65532 everywhere but Neuron device containers, which run as root
+    (docs/security.md); IPC_LOCK exactly where EFA is requested."""
     spec, run = load(name)
     for m in render_all(spec, run):
         for ps in pod_specs(m):
-            assert ps["securityContext"]["runAsNonRoot"] is True
-            assert ps["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            neuron = any(
+                "aws.amazon.com/neuron" in c.get("resources", {}).get("limits", {})
+                for c in ps["containers"]
+            )
+            psc = ps["securityContext"]
+            assert psc["runAsNonRoot"] is not neuron
+            assert psc["runAsUser"] == (0 if neuron else pods.RUN_AS_USER) == psc["runAsGroup"]
+            assert psc["fsGroup"] == pods.RUN_AS_USER == 65532
+            assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
             assert ps["automountServiceAccountToken"] is False
         for c in containers(m):
             sc = c["securityContext"]
+            neuron = "aws.amazon.com/neuron" in c.get("resources", {}).get("limits", {})
+            assert sc["runAsNonRoot"] is not neuron
+            assert sc.get("runAsUser") == (0 if neuron else None)
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["privileged"] is False
             assert sc["capabilities"]["drop"] == ["ALL"]

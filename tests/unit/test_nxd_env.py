@@ -2,8 +2,9 @@
 
 We test these aspects:
 - EFA variables only where the instance has EFA; core count from the instance table.
-- Precision: bf16 sets XLA_DOWNCAST_BF16, with stochastic rounding off under ZeRO-1 master
-  weights and on without them; ZeRO-1 sets XLA_DISABLE_FUNCTIONALIZATION=0.
+- Precision: XLA_DOWNCAST_BF16 never 1 (0 with master weights); stochastic rounding off
+  under ZeRO-1 master weights and on without them, keyed on ZeRO-1 as it runs (DP > 1);
+  ZeRO-1 sets XLA_DISABLE_FUNCTIONALIZATION=0 (one row per test: test_nxd_precision.py).
 - Compiler flags: llm-training only for sharded graphs; the compile cache is per run, never
   shared between two runs, and an explicit (s3) cache is used as given.
 - The async-exec knob exists only for SDKs before 2.31 (a no-op afterwards).
@@ -37,7 +38,7 @@ def stage(**kw):
 
 
 def test_trn1_32xlarge_gets_efa_and_32_cores():
-    e = env.neuron_env(stage(), compile_cache_uri=None)
+    e = env.neuron_env(stage(), world_size=64, compile_cache_uri=None)
     assert e["FI_PROVIDER"] == "efa"
     assert e["FI_EFA_USE_DEVICE_RDMA"] == "1" and e["FI_EFA_FORK_SAFE"] == "1"
     assert e["NEURON_RT_NUM_CORES"] == "32"
@@ -47,27 +48,35 @@ def test_trn1_32xlarge_gets_efa_and_32_cores():
 
 
 def test_an_instance_without_efa_gets_no_efa_variables():
-    e = env.neuron_env(stage(instance_type="trn1.2xlarge"), compile_cache_uri=None)
+    e = env.neuron_env(stage(instance_type="trn1.2xlarge"), world_size=64, compile_cache_uri=None)
     assert not any(k.startswith("FI_") for k in e)
     assert e["NEURON_RT_NUM_CORES"] == "2"
 
 
 def test_bf16_with_zero1_uses_master_weights_so_stochastic_rounding_is_off():
-    e = env.neuron_env(stage(parallelism={"zero1": True}), compile_cache_uri=None)
-    assert e["XLA_DOWNCAST_BF16"] == "1"
+    e = env.neuron_env(stage(parallelism={"zero1": True}), world_size=64, compile_cache_uri=None)
+    assert e["XLA_DOWNCAST_BF16"] == "0"  # never 1; 0 selects NxD's bf16-tensor bucket size
     assert e["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "0"
     assert e["XLA_DISABLE_FUNCTIONALIZATION"] == "0"
 
 
-def test_bf16_without_zero1_keeps_stochastic_rounding_and_functionalization_default():
-    e = env.neuron_env(stage(parallelism={"zero1": False}), compile_cache_uri=None)
+def test_zero1_at_one_data_parallel_rank_rounds_like_no_zero1():
+    cfg = stage(parallelism={"zero1": True, "tensorParallel": 32})
+    e = env.neuron_env(cfg, world_size=32, compile_cache_uri=None)
     assert e["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"
     assert "XLA_DISABLE_FUNCTIONALIZATION" not in e
 
 
-def test_fp32_does_not_downcast():
-    e = env.neuron_env(stage(precision="fp32"), compile_cache_uri=None)
-    assert "XLA_DOWNCAST_BF16" not in e
+def test_efa_env_has_the_samples_shm_transfer_and_log_level():
+    e = env.neuron_env(stage(), world_size=64, compile_cache_uri=None)
+    assert e["FI_EFA_ENABLE_SHM_TRANSFER"] == "1"
+    assert e["FI_LOG_LEVEL"] == "warn"
+
+
+def test_a_world_size_the_degrees_do_not_divide_is_refused_naming_them():
+    cfg = stage(parallelism={"tensorParallel": 8, "pipelineParallel": 8})
+    with pytest.raises(ValueError, match="tensorParallel x pipelineParallel"):
+        env.neuron_env(cfg, world_size=96, compile_cache_uri=None)
 
 
 @pytest.mark.parametrize(
@@ -75,18 +84,18 @@ def test_fp32_does_not_downcast():
 )
 def test_llm_training_distribution_strategy_only_for_sharded_graphs(tp, pp, llm):
     cfg = stage(parallelism={"tensor_parallel": tp, "pipeline_parallel": pp})
-    flags = env.neuron_env(cfg, compile_cache_uri=None)["NEURON_CC_FLAGS"].split()
+    flags = env.neuron_env(cfg, world_size=256, compile_cache_uri=None)["NEURON_CC_FLAGS"].split()
     assert "--model-type=transformer" in flags
     assert ("--distribution-strategy=llm-training" in flags) is llm
 
 
 def test_compile_cache_is_per_run_by_default_and_as_given_otherwise():
-    a = env.neuron_env(stage(run_name="alpha"), compile_cache_uri=None)
-    b = env.neuron_env(stage(run_name="beta"), compile_cache_uri=None)
+    a = env.neuron_env(stage(run_name="alpha"), world_size=64, compile_cache_uri=None)
+    b = env.neuron_env(stage(run_name="beta"), world_size=64, compile_cache_uri=None)
     assert a["NEURON_COMPILE_CACHE_URL"] != b["NEURON_COMPILE_CACHE_URL"]
     assert a["NEURON_COMPILE_CACHE_URL"].endswith("/alpha")
     assert f"--cache_dir={a['NEURON_COMPILE_CACHE_URL']}" in a["NEURON_CC_FLAGS"].split()
-    s3 = env.neuron_env(stage(), compile_cache_uri="s3://b/c/neuron-cache/")
+    s3 = env.neuron_env(stage(), world_size=64, compile_cache_uri="s3://b/c/neuron-cache/")
     assert "--cache_dir=s3://b/c/neuron-cache" in s3["NEURON_CC_FLAGS"].split()
     assert s3["NEURON_COMPILE_CACHE_URL"] == "s3://b/c/neuron-cache"
 
@@ -94,18 +103,20 @@ def test_compile_cache_is_per_run_by_default_and_as_given_otherwise():
 def test_async_exec_knob_only_before_sdk_2_31():
     pp = stage(parallelism={"pipeline_parallel": 2, "tensor_parallel": 8})
     assert (
-        env.neuron_env(pp, compile_cache_uri=None)["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"]
+        env.neuron_env(pp, world_size=64, compile_cache_uri=None)[
+            "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"
+        ]
         == "7"
     )
-    tp = env.neuron_env(stage(), compile_cache_uri=None, sdk_version="2.30.0")
+    tp = env.neuron_env(stage(), world_size=64, compile_cache_uri=None, sdk_version="2.30.0")
     assert tp["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "3"
-    later = env.neuron_env(stage(), compile_cache_uri=None, sdk_version="2.31.1")
+    later = env.neuron_env(stage(), world_size=64, compile_cache_uri=None, sdk_version="2.31.1")
     assert "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS" not in later
 
 
 def test_non_trn1_instances_are_refused_naming_the_allowed_ones():
     with pytest.raises(ValueError, match=r"instanceType 'p5.48xlarge'.*trn1.32xlarge"):
-        env.neuron_env(stage(instance_type="p5.48xlarge"), compile_cache_uri=None)
+        env.neuron_env(stage(instance_type="p5.48xlarge"), world_size=64, compile_cache_uri=None)
     assert env.instance_info("ml.trn1.32xlarge").name == "trn1.32xlarge"
 
 

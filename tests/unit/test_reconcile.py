@@ -978,3 +978,23 @@ def test_merge_patch_nulls_removed_keys_and_diffs_nested_objects() -> None:
     old = {"phase": "Training", "children": {"train": "a", "tokenize": "t"}, "message": "x"}
     new = {"phase": "Training", "children": {"tokenize": "t"}, "attempt": 2}
     assert merge_patch(old, new) == {"children": {"train": None}, "message": None, "attempt": 2}
+
+
+def test_a_failed_tool_job_condition_carries_the_stages_own_message() -> None:
+    """The tokenize stage's termination message (a config error naming the field and the fix)
+    reaches the run's Failed condition, not only the Job's generic reason."""
+    body = body_of("trn1-nxd")
+    status = status_in("Tokenizing", body)
+    failed_pod = pod("llama-cpt-tokenize-0-abc", "llama-cpt-tokenize", phase="Failed", exit_code=2)
+    failed_pod["metadata"]["ownerReferences"][0]["kind"] = "Job"
+    said = "cpt-train tokenize: spec.data.sources[0].hfDataset 'wikicorpus' is a loading-script"
+    failed_pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = said
+    d = run(
+        body,
+        status,
+        jobs=[job("llama-cpt-tokenize", failed="PodFailurePolicy")],
+        pods=[failed_pod],
+    )
+    failed = condition(d.status, "Failed")
+    assert failed["reason"] == cond.TOKENIZATION_FAILED
+    assert said in failed["message"], failed["message"]

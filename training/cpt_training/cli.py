@@ -147,20 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+TERMINATION_LOG = Path("/dev/termination-log")
+"""Kubernetes' default ``terminationMessagePath``: what a container writes there becomes its
+terminated state's message, which the operator copies into the failed stage's condition."""
+
+
+def report_bad_config(stage: str, exc: BaseException, termination_log: Path | None = None) -> int:
+    """Print a configuration error and leave it as the pod's termination message (when
+    running in a pod), so the run's condition names the field and the fix."""
+    text = f"cpt-train {stage}: {exc}"
+    sys.stderr.write(text + "\n")
+    path = TERMINATION_LOG if termination_log is None else termination_log
+    if path.exists():
+        with contextlib.suppress(OSError):
+            path.write_text(text[-4000:])  # the kubelet keeps at most 4 KiB
+    return EXIT_BAD_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         cfg = load_stage_config(args.stage, args.config)
     except (ConfigError, OSError) as exc:
-        sys.stderr.write(f"cpt-train {args.stage}: {exc}\n")
-        return EXIT_BAD_CONFIG
+        return report_bad_config(args.stage, exc)
     log.info("cpt-train %s starting (pid %d)", args.stage, os.getpid())
     try:
         return dispatch(args.stage, cfg)
     except ConfigError as exc:
-        sys.stderr.write(f"cpt-train {args.stage}: {exc}\n")
-        return EXIT_BAD_CONFIG
+        return report_bad_config(args.stage, exc)
 
 
 def entry() -> NoReturn:

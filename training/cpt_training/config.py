@@ -46,15 +46,37 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
+PARQUET_CONVERSION = "refs/convert/parquet"
+"""The Hub's automatic Parquet conversion of a dataset repository (one branch per repo:
+``<config>/<split>/NNNN.parquet``, or ``<config>/partial-<split>/`` for large ones)."""
+
+
 class DataSource(CamelModel):
-    """One input corpus: a Hugging Face dataset, or a prefix of jsonl/parquet/txt files."""
+    """One input corpus: a Hugging Face dataset, or a prefix of jsonl/parquet/txt files.
+
+    Hub datasets are read as data files (Parquet, JSON lines, text, ...): ``datasets`` 4
+    removed loading scripts. A script-only dataset (the seed's ``wikicorpus``) is read through
+    the Hub's Parquet conversion (``revision: refs/convert/parquet`` with ``hfConfig``) or
+    through explicit ``dataFiles``."""
 
     hf_dataset: str | None = Field(
-        default=None, description="Hugging Face dataset id, e.g. 'wikicorpus'."
+        default=None,
+        description="Hugging Face dataset id, e.g. 'wikicorpus' (or a local dataset dir).",
     )
     hf_config: str | None = Field(default=None, description="Dataset config name, e.g. 'raw_en'.")
     split: str = Field(default="train", description="Dataset split.")
-    revision: str | None = Field(default=None, description="Dataset revision (commit or tag).")
+    revision: str | None = Field(
+        default=None,
+        description="Dataset revision (commit, tag or branch). 'refs/convert/parquet' reads the "
+        "Hub's Parquet conversion (needs hfConfig): the way to load a loading-script dataset.",
+    )
+    data_files: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Glob patterns of the files to read inside the dataset repo (at revision), "
+        "e.g. ['raw_en/partial-train/*.parquet']; they form the split. Overrides hfConfig.",
+    )
     uri: str | None = Field(
         default=None,
         description="s3://bucket/prefix/ or a local path of .jsonl, .parquet or .txt files.",
@@ -68,7 +90,33 @@ class DataSource(CamelModel):
     def _exactly_one(self) -> DataSource:
         if (self.hf_dataset is None) == (self.uri is None):
             raise ValueError("a data source needs exactly one of hfDataset or uri")
+        if self.data_files is not None and self.hf_dataset is None:
+            raise ValueError("dataFiles selects files of an hfDataset; a uri source lists its own")
+        if self.data_files is not None and self.hf_config is not None:
+            raise ValueError(
+                "dataFiles and hfConfig both choose what to read: drop hfConfig (put the "
+                "config's directory in the dataFiles patterns, e.g. 'raw_en/train/*.parquet')"
+            )
+        if (
+            self.revision == PARQUET_CONVERSION
+            and self.hf_config is None
+            and self.data_files is None
+        ):
+            raise ValueError(
+                f"revision {PARQUET_CONVERSION} holds one directory per config: set hfConfig "
+                "(e.g. raw_en), or dataFiles with the files to read"
+            )
         return self
+
+    def hf_data_files(self) -> dict[str, list[str]] | None:
+        """The ``data_files`` argument for ``datasets.load_dataset``: explicit ``dataFiles``,
+        or the config's files of the Parquet conversion (``*<split>`` matches both
+        ``<split>`` and ``partial-<split>``); None for a plain Hub dataset."""
+        if self.data_files is not None:
+            return {self.split: list(self.data_files)}
+        if self.revision == PARQUET_CONVERSION:
+            return {self.split: [f"{self.hf_config}/*{self.split}/*.parquet"]}
+        return None
 
 
 class OptimizerConfig(CamelModel):

@@ -67,7 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from cpt_training.config import DataSource, TokenizeStage
+from cpt_training.cli import ConfigError
+from cpt_training.config import PARQUET_CONVERSION, DataSource, TokenizeStage
 from cpt_training.storage import TMP_MARKER, Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ def config_hash(cfg: TokenizeStage, tokenizer_digest: str) -> str:
         mode="json",
         exclude={"shard_index", "workers", "output_uri", "stage", "tokenizer_uri"},
     )
+    for src in relevant["sources"]:
+        if src.get("data_files") is None:  # added later: unset keeps earlier hashes valid
+            src.pop("data_files", None)
     relevant["tokenizer"] = tokenizer_digest
     relevant["format"] = FORMAT
     relevant["txtSplit"] = _txt_split()
@@ -413,20 +417,48 @@ def _jsonl_spans(path: Path) -> list[tuple[int, int]]:
     return list(zip(cuts, [*cuts[1:], total], strict=True))
 
 
-def _read_hf(src: DataSource, field: str, shard: int, shards: int) -> Iterator[list[str]]:
+SCRIPT_ERROR = re.compile(r"Dataset scripts are no longer supported, but found (\S+)")
+
+
+def script_source_error(idx: int, src: DataSource, script: str) -> ConfigError:
+    """The error for a source that only a loading script could read (``datasets`` >= 4 runs
+    none): names the field and the two fixes."""
+    return ConfigError(
+        f"spec.data.sources[{idx}].hfDataset {src.hf_dataset!r} is a loading-script dataset "
+        f"({script}), and datasets 4+ cannot run loading scripts. Read the Hub's Parquet "
+        f"conversion instead: set revision: {PARQUET_CONVERSION} with hfConfig (e.g. raw_en), "
+        "or list the files to read in dataFiles"
+    )
+
+
+def _load_hf(idx: int, src: DataSource) -> Any:
+    """``datasets.load_dataset`` (streaming) for one source: data files of the Parquet
+    conversion or ``dataFiles`` when given (then no config name: the files are the split)."""
     import datasets
+
+    files = src.hf_data_files()
+    try:
+        return datasets.load_dataset(
+            src.hf_dataset,
+            None if files is not None else src.hf_config,
+            data_files=files,
+            split=src.split,
+            revision=src.revision,
+            streaming=True,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    except RuntimeError as exc:
+        m = SCRIPT_ERROR.search(str(exc))
+        if m is None:
+            raise
+        raise script_source_error(idx, src, m.group(1)) from None
+
+
+def _read_hf(idx: int, src: DataSource, field: str, shard: int, shards: int) -> Iterator[list[str]]:
     from datasets.distributed import split_dataset_by_node
 
     assert src.hf_dataset is not None
-    ds = datasets.load_dataset(
-        src.hf_dataset,
-        src.hf_config,
-        split=src.split,
-        revision=src.revision,
-        streaming=True,
-        token=os.environ.get("HF_TOKEN") or None,
-    )
-    ds = split_dataset_by_node(ds, rank=shard, world_size=shards)
+    ds = split_dataset_by_node(_load_hf(idx, src), rank=shard, world_size=shards)
     for batch in ds.iter(batch_size=DOC_BATCH):
         if field not in batch:
             raise TokenizeError(
@@ -442,9 +474,9 @@ def shard_documents(cfg: TokenizeStage, shard: int, tmp: Path | None = None) -> 
     own_tmp = tmp is None
     tmp_dir = Path(tempfile.mkdtemp(prefix="cpt-read-")) if tmp is None else tmp
     try:
-        for src in cfg.sources:
+        for i, src in enumerate(cfg.sources):
             if src.hf_dataset is not None:
-                yield from _read_hf(src, cfg.text_field, shard, cfg.num_shards)
+                yield from _read_hf(i, src, cfg.text_field, shard, cfg.num_shards)
         for unit in plan_shards(cfg)[shard]:
             yield from _read_unit(unit, cfg.text_field, tmp_dir)
     finally:
@@ -1021,9 +1053,9 @@ def _shard_tasks(cfg: TokenizeStage, shard: int, tmp: Path) -> Iterator[_Task]:
     """The shard's work in packing order (that of :func:`shard_documents`): HF batches, then
     the planned units, jsonl files cut into ``TASK_BYTES`` line-aligned slices. Remote files
     are downloaded as their turn comes; the last task of one carries its deletion."""
-    for src in cfg.sources:
+    for i, src in enumerate(cfg.sources):
         if src.hf_dataset is not None:
-            for texts in _read_hf(src, cfg.text_field, shard, cfg.num_shards):
+            for texts in _read_hf(i, src, cfg.text_field, shard, cfg.num_shards):
                 yield _Task(texts=texts)
     for unit in plan_shards(cfg)[shard]:
         path = _local_copy(unit.uri, tmp)

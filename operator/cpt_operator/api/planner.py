@@ -34,6 +34,7 @@ from cpt_operator.api.models import (
     is_hf_uri,
     is_local_path,
 )
+from cpt_operator.api.podsecurity import PodSecurityNeed, required_level
 from cpt_training.flops import GIB, DeviceSpec, InstanceType, ModelShape, instance_type
 
 Mode = Literal["cluster", "local"]
@@ -177,6 +178,8 @@ class Plan:
     shape: ModelShape | None = None
     memory: MemoryEstimate | None = None
     estimate: Estimate | None = None
+    pod_security: PodSecurityNeed | None = None
+    """The Pod Security level the run's namespace must allow (None for an invalid spec)."""
 
     @property
     def ok(self) -> bool:
@@ -251,6 +254,14 @@ class Plan:
             out["estimateBasis"] = self.estimate.basis if self.estimate else None
             out["pricePerHourUsd"] = self.estimate.price_per_hour if self.estimate else None
             out["priceTable"] = {k: price_table()[k] for k in ("as_of", "region", "currency")}
+            if self.pod_security is not None:
+                out["podSecurity"] = {
+                    "level": self.pod_security.level,
+                    "why": [
+                        {"field": d.field, "level": d.level, "why": d.why}
+                        for d in self.pod_security.departures
+                    ],
+                }
         return out
 
     def to_json(self) -> str:
@@ -309,7 +320,10 @@ def plan(
         except ValidationError as exc:
             return Plan(mode=mode or "cluster", errors=validation_issues(exc))
     mode = mode or ("local" if spec.training.instance_type == "local-cpu" else "cluster")
-    return _Planner(spec, mode, base_dir or Path.cwd()).run()
+    result = _Planner(spec, mode, base_dir or Path.cwd()).run()
+    if result.ok:
+        result.pod_security = required_level(spec)
+    return result
 
 
 def validation_issues(exc: ValidationError, prefix: str = "spec") -> list[PlanIssue]:
@@ -1247,6 +1261,8 @@ def render_text(p: Plan, title: str = "") -> str:
             ),
         ]
     rows.append(("checkpoint", f"~{_gib(p.checkpoint_bytes or 0):,.0f} GiB per save"))
+    if p.pod_security is not None:
+        rows.append(("pod security", f"namespace must allow {p.pod_security.summary()}"))
     width = max(len(k) for k, _ in rows)
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"! {w}" for w in p.warnings]

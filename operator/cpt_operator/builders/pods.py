@@ -1,11 +1,13 @@
 """Pod-template pieces shared by every stage: security contexts, env, volumes.
 
-Security: every stage pod runs as a non-root UID with no privilege escalation, all Linux
-capabilities dropped and the runtime's default seccomp profile, which is the Pod Security
-"restricted" profile. The single exception is the trn1/trn1n training container, which adds
-`IPC_LOCK`: EFA registers (pins) memory for RDMA, and the libfabric EFA provider needs to lock
-it. A `hostPath` scratch volume (instance-store NVMe) is a second, opt-in departure from
-"restricted"; the namespace must allow it.
+Security: every stage pod runs as uid/gid 65532 (the images' user) with no privilege
+escalation, all Linux capabilities dropped and the runtime's default seccomp profile, which is
+the Pod Security "restricted" profile. Departures (:mod:`cpt_operator.api.podsecurity`,
+docs/security.md): training containers on Neuron instances run as root, because a stock EKS
+Neuron AMI node hands `/dev/neuron*` to the container owned by root and EFA's memory locking
+needs `IPC_LOCK`, which Linux grants only to root; EFA training containers add `IPC_LOCK`
+(still with every other capability dropped and no privilege escalation). A `hostPath` scratch
+volume (instance-store NVMe) is an opt-in departure; the namespace must allow it.
 
 Secrets are only ever referenced (`secretKeyRef`): no credential value reaches a manifest.
 """
@@ -21,33 +23,41 @@ from pydantic import BaseModel
 from cpt_operator.api.models import ContinualPretrainSpec, EnvVar, ScratchSpec, Toleration
 from cpt_training.config import STAGE_CONFIG_ENV
 
-RUN_AS_USER = 1000
+RUN_AS_USER = 65532
+"""The non-root uid/gid of every cpt pod and image (images/*/Dockerfile ``USER 65532``)."""
+ROOT = 0
 SHM_VOLUME = "dshm"
 SCRATCH_VOLUME = "scratch"
 TMP_VOLUME = "tmp"
 
 
-def pod_security_context() -> dict[str, Any]:
+def pod_security_context(*, root: bool = False) -> dict[str, Any]:
+    """``root``: the Neuron training pod (module docstring); fsGroup stays cpt's group so
+    files it writes on shared volumes stay readable by cpt's other pods."""
+    uid = ROOT if root else RUN_AS_USER
     return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS_USER,
-        "runAsGroup": RUN_AS_USER,
+        "runAsNonRoot": not root,
+        "runAsUser": uid,
+        "runAsGroup": uid,
         "fsGroup": RUN_AS_USER,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
-def container_security_context(*, ipc_lock: bool = False) -> dict[str, Any]:
+def container_security_context(*, ipc_lock: bool = False, root: bool = False) -> dict[str, Any]:
     caps: dict[str, Any] = {"drop": ["ALL"]}
     if ipc_lock:
         caps["add"] = ["IPC_LOCK"]
-    return {
+    out: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
         "privileged": False,
-        "runAsNonRoot": True,
+        "runAsNonRoot": not root,
         "capabilities": caps,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    if root:
+        out["runAsUser"] = ROOT
+    return out
 
 
 def stage_config_json(config: BaseModel) -> str:

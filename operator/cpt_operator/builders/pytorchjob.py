@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.api.podsecurity import runs_as_root
 from cpt_operator.builders import meta, pods, stages
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.builders.meta import Component
@@ -81,7 +82,8 @@ def _device_env(
         return {}
     if t.resolved_backend() == "nxd":
         if config is not None:
-            return neuron_env(config, compile_cache_uri=cache)
+            world = t.nodes * t.resolved_processes_per_node()
+            return neuron_env(config, world_size=world, compile_cache_uri=cache)
         return {"NEURON_COMPILE_CACHE_URL": cache}  # the preflight job
     lnc = inst.for_processes(t.resolved_processes_per_node()).lnc or DEFAULT_LNC
     neff_cache = f"{spec.checkpoints.scratch.mount_path.rstrip('/')}/{NEFF_CACHE_SUBDIR}"
@@ -146,7 +148,9 @@ def _pod_template(
         "args": torchrun_args(t.resolved_processes_per_node(), stage),
         "env": [meta.clone(NODE_ID_ENV), *pods.stage_env(spec, config, device_env)],
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
-        "securityContext": pods.container_security_context(ipc_lock=inst.efa_devices > 0),
+        "securityContext": pods.container_security_context(
+            ipc_lock=inst.efa_devices > 0, root=runs_as_root(spec)
+        ),
         "volumeMounts": [
             {"name": pods.SHM_VOLUME, "mountPath": "/dev/shm"},
             {"name": pods.SCRATCH_VOLUME, "mountPath": scratch.mount_path},
@@ -159,7 +163,7 @@ def _pod_template(
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": pods.pod_security_context(),
+        "securityContext": pods.pod_security_context(root=runs_as_root(spec)),
         "containers": [container],
         "volumes": [pods.shm_volume(), pods.scratch_volume(scratch), pods.tmp_volume()],
     }

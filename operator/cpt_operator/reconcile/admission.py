@@ -25,9 +25,9 @@ from typing import Any
 import msgspec
 
 from cpt_operator.api.models import NAME_PATTERN, ContinualPretrainSpec
+from cpt_operator.api.podsecurity import required_level
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
-from cpt_training.flops import instance_type
 
 SECRET_NOT_FOUND = "SecretNotFound"
 POD_SECURITY = "PodSecurityViolation"
@@ -71,50 +71,28 @@ def missing_secret(field: str, name: str, namespace: str) -> Blocker:
 
 
 def pod_security_problems(spec: ContinualPretrainSpec, level: str | None) -> list[Blocker]:
-    """What the namespace's enforced Pod Security level rejects of the pods this run creates.
-
-    Only the departures cpt's own templates make are checked (docs/security.md §3): EFA
-    training adds IPC_LOCK (outside baseline), hostPath scratch (outside baseline), and the
-    training operator v1 injects an init container without a securityContext into every
-    Worker pod (outside restricted)."""
-    if level not in ("baseline", "restricted"):
+    """What the namespace's enforced Pod Security level rejects of the pods this run creates
+    (the departures from "restricted" that cpt's own templates make:
+    :mod:`cpt_operator.api.podsecurity`, docs/security.md, Pod security)."""
+    need = required_level(spec)
+    rejected = need.rejected_by(level)
+    if not rejected:
         return []
-    inst = instance_type(spec.training.instance_type)
-    why: list[tuple[str, str]] = []
-    if inst.efa_devices > 0:
-        why.append(
-            (
-                "spec.training.instanceType",
-                f"{spec.training.instance_type} training pods add the capability IPC_LOCK "
-                "(EFA pins RDMA memory), which only the privileged level allows",
-            )
-        )
-    if spec.checkpoints.scratch.type == "hostPath":
-        why.append(
-            (
-                "spec.checkpoints.scratch.type",
-                "hostPath scratch volumes are allowed only by the privileged level",
-            )
-        )
-    if level == "restricted" and spec.training.nodes > 1:
-        why.append(
-            (
-                "spec.training.nodes",
-                "the training operator adds an init container without a securityContext to "
-                "every Worker pod, which the restricted level rejects",
-            )
-        )
     hint = (
-        f"the namespace enforces Pod Security level {level!r} ({ENFORCE_LABEL}); "
-        "run this in a namespace labelled "
-        + (
-            f"{ENFORCE_LABEL}=privileged"
-            if any(f != "spec.training.nodes" for f, _ in why)
-            else f"{ENFORCE_LABEL}=baseline (or privileged)"
-        )
+        f"the namespace enforces Pod Security level {level!r} ({ENFORCE_LABEL}); this run "
+        f"needs {need.level!r}: run it in a namespace labelled {ENFORCE_LABEL}={need.level}"
+        + (" (or privileged)" if need.level == "baseline" else "")
         + " (docs/security.md, Pod security)"
     )
-    return [Blocker(POD_SECURITY, f, f"{f}: {msg}; {hint}") for f, msg in why]
+    msgs = {
+        "baseline": "which only the baseline and privileged levels allow",
+        "privileged": "which only the privileged level allows",
+        "restricted": "",
+    }
+    return [
+        Blocker(POD_SECURITY, d.field, f"{d.field}: {d.why}, {msgs[d.level]}; {hint}")
+        for d in rejected
+    ]
 
 
 def dry_run_manifests(

@@ -312,6 +312,12 @@ class _Reconcile:
             detail = f"Job {name} failed: {job.reason}: {job.message}".rstrip(": ")
             if job.failed_indexes:
                 detail += f" (failed shard indexes {job.failed_indexes})"
+            said = next(
+                (p.message for p in self.obs.pods_of(name) if p.phase == "Failed" and p.message),
+                "",
+            )
+            if said:  # the stage's own words (its termination message): field and fix
+                detail += f": {said}"
             self.condition(ready, "False", failed_reason, detail)
             self.fail(failed_reason, detail)
             return

@@ -9,20 +9,19 @@ Neuron runtime/compiler docs, all at the SDK 2.28 era):
 
 * EFA (only on instances that have EFA devices): ``FI_PROVIDER=efa``,
   ``FI_EFA_USE_DEVICE_RDMA=1``, ``FI_EFA_FORK_SAFE=1`` (the data loader forks while EFA memory
-  is registered).
+  is registered), ``FI_EFA_ENABLE_SHM_TRANSFER=1`` (libfabric's shared-memory path for peers on
+  the same node) and ``FI_LOG_LEVEL=warn`` (libfabric's warnings in the pod log: the first
+  thing to read when a collective cannot start), as the AWS EKS NxD sample sets them.
 * ``CCOM_SOCKET_IFNAME=eth0``: the collectives' bootstrap socket; in a pod the primary
   interface is ``eth0`` (the NxD scripts set this in their Kubernetes/MPI branch).
 * ``NEURON_RT_NUM_CORES``: all NeuronCores of the node (32 on trn1.32xlarge); torchrun starts
   one process per core.
-* ``XLA_DOWNCAST_BF16=1`` for bf16: PyTorch/XLA maps fp32 tensors to bf16 on device. Marked
-  deprecated by the Neuron docs in favour of autocast, but NxD 0.17's trainer and the Llama
-  examples still key on it (ZeRO-1 bucket sizes, optimizer dtype), so we keep it with SDK
-  2.28. With ZeRO-1 it is paired with fp32 master weights + fp32 grad accumulation and
-  ``NEURON_RT_STOCHASTIC_ROUNDING_EN=0`` ("GPU-compatible precision"); without ZeRO-1 there
-  are no master weights, so stochastic rounding stays on (``=1``) to keep pure-bf16 updates
-  unbiased.
-* ``XLA_DISABLE_FUNCTIONALIZATION=0`` with ZeRO-1 (closes a ~3% convergence gap, per the
-  70B example).
+* Precision (:mod:`cpt_training.nxd.precision`, table in docs/nxd.md):
+  ``NEURON_RT_STOCHASTIC_ROUNDING_EN`` follows how weights are updated (off with ZeRO-1's
+  fp32 master weights, on for bf16 weights updated in place), keyed on ZeRO-1 as it runs
+  (configured and DP > 1), not as configured; ``XLA_DISABLE_FUNCTIONALIZATION=0`` with
+  ZeRO-1. ``XLA_DOWNCAST_BF16`` is never ``1``: layers are bf16 themselves (``0`` with master
+  weights, for NxD's ZeRO-1 bucket size).
 * ``NEURON_CC_FLAGS``: ``--model-type=transformer``; ``--distribution-strategy=llm-training``
   only for sharded graphs (TP or PP > 1): it targets the collectives of model-parallel LLM
   training and is to be left off with NKI kernels (we use none); ``--cache_dir=<per run>``:
@@ -47,6 +46,7 @@ from collections.abc import Mapping, MutableMapping
 
 from cpt_training import flops
 from cpt_training.config import TrainStage
+from cpt_training.nxd import precision
 
 SDK_VERSION = "2.28.0"
 """The Neuron SDK of the trainer-neuron image (images/trainer-neuron/Dockerfile)."""
@@ -95,22 +95,42 @@ def neuron_cc_flags(cfg: TrainStage, cache_dir: str) -> str:
     return " ".join(flags)
 
 
+EFA_ENV = {
+    "FI_PROVIDER": "efa",
+    "FI_EFA_USE_DEVICE_RDMA": "1",
+    "FI_EFA_FORK_SAFE": "1",
+    "FI_EFA_ENABLE_SHM_TRANSFER": "1",
+    "FI_LOG_LEVEL": "warn",
+}
+
+
+def stage_recipe(cfg: TrainStage, world_size: int) -> precision.PrecisionRecipe:
+    """The precision recipe of ``cfg`` on ``world_size`` processes (DP from TP and PP)."""
+    p = cfg.parallelism
+    dp = precision.data_parallel_degree(world_size, p.tensor_parallel, p.pipeline_parallel)
+    return precision.recipe(cfg.precision, p.zero1, dp)
+
+
 def neuron_env(
-    cfg: TrainStage, *, compile_cache_uri: str | None, sdk_version: str = SDK_VERSION
+    cfg: TrainStage,
+    *,
+    world_size: int,
+    compile_cache_uri: str | None,
+    sdk_version: str = SDK_VERSION,
 ) -> dict[str, str]:
     """Environment variables for every trn1 training container/process of ``cfg``.
 
-    ``compile_cache_uri``: where this run's Neuron compile cache lives (a local dir or
-    ``s3://``); must be unique per run. ``None`` gives a local per-run dir.
-    Raises ``ValueError`` naming ``instanceType`` for a non-trn1 instance.
+    ``world_size``: processes of the whole job (nodes x processes per node); with TP and PP
+    it gives DP, which decides whether ZeRO-1 actually runs. ``compile_cache_uri``: where
+    this run's Neuron compile cache lives (a local dir or ``s3://``); must be unique per run.
+    ``None`` gives a local per-run dir. Raises ``ValueError`` naming ``instanceType`` for a
+    non-trn1 instance, or the degrees when ``world_size`` does not divide.
     """
     inst = instance_info(cfg.instance_type)
-    zero1 = cfg.parallelism.zero1
-    bf16 = cfg.precision == "bf16"
     cache = compile_cache_dir(cfg, compile_cache_uri)
     env: dict[str, str] = {}
     if inst.efa_devices > 0:
-        env |= {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
+        env |= EFA_ENV
     env |= {
         "CCOM_SOCKET_IFNAME": "eth0",
         "NEURON_RT_NUM_CORES": str(inst.processes_per_node),
@@ -119,13 +139,7 @@ def neuron_env(
         "NEURON_CC_FLAGS": neuron_cc_flags(cfg, cache),
         "NEURON_COMPILE_CACHE_URL": cache,
     }
-    if bf16:
-        env["XLA_DOWNCAST_BF16"] = "1"
-        env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] = "0" if zero1 else "1"
-    else:
-        env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] = "0"
-    if zero1:
-        env["XLA_DISABLE_FUNCTIONALIZATION"] = "0"
+    env |= stage_recipe(cfg, world_size).env()
     if _sdk_tuple(sdk_version) < (2, 31):
         inflight = 7 if cfg.parallelism.pipeline_parallel > 1 else 3
         env["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] = str(inflight)

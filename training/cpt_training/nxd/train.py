@@ -61,6 +61,7 @@ from cpt_training.nxd.layout import (
     nxd_rank_files,
     plan_layout,
 )
+from cpt_training.nxd.precision import PrecisionRecipe, effective_zero1, recipe
 
 if TYPE_CHECKING:
     from cpt_training.checkpoint import FileSelector, Selection, TagFiles
@@ -131,20 +132,21 @@ class NxdPlan:
             micro_batch=cfg.micro_batch_size,
             grad_accum=cfg.global_batch_size // per_round,
             seq_len=cfg.seq_len,
-            zero1=p.zero1 and dp > 1,
+            zero1=effective_zero1(p.zero1, dp),
             sequence_parallel=p.sequence_parallel and tp > 1,
         )
+
+
+def precision_recipe(cfg: TrainStage, plan: NxdPlan) -> PrecisionRecipe:
+    """The attempt's precision recipe (docs/nxd.md, Precision recipe): keyed on ZeRO-1 as
+    it runs (DP > 1), the same function the operator uses for the pod env."""
+    return recipe(cfg.precision, cfg.parallelism.zero1, plan.dp)
 
 
 def mixed_precision_config(cfg: TrainStage, plan: NxdPlan) -> dict[str, bool]:
     """bf16 with ZeRO-1: fp32 master weights + fp32 grad accumulation (NxD's "GPU-compatible
     precision"); NxD allows master weights only with ZeRO-1, so without it there are none."""
-    master = cfg.precision == "bf16" and plan.zero1
-    return {
-        "use_master_weights": master,
-        "use_fp32_grad_acc": master,
-        "use_master_weights_in_ckpt": False,
-    }
+    return precision_recipe(cfg, plan).mixed_precision_config()
 
 
 def optimizer_config(cfg: TrainStage, plan: NxdPlan) -> dict[str, Any]:
@@ -493,6 +495,7 @@ class _Trainer:
 
         from cpt_training import flops
         from cpt_training.nxd import model as nm
+        from cpt_training.nxd.optim import AdamWFP32States
 
         spec = nm.model_spec(self.layout, sequence_parallel=self.plan.sequence_parallel)
         kwargs = nxd_config_kwargs(
@@ -506,14 +509,17 @@ class _Trainer:
             param_init_fn=nm.init_weights,
         )
         self.nxd_config = nxd.neuronx_distributed_config(**kwargs)
-        kit = nm.nxd_kit(sequence_parallel=self.plan.sequence_parallel)
+        rec = precision_recipe(self.cfg, self.plan)
+        kit = nm.nxd_kit(
+            sequence_parallel=self.plan.sequence_parallel, dtype=getattr(torch, rec.layer_dtype)
+        )
         self.model = nxd.initialize_parallel_model(
             self.nxd_config, nm.build_model, False, spec, kit
         )
         opt = self.cfg.optimizer
         self.optimizer = nxd.initialize_parallel_optimizer(
             self.nxd_config,
-            torch.optim.AdamW,
+            AdamWFP32States.for_recipe(rec),
             param_groups(self.model.named_parameters(), opt.weight_decay),
             lr=opt.lr,
             betas=(opt.beta1, opt.beta2),
@@ -761,7 +767,7 @@ def run(cfg: TrainStage) -> int:
     """Entry point of ``cpt-train train`` for backend nxd (under torchrun)."""
     plan = NxdPlan.make(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     try:
-        defaults = nxd_env.neuron_env(cfg, compile_cache_uri=None)
+        defaults = nxd_env.neuron_env(cfg, world_size=plan.world_size, compile_cache_uri=None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     nxd_env.apply_defaults(defaults)  # before torch_xla reads them
