@@ -35,6 +35,7 @@ from cpt_operator.api.models import (
     is_local_path,
 )
 from cpt_training.flops import GIB, DeviceSpec, InstanceType, ModelShape, instance_type
+from cpt_training.native.options import unsupported_options
 
 Mode = Literal["cluster", "local"]
 
@@ -573,6 +574,11 @@ class _Planner:
                 f"{self.spec.data.block_size} exceeds the model's max_position_embeddings "
                 f"({max_pos}); extend RoPE via configOverrides (rope_scaling) or lower it",
             )
+        if self.p.backend == "native":
+            # Options the native Llama would not train as transformers runs them: refused
+            # here, before any child exists (the trainer checks again for unread configs).
+            for key, why in unsupported_options(merged):
+                self.error("spec.model.configOverrides", f"{key}: {why}")
         return shape
 
     def _base_config(self) -> tuple[dict[str, Any] | None, str]:

@@ -29,6 +29,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from cpt_training.native.options import unsupported_options
+
 ActivationCheckpointing = Literal["none", "full", "selective"]
 
 IGNORE_INDEX = -100
@@ -53,15 +55,15 @@ class LlamaArgs:
 
     @classmethod
     def from_hf(cls, config: Any) -> LlamaArgs:
-        model_type = getattr(config, "model_type", None)
-        if model_type != "llama":
+        """The shape, after refusing any option this module would not reproduce exactly
+        (:func:`cpt_training.native.options.unsupported_options`, which the planner runs too
+        where it can read config.json)."""
+        bad = unsupported_options({"model_type": None, **config.to_dict()})
+        if bad:
             raise ValueError(
-                f"the native backend trains Llama models; config.json has model_type "
-                f"{model_type!r} (allowed: 'llama')"
+                "the native backend cannot train this model exactly as transformers runs it: "
+                + "; ".join(f"config.json {field}: {why}" for field, why in bad)
             )
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act must be 'silu' for Llama, got {act!r}")
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
