@@ -36,6 +36,7 @@ from cpt_operator.api.models import (
 )
 from cpt_training.flops import GIB, DeviceSpec, InstanceType, ModelShape, instance_type
 from cpt_training.native.options import unsupported_options
+from cpt_training.nxd.layout import LlamaShape
 
 Mode = Literal["cluster", "local"]
 
@@ -579,6 +580,11 @@ class _Planner:
             # here, before any child exists (the trainer checks again for unread configs).
             for key, why in unsupported_options(merged):
                 self.error("spec.model.configOverrides", f"{key}: {why}")
+        elif self.p.backend == "nxd":
+            try:  # the options the nxd model implements (rope types, no biases, head_dim)
+                LlamaShape.from_config(merged)
+            except ValueError as exc:
+                self.error("spec.model.configOverrides", str(exc))
         return shape
 
     def _base_config(self) -> tuple[dict[str, Any] | None, str]:
