@@ -18,42 +18,16 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 from cpt_training.export import build_hf_model  # noqa: E402
 from cpt_training.native.llama import Llama, shift_targets  # noqa: E402
+from fixtures.parity_models import (  # noqa: E402
+    LENGTHS,
+    MAX_POS,
+    ROPES,
+    VOCAB,
+    llama_config,
+    randomise,
+)
 
 pytestmark = pytest.mark.parity
-
-VOCAB = 97
-MAX_POS = 32
-"""max_position_embeddings of every test model (dynamic rope's threshold)."""
-ORIG = 16
-"""original_max_position_embeddings (yarn, longrope and llama3's threshold)."""
-LENGTHS = (8, ORIG, ORIG + 1, MAX_POS, MAX_POS + 1, 4 * MAX_POS + 3)
-"""Below, at and just above each threshold, and far past the longest."""
-
-ROPES: dict[str, dict[str, Any] | None] = {
-    "default": None,
-    "linear": {"rope_type": "linear", "factor": 2.0},
-    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
-    "yarn": {
-        "rope_type": "yarn",
-        "factor": 2.0,
-        "original_max_position_embeddings": ORIG,
-        "beta_fast": 16.0,
-        "beta_slow": 2.0,
-    },
-    "longrope": {
-        "rope_type": "longrope",
-        # one factor per rotary frequency: filled in by _config for the model's head_dim
-        "original_max_position_embeddings": ORIG,
-    },
-    "llama3": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": ORIG,
-    },
-    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.5},
-}
 
 SHAPES: dict[str, dict[str, Any]] = {
     "gqa": {},
@@ -64,35 +38,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     "biases": {"attention_bias": True, "mlp_bias": True},
     "eps": {"rms_norm_eps": 1e-3},
 }
-
-
-def _config(rope: str, **shape: Any) -> Any:
-    params = ROPES[rope]
-    kwargs: dict[str, Any] = {}
-    if params is not None:
-        kwargs["rope_parameters"] = {"rope_theta": 10000.0, **params}
-    if rope == "longrope":
-        half = shape.get("head_dim", 8) // 2
-        kwargs["rope_parameters"]["short_factor"] = [1.0 + 0.1 * i for i in range(half)]
-        kwargs["rope_parameters"]["long_factor"] = [1.5 + 0.7 * i for i in range(half)]
-    base: dict[str, Any] = {
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": MAX_POS,
-    }
-    return transformers.LlamaConfig(**{**base, **kwargs, **shape})
-
-
-def _randomise(model: Any, seed: int) -> None:
-    """Every weight random (norm weights too, which start at one): no term hides."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
 
 
 def _ids(length: int, batch: int = 2) -> Any:
@@ -116,8 +61,8 @@ def test_every_rope_type_transformers_has_for_llama_is_covered() -> None:
 @pytest.mark.parametrize(("rope", "shape"), VARIANTS)
 def test_hf_weights_in_the_native_model_give_identical_fp32_logits(rope: str, shape: str) -> None:
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(_config(rope, **SHAPES[shape])).eval()
-    _randomise(hf, 1)
+    hf = transformers.LlamaForCausalLM(llama_config(rope, **SHAPES[shape])).eval()
+    randomise(hf, 1)
     ours = Llama.from_hf_config(hf.config)
     ours.load_state_dict(hf.state_dict(), strict=True)
     ours.eval()
@@ -135,9 +80,9 @@ def test_native_weights_exported_to_hf_give_identical_fp32_logits(
 ) -> None:
     """Through the exporter's own steps: strict load into LlamaForCausalLM, save_pretrained,
     and what a user runs, from_pretrained (config.json included)."""
-    config = _config(rope, **SHAPES[shape])
+    config = llama_config(rope, **SHAPES[shape])
     ours = Llama.from_hf_config(config)
-    _randomise(ours, 2)
+    randomise(ours, 2)
     ours.eval()
     state = {k: v.detach().clone() for k, v in ours.state_dict().items()}
     if ours.args.tie_word_embeddings:
@@ -157,8 +102,8 @@ def test_gradients_equal_the_hf_models_past_every_rope_threshold(rope: str) -> N
     """What a training step changes is what HF would change: same loss, same gradients, at a
     length past every threshold (the case where dynamic rope used to train another model)."""
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(_config(rope)).train()
-    _randomise(hf, 3)
+    hf = transformers.LlamaForCausalLM(llama_config(rope)).train()
+    randomise(hf, 3)
     ours = Llama.from_hf_config(hf.config)
     ours.load_state_dict(hf.state_dict(), strict=True)
     ours.train()
@@ -182,8 +127,8 @@ def test_bf16_logits_stay_within_hf_own_bf16_error(rope: str) -> None:
     """In bf16 the two models may round differently (fused kernels); the native model's error
     against the fp32 reference must stay within 1.25x HF's own bf16 error on the same input."""
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(_config(rope)).eval()
-    _randomise(hf, 4)
+    hf = transformers.LlamaForCausalLM(llama_config(rope)).eval()
+    randomise(hf, 4)
     with torch.no_grad():
         reference = {n: hf(input_ids=_ids(n)).logits for n in LENGTHS}
         hf16 = hf.to(torch.bfloat16)

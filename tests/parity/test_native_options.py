@@ -78,11 +78,13 @@ def test_the_accepted_rope_types_are_transformers_own_for_llama() -> None:
 
 
 def test_every_variant_of_the_model_parity_suite_is_accepted() -> None:
-    from test_model_parity import ROPES, SHAPES, _config
+    from test_model_parity import SHAPES
+
+    from fixtures.parity_models import ROPES, llama_config
 
     for rope in ROPES:
         for shape in SHAPES.values():
-            assert unsupported_options(_config(rope, **shape).to_dict()) == [], (rope, shape)
+            assert unsupported_options(llama_config(rope, **shape).to_dict()) == [], (rope, shape)
 
 
 @pytest.mark.parametrize(("overrides", "message"), REFUSED)

@@ -28,28 +28,16 @@ from cpt_training.nxd.layout import (  # noqa: E402
     shard_full_state,
     untie_lm_head,
 )
+from fixtures.parity_models import LENGTHS, VOCAB, llama_config, randomise  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-VOCAB = 96
-MAX_POS = 32
-ORIG = 16
-LENGTHS = (8, ORIG, ORIG + 1, MAX_POS, MAX_POS + 1, 4 * MAX_POS + 3)
 LOGIT_TOL = 1e-4
 """Largest |HF - nxd| fp32 logit difference allowed (logits of about unit size; measured: up
 to 4e-5 at 131 positions with llama3 rope, where the two tables' rounding differs most)."""
 
-ROPES: dict[str, dict[str, Any] | None] = {
-    "default": None,
-    "linear": {"rope_type": "linear", "factor": 2.0},
-    "llama3": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": ORIG,
-    },
-}
+NXD_ROPES = ("default", "linear", "llama3")
+"""The rope types the nxd model implements (others are refused)."""
 LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gqa-split": ({"num_key_value_heads": 2}, {}),
     "mha-fused": ({"num_key_value_heads": 4}, {}),
@@ -61,28 +49,9 @@ LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 def _hf(rope: str, **config: Any) -> Any:
-    kwargs: dict[str, Any] = {}
-    if ROPES[rope] is not None:
-        kwargs["rope_parameters"] = {"rope_theta": 10000.0, **ROPES[rope]}  # type: ignore[dict-item]
-    cfg = transformers.LlamaConfig(
-        **{
-            "vocab_size": VOCAB,
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": MAX_POS,
-            **kwargs,
-            **config,
-        }
-    )
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    hf = transformers.LlamaForCausalLM(llama_config(rope, **config)).eval()
+    randomise(hf, 1)
     return hf
 
 
@@ -98,7 +67,7 @@ def _nxd(hf: Any, *, qkv_linear: bool = False, sp: bool = False) -> Any:
 
 
 VARIANTS = sorted(
-    {(rope, "gqa-split") for rope in ROPES} | {("llama3", layout) for layout in LAYOUTS}
+    {(rope, "gqa-split") for rope in NXD_ROPES} | {("llama3", layout) for layout in LAYOUTS}
 )
 
 
@@ -135,6 +104,7 @@ def test_hf_to_nxd_shards_to_hf_is_bitwise(
     tied = qkv == "tied"
     hf = _hf(
         "llama3",
+        vocab_size=96,  # TP must divide it
         hidden_size=8 * heads,
         num_attention_heads=heads,
         num_key_value_heads=kv,

@@ -22,10 +22,6 @@ from fixtures.unicode_stress import stress_docs
 
 pytestmark = pytest.mark.parity
 
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 BLOCK = 64
 
 
@@ -87,23 +83,9 @@ def _llama2(texts: list[str]) -> Any:
 def _llama3(texts: list[str]) -> Any:
     """Llama-3's layout: its split regex (isolated), then byte-level without GPT-2's regex;
     BPE with ignore_merges."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from cpt_training.corpus import build_llama3_style_bpe
 
-    tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = _bpe_trainer(
-        1500,
-        ["<|begin_of_text|>", "<|end_of_text|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return build_llama3_style_bpe(texts, vocab_size=1500)
 
 
 FAMILIES = ["byte-level", "byte-level-cross-pieces", "llama2", "llama3"]
