@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-
-from cpt_training.export import build_hf_model  # noqa: E402
-from cpt_training.native.llama import Llama, shift_targets  # noqa: E402
-from fixtures.parity_models import (  # noqa: E402
+from cpt_training.export import build_hf_model
+from cpt_training.native.llama import Llama, shift_targets
+from fixtures.parity_models import (
     LENGTHS,
     MAX_POS,
     ROPES,

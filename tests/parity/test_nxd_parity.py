@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from cpt_operator.api.planner import load_run, plan_object  # noqa: E402
-from cpt_training.nxd import model as nm  # noqa: E402
-from cpt_training.nxd.layout import (  # noqa: E402
+from cpt_operator.api.planner import load_run, plan_object
+from cpt_training.nxd import model as nm
+from cpt_training.nxd.layout import (
     LlamaShape,
     merge_shards,
     plan_layout,
     shard_full_state,
     untie_lm_head,
 )
-from fixtures.parity_models import LENGTHS, VOCAB, llama_config, randomise  # noqa: E402
+from fixtures.parity_models import LENGTHS, VOCAB, llama_config, randomise
 
 pytestmark = pytest.mark.parity
 

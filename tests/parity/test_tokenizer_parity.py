@@ -115,6 +115,22 @@ def _expected(tok: Any, docs: list[str], eos: int) -> list[int]:
     return [i for d in docs if d for i in [*tok.encode(d, add_special_tokens=False).ids, eos]]
 
 
+def test_the_stress_corpus_covers_every_general_category_and_the_newer_code_points(
+    stress: list[str],
+) -> None:
+    import unicodedata
+
+    from fixtures.unicode_stress import newer_than_python
+
+    text = "".join(stress)
+    categories = {unicodedata.category(c) for c in text}
+    every = {unicodedata.category(chr(c)) for c in range(0x110000)} - {"Cs"}
+    assert categories >= every, sorted(every - categories)
+    assert len(set(text) & set(newer_than_python())) > 100
+    for needle in ("\u200d", "\r\n", "\u202e", "\u0301", "東京", "def f(", "9" * 400):
+        assert needle in text, repr(needle)
+
+
 def test_the_stress_corpus_has_text_where_python_and_rust_tables_split_differently(
     stress: list[str],
 ) -> None:
