@@ -8,10 +8,6 @@ model holding the trained checkpoint, at the trained length and beyond it."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,7 @@ from cpt_training.config import ExportHfStage
 from cpt_training.export import native_state_dict
 from cpt_training.export import run as export_run
 from cpt_training.testing import TinyAssets, make_tiny_assets
+from fixtures.train_stage import train_single_process
 
 pytestmark = pytest.mark.parity
 
@@ -37,31 +34,6 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     return make_tiny_assets(tmp_path_factory.mktemp("assets"), block_size=2 * MAX_POS, n_docs=150)
 
 
-def _train(assets: TinyAssets, ckpt: str, local: Path) -> None:
-    cfg = {
-        "stage": "train",
-        "device": "cpu",
-        "modelUri": str(assets.model),
-        "dataUri": str(assets.data),
-        "seqLen": assets.block_size,
-        "globalBatchSize": 2,
-        "microBatchSize": 2,
-        "maxSteps": 3,
-        "precision": "fp32",
-        "configOverrides": OVERRIDES,
-        "optimizer": {"lr": 1e-2, "minLr": 1e-3, "warmupSteps": 1},
-        "checkpoint": {"uri": ckpt, "everySteps": 3, "localDir": str(local)},
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "cpt_training.cli", "train"],
-        env={**os.environ, "CPT_STAGE_CONFIG": json.dumps(cfg), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-
-
 def test_trained_then_exported_model_gives_the_native_models_logits_in_transformers(
     assets: TinyAssets, tmp_path: Path
 ) -> None:
@@ -73,7 +45,15 @@ def test_trained_then_exported_model_gives_the_native_models_logits_in_transform
     from cpt_training.native.llama import Llama
 
     ckpt = str(tmp_path / "ckpt")
-    _train(assets, ckpt, tmp_path / "local")
+    train_single_process(
+        assets,
+        ckpt,
+        tmp_path / "local",
+        max_steps=3,
+        configOverrides=OVERRIDES,
+        optimizer={"lr": 1e-2, "minLr": 1e-3, "warmupSteps": 1},
+        checkpoint={"everySteps": 3},
+    )
     out = tmp_path / "hf"
     cfg = ExportHfStage.model_validate(
         {
