@@ -30,7 +30,7 @@ demo: install ## Run the tiny end-to-end job in local mode (tokenize -> train ->
 	$(PY) hack/demo.py
 
 ##@ Test
-.PHONY: test test-unit test-integration test-e2e test-faults
+.PHONY: test test-unit test-integration test-e2e test-faults test-parity
 test: install cluster-build s3server-build ## The whole suite (unit, integration, e2e)
 	$(PYTEST) tests
 test-unit: install ## Fast pure tests only
@@ -41,6 +41,8 @@ test-e2e: install cluster-build ## Whole pipeline through the operator on the lo
 	$(PYTEST) -m e2e tests
 test-faults: install cluster-build ## Fault-injection matrix
 	$(PYTEST) -m faults tests
+test-parity: install ## Native model and tokenize stage vs transformers/tokenizers, exactly
+	$(PYTEST) -m parity tests
 
 ##@ Lint
 .PHONY: lint

@@ -102,6 +102,26 @@ def prepare(work: Path, repeat: int) -> tuple[Path, Path, dict[str, Any]]:
     return corpus, tok_dir, info
 
 
+def prepare_llama3(work: Path) -> tuple[Path, dict[str, Any]]:
+    """A 32k Llama-3-style tokenizer (its split regex, byte-level, ignore_merges:
+    ``cpt_training.corpus.build_llama3_style_bpe``) trained on one copy of the corpus, saved
+    with its EOS; cached under ``work``. The stage encodes it with the plain Rust encoder
+    (the piece cache serves GPT-2's split only)."""
+    common.bootstrap()
+    from cpt_training.corpus import build_llama3_style_bpe
+
+    tok_dir = work / f"llama3-style-{VOCAB // 1000}k"
+    if not (tok_dir / "tokenizer.json").is_file():
+        tok = build_llama3_style_bpe(corpus_docs(), vocab_size=VOCAB)
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        tok.save(str(tok_dir / "tokenizer.json"))
+        (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
+    return tok_dir, {"tokenizer": "Llama-3-style (split + byte-level BPE)", "tokenizerVocab": vocab}
+
+
 def prepare_code(work: Path, max_mb: int) -> tuple[Path, dict[str, Any]]:
     """The scaling corpus (cached under ``work``): distinct text sized like a real shard.
 
@@ -486,9 +506,12 @@ SCALING = "tokenize.scaling."
 def bench(
     repeat: int, reps: int, seed_reps: int, scale_mb: int, scale_reps: int, only: str = "all"
 ) -> list[dict[str, Any]]:
-    """The measurements; ``only="scaling"``: just the ``tokenize.scaling.*`` rows."""
+    """The measurements; ``only="scaling"``: just the ``tokenize.scaling.*`` rows;
+    ``only="encoders"``: just :func:`encoder_rows`."""
     work = common.WORK / "tokenize"
     work.mkdir(parents=True, exist_ok=True)
+    if only == "encoders":
+        return encoder_rows(work, repeat, reps)
     everything = only == "all"
     # One copy: the piece cache's hit rate on text it has not seen before (the repeated corpus
     # hits the cache far more often than distinct text of the same size would).
@@ -657,6 +680,94 @@ def bench(
     return out + scaling
 
 
+def encoder_rows(work: Path, repeat: int, reps: int) -> list[dict[str, Any]]:
+    """The per-core rows again after an encoder change, without the slow seed and scaling
+    variants: the stage and its encoder alone with the byte-level BPE (``tokenize.per_core``,
+    ``tokenize.encoder.*``), and the stage and the Rust encoder with a Llama-3-style
+    tokenizer (``tokenize.llama3_style.*``), interleaved ``reps`` times on one core."""
+    corpus, tok_dir, info = prepare(work, repeat)
+    l3_dir, l3_info = prepare_llama3(work)
+    one = [sorted(os.sched_getaffinity(0))[0]]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    plan = [
+        ("engine-1", "engine", tok_dir),
+        ("wordcache-1", "wordcache", tok_dir),
+        ("ours-1", "ours", tok_dir),
+        ("engine-1-l3", "engine", l3_dir),
+        ("ours-1-l3", "ours", l3_dir),
+    ]
+    for _ in range(reps):
+        for key, variant, tok in plan:
+            r = run_variant(variant, corpus, tok, one, work)
+            runs.setdefault(key, []).append(r)
+            print(f"  {key:12s} {r['tokensPerSec'] / 1e6:6.3f} M tok/s (load {r['loadAvg']})")
+    machine = common.cpu_machine()
+    best = functools.partial(best_run, runs)
+    summary = functools.partial(summarize_runs, runs)
+    l3_cfg = {**info, **l3_info, "cores": 1}
+    return [
+        common.measurement(
+            "tokenize.per_core",
+            machine,
+            {**info, "cores": 1, "workers": 1},
+            "tokens/s",
+            best("ours-1")["tokensPerSec"],
+            goal=common.goal(">=", 1.0e6),
+            details=summary("ours-1"),
+        ),
+        common.measurement(
+            "tokenize.encoder.piece_cache",
+            machine,
+            {**info, "cores": 1},
+            "tokens/s",
+            best("wordcache-1")["tokensPerSec"],
+            baseline=("Rust encode_batch_fast alone", best("engine-1")["tokensPerSec"]),
+            details={
+                **summary("wordcache-1"),
+                "identicalDocsFraction": best("wordcache-1").get("identicalDocsFraction"),
+                "what": "the stage's encoder alone (piece cache, classes asked of the Rust "
+                "pre-tokenizer) on in-memory texts",
+            },
+        ),
+        common.measurement(
+            "tokenize.encoder.rust_alone",
+            machine,
+            {**info, "cores": 1},
+            "tokens/s",
+            best("engine-1")["tokensPerSec"],
+            details={**summary("engine-1"), "what": "Rust encode_batch_fast alone"},
+        ),
+        common.measurement(
+            "tokenize.llama3_style.per_core",
+            machine,
+            {**l3_cfg, "workers": 1},
+            "tokens/s",
+            best("ours-1-l3")["tokensPerSec"],
+            baseline=("Rust encode_batch_fast alone", best("engine-1-l3")["tokensPerSec"]),
+            details={
+                **summary("ours-1-l3"),
+                "what": "the stage end to end with a Llama-3-style tokenizer (plain Rust "
+                "encoder: the piece cache serves GPT-2's split only)",
+            },
+        ),
+        common.measurement(
+            "tokenize.llama3_style.rust_alone",
+            machine,
+            l3_cfg,
+            "tokens/s",
+            best("engine-1-l3")["tokensPerSec"],
+            details={**summary("engine-1-l3"), "what": "Rust encode_batch_fast alone"},
+        ),
+    ]
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with the rows named in ``new`` replaced in place, the others appended."""
+    fresh = {m["name"]: m for m in new}
+    out = [fresh.pop(m["name"], m) for m in old]
+    return out + list(fresh.values())
+
+
 def best_run(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, Any]:
     """The fastest repeat: the least disturbed by other processes on a shared machine."""
     return max(runs[key], key=lambda r: r["tokensPerSec"])
@@ -756,10 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-reps", type=int, default=2, help="repeats of the scaling variants")
     p.add_argument(
         "--only",
-        choices=["all", "scaling"],
+        choices=["all", "scaling", "encoders"],
         default="all",
         help="scaling: run only the tokenize.scaling.* rows and replace just those in the "
-        "results file",
+        "results file; encoders: only the per-core encoder rows (encoder_rows)",
     )
     p.add_argument("--no-write", action="store_true", help="print, do not write results")
     args = p.parse_args(argv)
@@ -770,9 +881,12 @@ def main(argv: list[str] | None = None) -> int:
     for m in items:
         print(json.dumps({k: m.get(k) for k in ("name", "value", "ratio")}))
     if not args.no_write:
+        path = common.RESULTS / "tokenize.json"
+        old = json.loads(path.read_text()) if path.is_file() else []
         if args.only == "scaling":
-            path = common.RESULTS / "tokenize.json"
-            items = merge_scaling(json.loads(path.read_text()) if path.is_file() else [], items)
+            items = merge_scaling(old, items)
+        elif args.only == "encoders":
+            items = merge_rows(old, items)
         print("wrote", common.write_results("tokenize", items))
     return 0
 

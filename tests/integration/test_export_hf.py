@@ -4,9 +4,6 @@ loopback S3 server -> the HF weights again, bit for bit; plus eval.json and fail
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ from cpt_training.checkpoint import list_committed
 from cpt_training.config import ExportHfStage
 from cpt_training.export import run as export_run
 from cpt_training.testing import TinyAssets, make_tiny_assets
+from fixtures.train_stage import train_single_process
 
 pytestmark = pytest.mark.integration
 
@@ -36,28 +34,8 @@ def local_step0(tied_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactor
 
 
 def _train_step0(assets: TinyAssets, ckpt: str, local: Path) -> None:
-    """Single process (no torchrun): stopAfterSteps=0 commits the base weights as step_0."""
-    cfg = {
-        "stage": "train",
-        "device": "cpu",
-        "modelUri": str(assets.model),
-        "dataUri": str(assets.data),
-        "seqLen": assets.block_size,
-        "globalBatchSize": 2,
-        "microBatchSize": 2,
-        "maxSteps": 4,
-        "precision": "fp32",
-        "stopAfterSteps": 0,
-        "checkpoint": {"uri": ckpt, "localDir": str(local)},
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "cpt_training.cli", "train"],
-        env={**os.environ, "CPT_STAGE_CONFIG": json.dumps(cfg)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    """stopAfterSteps=0 commits the base weights as step_0."""
+    train_single_process(assets, ckpt, local, max_steps=4, stopAfterSteps=0)
 
 
 def _export_cfg(assets: TinyAssets, ckpt: str, out: str, **kw: Any) -> ExportHfStage:

@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 import pytest
 
+from cpt_training import piece_cache as pc
 from cpt_training import tokenize as tk
 from cpt_training.config import TokenizeStage
 from fixtures.textgen import make_corpus, make_texts, train_tokenizer
@@ -358,9 +359,12 @@ def test_the_piece_cache_is_not_used_where_it_would_not_be_exact() -> None:
 
 
 def test_the_piece_cache_switches_itself_off_when_its_first_batch_differs(rust: Any) -> None:
-    import re
+    from dataclasses import replace
 
-    wrong = tk.PieceCache(rust, re.compile(r"(?<=e)"))  # cuts inside pieces: not exact
+    tables = pc.split_tables(rust.pre_tokenizer)
+    assert tables is not None
+    # cuts inside pieces: not exact
+    wrong = tk.PieceCache(rust, replace(tables, cut=re.compile(r"(?<=e)")))
     texts = make_texts(5, seed=3)
     expected = [list(e.ids) for e in rust.encode_batch(texts, add_special_tokens=False)]
     assert wrong.encode(texts) == expected
@@ -488,10 +492,12 @@ def test_the_fast_encoder_equals_the_tokenizers_encode_on_varied_text(
     assert fresh.enabled
 
 
-def test_the_chunk_split_only_cuts_where_gpt2s_split_starts_a_piece() -> None:
+def test_the_chunk_split_only_cuts_where_gpt2s_split_starts_a_piece(rust: Any) -> None:
     import regex  # type: ignore[import-untyped]
 
-    pieces = regex.compile(tk.PIECE_SPLIT)
+    pieces = regex.compile(pc.PIECE_SPLIT)
+    tables = pc.split_tables(rust.pre_tokenizer)
+    assert tables is not None
     for doc in _varied_docs(300, seed=5):
         starts = {0}
         pos = 0
@@ -499,22 +505,24 @@ def test_the_chunk_split_only_cuts_where_gpt2s_split_starts_a_piece() -> None:
             pos += len(p)
             starts.add(pos)
         assert "".join(pieces.findall(doc)) == doc
-        cuts = [m.start() for m in tk.CHUNK_SPLIT.finditer(doc)]
+        cuts = [m.start() for m in tables.cut.finditer(doc)]
         assert set(cuts) <= starts, doc
-        assert len(tk.CHUNK_SPLIT.split(doc)) == len(cuts) + 1
+        assert len(tables.cut.split(doc)) == len(cuts) + 1
 
 
-def test_no_character_the_tokenizer_counts_as_whitespace_is_cut_before() -> None:
+def test_no_character_the_tokenizer_counts_as_whitespace_is_cut_before(rust: Any) -> None:
     """The cut needs the character after the space to be non-whitespace to the tokenizer's
     regex. Every candidate (Python whitespace, separators, controls, format characters) is
-    asked of the Rust pre-tokenizer itself (an exhaustive run over all code points found
-    exactly Unicode's 25 White_Space characters)."""
+    asked of the Rust pre-tokenizer itself, independently of the probes the tables came
+    from."""
     import sys
     import unicodedata
 
     from tokenizers import pre_tokenizers
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tables = pc.split_tables(rust.pre_tokenizer)
+    assert tables is not None
     candidates = [
         chr(c)
         for c in range(sys.maxunicode + 1)
@@ -522,18 +530,17 @@ def test_no_character_the_tokenizer_counts_as_whitespace_is_cut_before() -> None
         and (chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf"))
     ]
     assert len(candidates) > 200
-    not_space = re.compile(tk._NOT_SPACE)
     for c in candidates:
         whitespace = pre.pre_tokenize_str(" " + c + "x")[0][0] == "Ġ"  # the space stood alone
         if whitespace:
-            assert not not_space.match(c), hex(ord(c))
-    assert {c for c in candidates if not not_space.match(c)} >= {" ", "\u3000", "\xa0", "\x85"}
+            assert not tables.cut.match(" " + c), hex(ord(c))
+    assert not any(tables.cut.match(" " + c) for c in " \u3000\xa0\x85\t\n")
 
 
 def test_a_full_cache_starts_over_and_stays_exact(
     rust: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tk, "PIECE_CACHE_ENTRIES", 30)
+    monkeypatch.setattr(pc, "PIECE_CACHE_ENTRIES", 30)
     docs = _varied_docs(200, seed=8)
     expected = [rust.encode(d, add_special_tokens=False).ids for d in docs]
     cache = tk.PieceCache.wrap(rust)

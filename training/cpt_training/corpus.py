@@ -128,3 +128,35 @@ def train_bpe_tokenizer(
     out = Path(out_dir)
     fast.save_pretrained(out)
     return out
+
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+"""Llama 3's pre-tokenizer split (its tokenizer.json, ``Split`` with behaviour isolated)."""
+
+
+def build_llama3_style_bpe(texts: Iterable[str], *, vocab_size: int = 4096) -> Any:
+    """Train a BPE ``tokenizers.Tokenizer`` laid out as Llama 3's: :data:`LLAMA3_SPLIT`, then
+    byte-level without GPT-2's regex, ``ignore_merges``; ``<|begin_of_text|>`` and
+    ``<|end_of_text|>`` (ids 0, 1). For tests and benchmarks of that tokenizer family (the
+    real one is gated on the Hub)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok

@@ -59,7 +59,6 @@ import re
 import shutil
 import tempfile
 import time
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +68,7 @@ import numpy as np
 
 from cpt_training.cli import ConfigError
 from cpt_training.config import PARQUET_CONVERSION, DataSource, TokenizeStage
+from cpt_training.piece_cache import PieceCache, flat_ids
 from cpt_training.storage import TMP_MARKER, Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -508,246 +508,6 @@ _WORKER_TOK: Any = None
 _WORKER_EOS = 0
 _WORKER_OPTS: Any = None
 
-_NOT_SPACE = (
-    "[^\\s\\x00-\\x1f\\x7f-\\xa0\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u206f"
-    "\\u3000\\ufeff]"
-)
-"""A character that is surely not whitespace to the tokenizer's regex: everything Python or
-Unicode counts as whitespace, and the controls and format characters near it, are left out
-(leaving out too many only makes chunks longer, never wrong)."""
-CHUNK_SPLIT = re.compile(" (?=" + _NOT_SPACE + ")")
-"""Where a document is cut into chunks: at a space followed by a non-space. GPT-2's split
-(``pre_tokenizers.ByteLevel(use_regex=True)``: ``'s|'t|…| ?\\p{L}+| ?\\p{N}+|
-?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``) always starts a piece there: the space joins the
-next piece (` ?X`), and a whitespace run before it stops short of it (``\\s+(?!\\S)``). So
-every chunk is a whole number of pieces and encoding it alone gives exactly its ids in the
-document."""
-PIECE_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-"""GPT-2's split, as in ``pre_tokenizers.ByteLevel(use_regex=True)`` (needs the ``regex``
-module for ``\\p{L}``): used only on chunks the cache has not seen."""
-
-
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> character table (``pre_tokenizers.ByteLevel.alphabet()``), keyed by
-    the code point of the byte read as latin-1, for ``str.translate``."""
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    moved = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep}
-    table.update({b: chr(256 + i) for i, b in enumerate(moved)})
-    return table
-
-
-_BYTES = _byte_chars()
-PIECE_CACHE_ENTRIES = 1 << 20
-"""Chunks (and pieces) cached per process before the cache starts over (bounded memory)."""
-
-
-class PieceCache:
-    """Encodes documents through caches in front of the Rust tokenizer: 2-4x its speed per
-    core on English text (docs/PERFORMANCE.md, tokenization), because a corpus repeats its
-    words and the encoder's per-document work (pre-tokenizer, encodings, offsets, Python
-    objects) is skipped.
-
-    A document is cut into chunks at :data:`CHUNK_SPLIT` (the standard library's ``re`` on one
-    literal: C speed), each chunk's ids are looked up (``ids``; a document's first chunk, which
-    has no space before it, in ``heads``) and joined as bytes. Chunks not seen before are split
-    into GPT-2 pieces (:data:`PIECE_SPLIT`, in one ``regex`` call per batch), and the pieces
-    not seen before (``pieces``) are encoded by the Rust tokenizer in one call per batch.
-
-    Exact only where the encoder handles every piece on its own anyway: BPE without dropout
-    behind the plain byte-level pre-tokenizer (GPT-2's split, no prefix space) and no
-    normalizer, as for the tokenizers cpt trains. :meth:`wrap` returns the Rust tokenizer
-    unchanged for any other. A document holding an added token's text (``</s>`` ...) goes to
-    the Rust tokenizer whole. Samples (``SELF_CHECK_DOCS``) are compared with the Rust
-    tokenizer's ids; on any difference the cache switches itself off (logged)."""
-
-    SELF_CHECK_DOCS = 64
-    """Documents of the first batch encoded directly too and compared (then 8 documents of
-    every 256th batch: a rare character the two splits treat differently is caught too)."""
-
-    def __init__(
-        self, rust: Any, split: Any = CHUNK_SPLIT, added: Any = None, pieces: Any = None
-    ) -> None:
-        self.rust = rust
-        self._batch = getattr(rust, "encode_batch_fast", None) or rust.encode_batch
-        self._split = split.split
-        self._pieces = pieces.findall if pieces is not None else None
-        self._added = added
-        self.ids: dict[str, bytes] = {}
-        """Chunk after a cut (the space before it implied) -> int32 ids of space + chunk."""
-        self.heads: dict[str, bytes] = {}
-        """A document's first chunk (no space before it) -> its int32 ids."""
-        self.pieces: dict[str, bytes] = {}
-        """GPT-2 piece -> its int32 ids (only to encode new chunks)."""
-        self.enabled = True
-        self._calls = 0
-
-    @classmethod
-    def wrap(cls, rust: Any, spec_json: str | None = None) -> Any:
-        """A cache in front of ``rust`` where it is exact, else ``rust`` itself;
-        ``spec_json``: ``rust.to_str()`` when the caller has it already."""
-        spec = json.loads(spec_json if spec_json is not None else rust.to_str())
-        pre = spec.get("pre_tokenizer") or {}
-        model = spec.get("model") or {}
-        if (
-            spec.get("normalizer") is not None
-            or pre.get("type") != "ByteLevel"
-            or not pre.get("use_regex", True)
-            or pre.get("add_prefix_space")
-            or model.get("type") != "BPE"
-            or model.get("dropout")
-        ):
-            return rust
-        added = [str(t["content"]) for t in spec.get("added_tokens") or [] if t.get("content")]
-        added_re = re.compile("|".join(map(re.escape, added))) if added else None
-        try:
-            import regex  # type: ignore[import-untyped]
-
-            pieces = regex.compile(PIECE_SPLIT)
-        except ImportError:  # new chunks then go to the Rust tokenizer whole
-            pieces = None
-        return cls(rust, CHUNK_SPLIT, added_re, pieces)
-
-    def _rust_ids(self, texts: list[str]) -> list[bytes]:
-        return [array("i", e.ids).tobytes() for e in self._batch(texts, add_special_tokens=False)]
-
-    def _model_ids(self, pieces: list[str]) -> list[bytes]:
-        """Ids of single pieces from the BPE model itself, on their byte-level characters
-        (what the byte-level pre-tokenizer hands it): half the cost of a full encode."""
-        tokenize = self.rust.model.tokenize
-        return [
-            array(
-                "i", [t.id for t in tokenize(p.encode().decode("latin-1").translate(_BYTES))]
-            ).tobytes()
-            for p in pieces
-        ]
-
-    def _direct(self, texts: list[str]) -> list[list[int]]:
-        return [list(e.ids) for e in self._batch(texts, add_special_tokens=False)]
-
-    def _new_chunks(self, keys: list[str]) -> list[bytes]:
-        """Ids of ``" " + key`` for chunks not seen before. They are joined into one text
-        (every cut is a piece boundary there too), split into pieces in one call, and the
-        pieces not seen before are encoded by the Rust tokenizer in one call: the Rust
-        encoder costs microseconds per sequence, and a chunk holds a rare word more often
-        than a piece does."""
-        if self._pieces is None:
-            return self._rust_ids([" " + k for k in keys])
-        pieces: list[str] = self._pieces(" " + " ".join(keys))
-        ends = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
-        chunk_ends = np.cumsum(np.fromiter((len(k) + 1 for k in keys), dtype=np.int64))
-        cut = np.searchsorted(ends, chunk_ends, side="right")
-        if cut[-1] != len(pieces) or not np.array_equal(ends[cut - 1], chunk_ends):
-            return self._rust_ids([" " + k for k in keys])  # a piece crosses a cut: not GPT-2's
-        cache = self.pieces
-        if len(cache) > PIECE_CACHE_ENTRIES:
-            cache.clear()
-        new = list(set(pieces).difference(cache))
-        cache.update(zip(new, self._model_ids(new), strict=True))
-        get = cache.__getitem__
-        out: list[bytes] = []
-        start = 0
-        for stop in cut.tolist():
-            out.append(b"".join(map(get, pieces[start:stop])))
-            start = stop
-        return out
-
-    def _chunked(self, texts: list[str]) -> list[list[bytes]]:
-        """Each document's ids as the list of its chunks' int32 ids (bytes). The per-chunk
-        work stays in C (``split``, ``map``, set difference): a Python loop over chunks would
-        cost as much as the encoder saves."""
-        from itertools import islice
-
-        cache, heads = self.ids, self.heads
-        if len(cache) + len(heads) > PIECE_CACHE_ENTRIES:
-            cache.clear()
-            heads.clear()
-        get, hget = cache.get, heads.get
-        split = self._split
-        out: list[list[Any]] = []
-        pending: list[tuple[int, list[str]]] = []
-        whole: list[int] = []
-        miss: set[str] = set()
-        miss_heads: set[str] = set()
-        for i, text in enumerate(texts):
-            if self._added is not None and self._added.search(text):
-                out.append([])  # holds an added token's text: the Rust tokenizer, whole
-                whole.append(i)
-                continue
-            parts = split(text)
-            found: list[Any] = list(map(get, parts))
-            found[0] = hget(parts[0])
-            if None in found:
-                pending.append((i, parts))
-                if found[0] is None:
-                    miss_heads.add(parts[0])
-                miss.update(set(parts[1:]).difference(cache))
-            out.append(found)
-        if miss:
-            keys = list(miss)
-            cache.update(zip(keys, self._new_chunks(keys), strict=True))
-        if miss_heads:
-            keys = list(miss_heads)
-            heads.update(zip(keys, self._rust_ids(keys), strict=True))
-        for i, parts in pending:
-            found = [heads[parts[0]]]
-            found.extend(map(cache.__getitem__, islice(parts, 1, None)))
-            out[i] = found
-        for i, doc in zip(whole, self._rust_ids([texts[i] for i in whole]), strict=True):
-            out[i] = [doc]
-        return out
-
-    def _checked(self, texts: list[str]) -> list[list[bytes]] | None:
-        """The chunked ids, or None once a sample differs from the Rust tokenizer's."""
-        out = self._chunked(texts)
-        self._calls += 1
-        n = self.SELF_CHECK_DOCS if self._calls == 1 else 8 if self._calls % 256 == 0 else 0
-        if n and [_ids(d) for d in out[:n]] != self._direct(texts[:n]):
-            log.warning("piece cache disabled: it differs from the tokenizer on this input")
-            self.enabled = False
-            self.ids.clear()
-            self.heads.clear()
-            self.pieces.clear()
-            return None
-        return out
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each document (no special tokens added)."""
-        out = self._checked(texts) if self.enabled else None
-        if out is None:
-            return self._direct(texts)
-        return [_ids(d) for d in out]
-
-    def encode_flat(self, texts: list[str], eos: int) -> np.ndarray:
-        """Ids of the documents, each followed by ``eos``, as one flat int32 array: one
-        ``bytes.join`` over the chunks' ids, no Python int per token."""
-        out = self._checked(texts) if self.enabled else None
-        if out is None:
-            return _flat([np.asarray(d, dtype=np.int32) for d in self._direct(texts)], eos)
-        end = np.array([eos], dtype=np.int32).tobytes()
-        seq: list[bytes] = []
-        for doc in out:
-            seq.extend(doc)
-            seq.append(end)
-        return np.frombuffer(b"".join(seq), dtype=np.int32)
-
-
-def _ids(chunks: list[bytes]) -> list[int]:
-    ids: list[int] = np.frombuffer(b"".join(chunks), dtype=np.int32).tolist()
-    return ids
-
-
-def _flat(docs: list[np.ndarray], eos: int) -> np.ndarray:
-    """Documents' id arrays, each followed by EOS, as one flat int32 array."""
-    if not docs:
-        return np.zeros(0, dtype=np.int32)
-    eos_arr = np.array([eos], dtype=np.int32)
-    parts: list[np.ndarray] = []
-    for d in docs:
-        parts.append(d)
-        parts.append(eos_arr)
-    return np.concatenate(parts)
-
 
 def _encode(tok: Any, eos: int, texts: list[str]) -> np.ndarray:
     """Token ids of documents, each followed by EOS, as one flat int32 array."""
@@ -758,7 +518,7 @@ def _encode(tok: Any, eos: int, texts: list[str]) -> np.ndarray:
     encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
     encs = encode(texts, add_special_tokens=False)
     # per document; the per-token work happens in C
-    return _flat([np.asarray(e.ids, dtype=np.int32) for e in encs], eos)
+    return flat_ids([np.asarray(e.ids, dtype=np.int32) for e in encs], eos)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from cpt_operator.api.models import (
 )
 from cpt_operator.api.podsecurity import PodSecurityNeed, required_level
 from cpt_training.flops import GIB, DeviceSpec, InstanceType, ModelShape, instance_type
+from cpt_training.native.options import unsupported_options
+from cpt_training.nxd.layout import LlamaShape
 
 Mode = Literal["cluster", "local"]
 
@@ -599,6 +601,16 @@ class _Planner:
                 f"{self.spec.data.block_size} exceeds the model's max_position_embeddings "
                 f"({max_pos}); extend RoPE via configOverrides (rope_scaling) or lower it",
             )
+        if self.p.backend == "native":
+            # Options the native Llama would not train as transformers runs them: refused
+            # here, before any child exists (the trainer checks again for unread configs).
+            for key, why in unsupported_options(merged):
+                self.error("spec.model.configOverrides", f"{key}: {why}")
+        elif self.p.backend == "nxd":
+            try:  # the options the nxd model implements (rope types, no biases, head_dim)
+                LlamaShape.from_config(merged)
+            except ValueError as exc:
+                self.error("spec.model.configOverrides", str(exc))
         return shape
 
     def _base_config(self) -> tuple[dict[str, Any] | None, str]:

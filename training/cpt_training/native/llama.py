@@ -7,10 +7,11 @@ checkpointing awkward; its loss upcasts the full logits tensor outside any fused
 module keeps only the training path (embedding -> N x [RMSNorm, GQA attention via SDPA with a
 causal flag, RMSNorm, SwiGLU MLP] -> RMSNorm -> LM head -> summed cross entropy), and names every
 parameter exactly as HF does (``model.layers.3.self_attn.q_proj.weight`` ...), so HF safetensors
-load into it and export out of it without a mapping table. Rotary frequencies come from
-transformers' own RoPE initialisers, so every rope type HF supports for Llama (default, llama3,
-linear, yarn, ...) gives identical positions. ``tests/unit/test_native_llama.py`` proves logits
-and loss equal HF's within float tolerance.
+load into it and export out of it without a mapping table. The rotary tables come from
+transformers' own rotary module run at each sequence length (:func:`rope_table`), so every rope
+type HF supports for Llama (default, linear, dynamic, yarn, longrope, llama3, ...) gives HF's
+positions exactly, past every length threshold too. ``tests/parity/`` proves logits identical
+to HF's in fp32 for every variant the backend accepts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch.utils.checkpoint import (
     checkpoint,
     create_selective_checkpoint_contexts,
 )
+
+from cpt_training.native.options import unsupported_options
 
 ActivationCheckpointing = Literal["none", "full", "selective"]
 
@@ -52,15 +55,15 @@ class LlamaArgs:
 
     @classmethod
     def from_hf(cls, config: Any) -> LlamaArgs:
-        model_type = getattr(config, "model_type", None)
-        if model_type != "llama":
+        """The shape, after refusing any option this module would not reproduce exactly
+        (:func:`cpt_training.native.options.unsupported_options`, which the planner runs too
+        where it can read config.json)."""
+        bad = unsupported_options({"model_type": None, **config.to_dict()})
+        if bad:
             raise ValueError(
-                f"the native backend trains Llama models; config.json has model_type "
-                f"{model_type!r} (allowed: 'llama')"
+                "the native backend cannot train this model exactly as transformers runs it: "
+                + "; ".join(f"config.json {field}: {why}" for field, why in bad)
             )
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act must be 'silu' for Llama, got {act!r}")
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -102,23 +105,32 @@ class LlamaArgs:
         return total
 
 
-def rope_inv_freq(hf_config: Any) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling exactly as transformers computes them."""
+RopeTable = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_table(hf_config: Any, seq_len: int, device: torch.device | str) -> RopeTable:
+    """cos/sin of positions ``0..seq_len-1``, shape [seq_len, head_dim], fp32, from
+    transformers' own ``LlamaRotaryEmbedding`` run as an HF forward over ``seq_len`` tokens runs
+    it: built on the CPU (as HF builds it), moved to ``device``, called with
+    ``position_ids = arange(seq_len)``.
+
+    Why HF's module and not its inverse frequencies alone: some rope types depend on the
+    sequence length at every forward (``dynamic`` recomputes the frequencies for sequences past
+    ``max_position_embeddings``; ``longrope`` switches to its long factors past
+    ``original_max_position_embeddings``). Taking the table from the module HF runs makes every
+    rope type transformers supports for Llama identical by construction, including ones added
+    later. A fresh module per length gives what a freshly loaded HF model computes at that
+    length; in training every step has the same length, where HF's dynamic state (it keeps the
+    longest length seen) gives the same table too."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     with torch.device("cpu"):
         rope = LlamaRotaryEmbedding(config=hf_config)
-    return rope.inv_freq.detach().float().clone(), float(rope.attention_scaling)
-
-
-def rope_table(
-    inv_freq: torch.Tensor, scaling: float, seq_len: int, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape [seq_len, head_dim] in fp32 (HF's ``cat(freqs, freqs)`` layout)."""
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq.to(device=device, dtype=torch.float32))
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scaling, emb.sin() * scaling
+    rope.to(device)
+    x = torch.zeros(1, dtype=torch.float32, device=device)
+    pos = torch.arange(seq_len, device=device).unsqueeze(0)
+    cos, sin = rope(x, pos)
+    return cos[0].float(), sin[0].float()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -261,22 +273,20 @@ class Llama(nn.Module):
     """Causal LM. ``forward(input_ids, targets)`` returns the *summed* token cross entropy
     (callers divide by the number of target tokens, which they know without a host sync)."""
 
-    def __init__(self, a: LlamaArgs, inv_freq: torch.Tensor, rope_scaling: float = 1.0) -> None:
+    def __init__(self, a: LlamaArgs, hf_config: Any) -> None:
         super().__init__()
         self.args = a
         self.model = LlamaBody(a)
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq = inv_freq.detach().float().cpu()
-        self._rope_scaling = rope_scaling
-        self._rope: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hf_config = hf_config
+        self._rope: dict[tuple[str, int], RopeTable] = {}
         self._head_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._loss
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> Llama:
-        inv_freq, scaling = rope_inv_freq(hf_config)
-        return cls(LlamaArgs.from_hf(hf_config), inv_freq, scaling)
+        return cls(LlamaArgs.from_hf(hf_config), hf_config)
 
     def set_activation_checkpointing(self, mode: ActivationCheckpointing) -> None:
         for layer in self.model.layers:
@@ -290,12 +300,12 @@ class Llama(nn.Module):
             layer.compile(**kwargs)
         self._head_loss = torch.compile(self._loss, **kwargs)
 
-    def _rope_for(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_for(self, seq: int, device: torch.device) -> RopeTable:
         # Cached per (device, seq): a plain dict, not buffers, so nothing leaks into the state
         # dict and meta-device construction needs no re-initialisation.
         key = (str(device), seq)
         if key not in self._rope:
-            self._rope[key] = rope_table(self._inv_freq, self._rope_scaling, seq, device)
+            self._rope[key] = rope_table(self._hf_config, seq, device)
         return self._rope[key]
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
