@@ -169,6 +169,7 @@ def breakdown_table(items: list[dict[str, Any]]) -> str | None:
     for key, label in (
         ("forwardMs", "forward (4 micro-batches)"),
         ("backwardMs", "backward"),
+        ("forwardBackwardMs", "forward + backward (all micro batches)"),
         ("optimizerMs", "grad clip + AdamW step + zero_grad"),
         ("otherMs", "other (host, copies between phases)"),
     ):

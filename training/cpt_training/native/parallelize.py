@@ -91,9 +91,13 @@ def parallelize(
     bf16: bool,
     activation_checkpointing: ActivationCheckpointing,
     compile_model: bool,
+    fsdp: bool = True,
 ) -> Llama:
-    """Parallelize ``model`` in place (it may be on the meta device) and return it."""
+    """Parallelize ``model`` in place (it may be on the meta device) and return it. Without
+    ``fsdp`` (one device only: see ``native/single.py``) the parameters stay plain tensors."""
     tp = mesh["tp"].size()
+    if not fsdp and mesh.size() != 1:
+        raise ValueError(f"the plain (non-FSDP) path needs one device, the mesh has {mesh.size()}")
     dp_mesh = mesh["dp"]
     if tp > 1:
         check_tp_shapes(model.args, tp)
@@ -101,6 +105,8 @@ def parallelize(
     model.set_activation_checkpointing(activation_checkpointing)
     if compile_model:
         model.compile_blocks(fullgraph=tp == 1)
+    if not fsdp:
+        return model
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16
