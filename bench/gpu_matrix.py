@@ -207,7 +207,8 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
 def variant_runs(
     args: argparse.Namespace, data: Path, model: Path, shape: str, work: Path, out_dir: Path
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    specs = args.variant or list(tm.DEFAULT_VARIANTS)
+    default = tm.THROUGHPUT_VARIANTS if args.suite == "throughput" else tm.DEFAULT_VARIANTS
+    specs = args.variant or list(default)
     rows, raw = [], {}
     for spec in specs:
         v = tm.parse_variant(spec, args.micro, args.accum)
@@ -482,20 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = ("train" if args.suite == "throughput" else "train-levers") + (
         f"-{args.kind}" if args.kind else ""
     )
-    results_dir = Path(args.results_dir)
-    if args.tiny:
-        stem += "-tiny"
-        if results_dir == common.RESULTS:
-            results_dir = work  # a smoke test is not a benchmark result
-    path = common.write_results(stem, items, results_dir)
-    if args.out:
-        shutil.copy(path, Path(args.out) / path.name)
-    for m in items:
-        r = m.get("ratio")
-        print(
-            f"{m['name']:44s} {m['value']:12.4g} {m['metric']:10s}"
-            + (f" ratio {r:.2f}" if r is not None else "")
-        )
+    gpu_train.write_and_print(stem, items, args, work)
     return 0
 
 

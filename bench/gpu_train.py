@@ -1282,21 +1282,30 @@ def main(argv: list[str] | None = None) -> int:
     stem = {"single": "train", "scaling": "scaling", "ckpt": "ckpt-stall"}[args.suite] + (
         f"-{args.kind}" if args.kind else ""
     )
+    write_and_print(stem, items, args, work)
+    return 0
+
+
+def write_and_print(
+    stem: str, items: list[dict[str, Any]], args: argparse.Namespace, work: Path
+) -> Path:
+    """Write the results file (a ``--tiny`` smoke run's beside its work files, not among the
+    benchmark results), copy it to ``--out`` and print one line per measurement."""
+    results_dir = Path(args.results_dir)
     if args.tiny:
         stem += "-tiny"
-    results_dir = Path(args.results_dir)
-    if args.tiny and results_dir == common.RESULTS:
-        results_dir = work  # a smoke test is not a benchmark result
+        if results_dir == common.RESULTS:
+            results_dir = work  # a smoke test is not a benchmark result
     path = common.write_results(stem, items, results_dir)
     if args.out:
         shutil.copy(path, Path(args.out) / path.name)
     for m in items:
         r = m.get("ratio")
         print(
-            f"{m['name']:34s} {m['value']:12.4g} {m['metric']:10s}"
+            f"{m['name']:44s} {m['value']:12.4g} {m['metric']:10s}"
             + (f" ratio {r:.2f}" if r is not None else "")
         )
-    return 0
+    return path
 
 
 if __name__ == "__main__":

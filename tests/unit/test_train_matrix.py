@@ -87,3 +87,49 @@ def test_curves_are_compared_through_block_means() -> None:
     assert out["maxRelativeGap"] == pytest.approx(0.002)
     with pytest.raises(ValueError, match="equal"):
         tm.compare_curves(ref, new[:-1])
+
+
+def test_the_suite_s_rows_from_a_real_h100_run_carry_both_mfu_counts_and_the_fair_ratio() -> None:
+    import argparse
+    import json
+
+    from bench import common, gpu_matrix
+
+    raw = Path(__file__).resolve().parents[2] / "bench/results/raw/h100-throughput"
+    nat = json.loads((raw / "native-plain-fused-m8.result.json").read_text())
+    hf = [
+        {
+            **json.loads((raw / f"hf-{n}.result.json").read_text()),
+            "config": n,
+            "attn": "sdpa",
+            "trainingArgumentsSet": {},
+        }
+        for n in ("liger-m8", "compile")
+    ]
+    hf.append(
+        {
+            "config": "broken",
+            "microBatch": 2,
+            "gradAccum": 4,
+            "attn": "sdpa",
+            "trainingArgumentsSet": {},
+            "failed": "rc 1",
+        }
+    )
+    v = tm.parse_variant("plain-fused-m8:micro=8,accum=1,fusedLoss=true", 2, 4)
+    row = gpu_matrix.native_row(v, nat, "llama-3.2-1b", 4096, 3)
+    # 6N + 12·L·H·Q·T against the causal count 6N + 6·L·H·Q·T (16 layers, 32 heads of 64).
+    assert row["flopsPerTokenFull"] - row["flopsPerTokenCausal"] == 6 * 16 * 32 * 64 * 4096
+    assert row["mfuCausal"] < row["mfu"]
+    args = argparse.Namespace(seq=4096, ac="none", tiny=False, suite="throughput", warmup=3)
+    items = gpu_matrix.measurements(
+        args, "h100: 1x NVIDIA H100 80GB HBM3", "llama-3.2-1b", [row], {v.name: nat}, hf, None
+    )
+    for m in items:
+        common.validate(m)
+    by = {m["name"]: m for m in items}
+    ratio = by["train.native.vs_hf_trainer"]
+    assert ratio["baselineValue"] == max(h["tokensPerSec"] for h in hf if "tokensPerSec" in h)
+    assert "liger-m8" in ratio["baselineName"]
+    assert by["train.hf.broken"]["value"] == 0.0
+    assert by["train.native.mfu"]["goal"]["target"] == 0.60

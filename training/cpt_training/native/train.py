@@ -281,6 +281,7 @@ class Trainer:
         """Forward and backward of one micro batch; returns its summed loss (detached)."""
         ids = self._to_device(ids_host)
         labels = ids if labels_host is ids_host else self._to_device(labels_host)
+        loss: torch.Tensor
         if self.master is not None:
             loss = self.master(ids, shift_targets(labels))
         else:
