@@ -281,7 +281,6 @@ class Trainer:
         """Forward and backward of one micro batch; returns its summed loss (detached)."""
         ids = self._to_device(ids_host)
         labels = ids if labels_host is ids_host else self._to_device(labels_host)
-        loss: torch.Tensor
         if self.master is not None:
             loss = self.master(ids, shift_targets(labels))
         else:
@@ -291,7 +290,8 @@ class Trainer:
         (loss * scale).backward()
         if self.master is not None:
             self.master.accumulate()
-        return loss.detach()
+        detached: torch.Tensor = loss.detach()
+        return detached
 
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step, zero; returns the gradient norm before clipping."""
