@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The GPU benchmarks as run on a lent GPU machine (`bench/run.py --gpu` prints the call).
-# Usage (from the repo root, on the GPU machine): bench/device.sh single|scaling|ckpt KIND [args...]
-# Needs the carried wheels in .whl/ (pydantic, datasets and their pure-Python deps; the image
-# has torch, transformers, pyarrow, tokenizers) and bench/work/carry (corpus + tokenizer).
-# `bench/device.sh ckpt-sync LABEL [--pinned CPUS] [args...]` runs the checkpoint transfer
-# benchmark (CPU only) instead: see bench/device_ckpt_sync.sh (it carries bench/work/ckpt-carry).
+# The GPU benchmarks as run on a lent GPU machine (`bench/run.py --print-device-commands`).
+# Usage (from the repo root, on the GPU machine): bench/device.sh SUITE KIND [args...]
+#   throughput: native variants + every HF Trainer configuration, no checkpoint writes
+#               (bench/gpu_matrix.py; results train-KIND.json)
+#   levers:     native variants + the 200-step numerics check (train-levers-KIND.json)
+#   ckpt:       checkpoint stalls only (bench/gpu_train.py --suite ckpt)
+#   scaling:    one GPU against FSDP2 over two (bench/gpu_train.py --suite scaling)
+#   ckpt-sync:  checkpoint transfer benchmark, CPU only (bench/device_ckpt_sync.sh)
+# Needs the wheels of bench/device-wheels.txt in .whl/ (bench/prepare_device_wheels.sh) and
+# bench/work/carry (python bench/run.py --prepare-carry). Logs and raw results go to
+# $OUT/raw-SUITE.tgz beside the results file (the device returns a few files, not folders).
 set -uo pipefail
-suite=${1:?suite: single, scaling, ckpt or ckpt-sync}
+suite=${1:?suite: throughput, levers, scaling, ckpt or ckpt-sync}
 kind=${2:?kind label, e.g. h100}
 shift 2
 if [ "$suite" = ckpt-sync ]; then
@@ -20,8 +25,14 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TORCH_LOGS=recompiles
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv
-df -h . | tail -1
 python3 -c 'import torch, transformers, pyarrow, datasets, pydantic, tokenizers
 print("torch", torch.__version__, "transformers", transformers.__version__, "pyarrow",
       pyarrow.__version__, "datasets", datasets.__version__, "tokenizers", tokenizers.__version__)'
-python3 bench/gpu_train.py --suite "$suite" --kind "$kind" --out "$out" "$@" 2>&1 | tee "$out/run.log"
+case "$suite" in
+  throughput | levers) script=bench/gpu_matrix.py ;;
+  *) script=bench/gpu_train.py ;;
+esac
+python3 "$script" --suite "$suite" --kind "$kind" --out "$out" "$@" 2>&1 | tee "$out/run-$suite.log"
+rc=${PIPESTATUS[0]}
+tar czf "$out/raw-$suite.tgz" -C bench/work/gpu logs 2>/dev/null
+exit "$rc"

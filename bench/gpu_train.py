@@ -39,7 +39,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common
+from bench import common, train_matrix
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B's config.json (shape only; weights are random).
@@ -285,6 +285,19 @@ def profile_summary(prof: Any, steps: int) -> dict[str, Any]:
     }
 
 
+def kernel_intervals(prof: Any) -> list[tuple[float, float, str]]:
+    """(start us, end us, category) of every GPU kernel/copy the profiler recorded."""
+    from torch.autograd import DeviceType  # type: ignore[attr-defined]
+
+    out = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA or _is_annotation(e.name):
+            continue
+        tr = e.time_range
+        out.append((float(tr.start), float(tr.end), _kernel_category(e.name)))
+    return out
+
+
 def run_breakdown(
     tr: Any, warm: int, steps: int, prof_steps: int, out_dir: Path | None
 ) -> dict[str, Any]:
@@ -292,18 +305,15 @@ def run_breakdown(
     optimizer and data, with CUDA events (the same work as ``Trainer._step``)."""
     import torch
 
-    from cpt_training.native.llama import IGNORE_INDEX, shift_targets
-    from cpt_training.native.optim import clip_grads
-
     cuda = tr.d.device_type == "cuda"
+    tr.begin_training()
     it = tr._batches(0)
     rows = []
     t_first = time.perf_counter()
     tr_warm = 0.0
     for i in range(warm + steps):
         batches = next(it)
-        local = sum(int((lab[:, 1:] != IGNORE_INDEX).sum()) for _, lab in batches)
-        scale = tr.plan.layout.dp / tr._global_count(local).clamp(min=1.0)
+        _count, scale = tr._loss_scale(batches)
         marks: list[tuple[str, Any]] = []
 
         def mark(marks: list[tuple[str, Any]], label: str) -> None:
@@ -314,20 +324,14 @@ def run_breakdown(
             else:
                 marks.append((label, time.perf_counter()))
 
-        fwd = bwd = 0.0
+        bwd = 0.0
         mark(marks, "start")
         last = len(batches) - 1
-        for j, (ids_h, _lab) in enumerate(batches):
-            ids = tr._to_device(ids_h)
-            tr.model.set_requires_gradient_sync(j == last)
+        for j, (ids_h, lab_h) in enumerate(batches):
             mark(marks, "f0")
-            loss = tr.model(ids, shift_targets(ids))
-            mark(marks, "f1")
-            (loss * scale).backward()
+            tr._micro_step(ids_h, lab_h, scale, last=j == last)
             mark(marks, "b1")
-        norm = clip_grads(tr.params, tr.cfg.optimizer.grad_clip)
-        tr.optimizer.step()
-        tr.optimizer.zero_grad(set_to_none=True)
+        norm = tr._optimizer_step()
         mark(marks, "o1")
         _sync()
 
@@ -338,10 +342,8 @@ def run_breakdown(
         for k in range(1, len(evs)):
             lab = evs[k][0]
             d = dt(evs[k - 1][1], evs[k][1])
-            if lab == "f1":
-                fwd += d
-            elif lab == "b1":
-                bwd += d
+            if lab == "b1":
+                bwd += d  # forward + backward of a micro batch (one call of the trainer's)
         opt = dt(evs[-2][1], evs[-1][1])
         total = dt(evs[0][1], evs[-1][1])
         if i == warm - 1:
@@ -349,8 +351,7 @@ def run_breakdown(
         if i >= warm:
             rows.append(
                 {
-                    "forwardMs": fwd,
-                    "backwardMs": bwd,
+                    "forwardBackwardMs": bwd,
                     "optimizerMs": opt,
                     "stepMs": total,
                     "gradNorm": float(norm),
@@ -361,9 +362,9 @@ def run_breakdown(
         "warmupSeconds": tr_warm,
         "steps": rows,
     }
-    for key in ("forwardMs", "backwardMs", "optimizerMs", "stepMs"):
+    for key in ("forwardBackwardMs", "optimizerMs", "stepMs"):
         res[key] = common.median([r[key] for r in rows])
-    res["otherMs"] = res["stepMs"] - res["forwardMs"] - res["backwardMs"] - res["optimizerMs"]
+    res["otherMs"] = res["stepMs"] - res["forwardBackwardMs"] - res["optimizerMs"]
     if cuda and prof_steps > 0:
         from torch.profiler import ProfilerActivity, profile
 
@@ -372,6 +373,12 @@ def run_breakdown(
                 tr._step(next(it))
             _sync()
         res["profile"] = profile_summary(prof, prof_steps)
+        try:
+            res["profile"]["kernelTable"] = train_matrix.kernel_table(
+                kernel_intervals(prof), prof_steps, res["stepMs"]
+            )
+        except Exception as exc:  # the table is a report; never lose the run over it
+            res["profile"]["kernelTableError"] = repr(exc)[:300]
         if out_dir is not None:
             table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
             (out_dir / "profile-kernels.txt").write_text(table)
@@ -951,7 +958,15 @@ def single_measurements(
             bd["stepMs"],
             details={
                 k: bd[k]
-                for k in ("forwardMs", "backwardMs", "optimizerMs", "otherMs", "warmupSeconds")
+                for k in (
+                    "forwardMs",
+                    "backwardMs",
+                    "forwardBackwardMs",
+                    "optimizerMs",
+                    "otherMs",
+                    "warmupSeconds",
+                )
+                if k in bd
             }
             | {
                 "profile": bd.get("profile"),
@@ -1267,21 +1282,30 @@ def main(argv: list[str] | None = None) -> int:
     stem = {"single": "train", "scaling": "scaling", "ckpt": "ckpt-stall"}[args.suite] + (
         f"-{args.kind}" if args.kind else ""
     )
+    write_and_print(stem, items, args, work)
+    return 0
+
+
+def write_and_print(
+    stem: str, items: list[dict[str, Any]], args: argparse.Namespace, work: Path
+) -> Path:
+    """Write the results file (a ``--tiny`` smoke run's beside its work files, not among the
+    benchmark results), copy it to ``--out`` and print one line per measurement."""
+    results_dir = Path(args.results_dir)
     if args.tiny:
         stem += "-tiny"
-    results_dir = Path(args.results_dir)
-    if args.tiny and results_dir == common.RESULTS:
-        results_dir = work  # a smoke test is not a benchmark result
+        if results_dir == common.RESULTS:
+            results_dir = work  # a smoke test is not a benchmark result
     path = common.write_results(stem, items, results_dir)
     if args.out:
         shutil.copy(path, Path(args.out) / path.name)
     for m in items:
         r = m.get("ratio")
         print(
-            f"{m['name']:34s} {m['value']:12.4g} {m['metric']:10s}"
+            f"{m['name']:44s} {m['value']:12.4g} {m['metric']:10s}"
             + (f" ratio {r:.2f}" if r is not None else "")
         )
-    return 0
+    return path
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The baseline of goal 1: transformers' ``Trainer`` on the same model, batch and precision.
 
-``LlamaForCausalLM`` with ``attn_implementation="sdpa"`` loaded from the same model dir as the
+``LlamaForCausalLM`` (``--attn``: ``sdpa`` by default) loaded from the same model dir as the
 native run (fp32 weights, ``bf16=True`` autocast: mixed precision with fp32 master weights, as
-the native trainer's FSDP2 policy), fused AdamW, the same micro batch, gradient accumulation
-and gradient clipping, a synthetic dataset of random token blocks (input_ids = labels, no
+the native trainer's), the same micro batch, gradient accumulation and gradient clipping; any
+``TrainingArguments`` field can be set with ``--targ KEY=VALUE`` (``torch_compile=true``,
+``use_liger_kernel=true``, ``optim=adamw_torch_fused``...) and the result records every
+argument that was set, a synthetic dataset of random token blocks (input_ids = labels, no
 attention mask, so SDPA runs its causal path). A callback synchronises the GPU at every step end
 and records the step times; tokens/s is taken over the steps after ``--warmup``.
 """
@@ -33,14 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--result", required=True)
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, ...)")
+    p.add_argument(
+        "--targ",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainingArguments field (VALUE as JSON, else a string); repeatable",
+    )
     args = p.parse_args(argv)
+    overrides = dict(_targ(t) for t in args.targ)
 
     import torch
     from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     cuda = torch.cuda.is_available()
     model = LlamaForCausalLM.from_pretrained(
-        args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        args.model_dir, dtype=torch.float32, attn_implementation=args.attn
     )
     vocab = int(model.config.vocab_size)
     n_blocks = args.micro * args.accum * (args.steps + 1)
@@ -75,26 +86,27 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.reset_peak_memory_stats()
 
     with tempfile.TemporaryDirectory(prefix="hf-trainer-") as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=args.micro,
-            gradient_accumulation_steps=args.accum,
-            max_steps=args.steps,
-            learning_rate=3e-4,
-            weight_decay=0.1,
-            adam_beta2=0.95,
-            max_grad_norm=1.0,
-            warmup_steps=5,
-            bf16=cuda,
-            optim="adamw_torch_fused" if cuda else "adamw_torch",
-            logging_steps=10**6,
-            save_strategy="no",
-            report_to=[],
-            dataloader_num_workers=2,
-            dataloader_pin_memory=cuda,
-            disable_tqdm=True,
-            use_cpu=not cuda,
-        )
+        kwargs: dict[str, Any] = {
+            "per_device_train_batch_size": args.micro,
+            "gradient_accumulation_steps": args.accum,
+            "max_steps": args.steps,
+            "learning_rate": 3e-4,
+            "weight_decay": 0.1,
+            "adam_beta2": 0.95,
+            "max_grad_norm": 1.0,
+            "warmup_steps": 5,
+            "bf16": cuda,
+            "optim": "adamw_torch_fused" if cuda else "adamw_torch",
+            "logging_steps": 10**6,
+            "save_strategy": "no",
+            "report_to": [],
+            "dataloader_num_workers": 2,
+            "dataloader_pin_memory": cuda,
+            "disable_tqdm": True,
+            "use_cpu": not cuda,
+        }
+        kwargs.update(overrides)
+        targs = TrainingArguments(output_dir=tmp, **kwargs)
         trainer = Trainer(model=model, args=targs, train_dataset=Blocks(), callbacks=[StepTimer()])
         t0 = time.perf_counter()
         trainer.train()
@@ -114,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "wallSeconds": wall,
         "tokensPerStep": tokens_per_step,
         "attnImplementation": str(model.config._attn_implementation),
+        "trainingArguments": kwargs,
+        "microBatch": args.micro,
+        "gradAccum": args.accum,
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,
     }
@@ -123,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.result).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: out[k] for k in ("tokensPerSec", "medianStepSeconds")}))
     return 0
+
+
+def _targ(text: str) -> tuple[str, Any]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise SystemExit(f"--targ {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 if __name__ == "__main__":

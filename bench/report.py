@@ -169,6 +169,7 @@ def breakdown_table(items: list[dict[str, Any]]) -> str | None:
     for key, label in (
         ("forwardMs", "forward (4 micro-batches)"),
         ("backwardMs", "backward"),
+        ("forwardBackwardMs", "forward + backward (all micro batches)"),
         ("optimizerMs", "grad clip + AdamW step + zero_grad"),
         ("otherMs", "other (host, copies between phases)"),
     ):
@@ -177,14 +178,26 @@ def breakdown_table(items: list[dict[str, Any]]) -> str | None:
     lines.append(_row(["**step**", f"{step:.1f}", "100%"]))
     prof = d.get("profile") or {}
     cfg = m.get("config") or {}
-    mm = (prof.get("categories") or {}).get("matmul")
+    kt = prof.get("kernelTable")
+    mm = ((kt or {}).get("rows") or {}).get("matmul") or (prof.get("categories") or {}).get(
+        "matmul"
+    )
     if mm and all(k in cfg for k in ("params", "seqLen", "microBatch", "gradAccum")):
         tokens = cfg["seqLen"] * cfg["microBatch"] * cfg["gradAccum"]
         tflops = 6 * cfg["params"] * tokens / (mm["msPerStep"] / 1000) / 1e12
         lines.append(
             _row([f"matmul rate: 6·N·tokens per step / matmul time = {tflops:.0f} TFLOP/s", "", ""])
         )
-    if prof.get("categories"):
+    if kt and kt.get("rows"):
+        lines += [
+            "",
+            _row(["GPU time by kernel category (overlaps counted once)", "ms/step", "share"]),
+            _row(["---"] * 3),
+        ]
+        for cat, v in sorted(kt["rows"].items(), key=lambda kv: -kv[1]["msPerStep"]):
+            lines.append(_row([cat, f"{v['msPerStep']:.1f}", fmt(v["share"], "share")]))
+        lines.append(_row(["**profiled window**", f"{kt['windowMsPerStep']:.1f}", "100%"]))
+    elif prof.get("categories"):
         lines += [
             "",
             _row(["GPU time by kernel (torch.profiler)", "ms/step", "share"]),
@@ -193,8 +206,9 @@ def breakdown_table(items: list[dict[str, Any]]) -> str | None:
         cats = sorted(prof["categories"].items(), key=lambda kv: -kv[1]["msPerStep"])
         for cat, v in cats:
             lines.append(_row([cat, f"{v['msPerStep']:.1f}", fmt(v["share"], "share")]))
+    if prof.get("topKernels"):
         lines += ["", _row(["top kernels", "ms/step", "calls/step"]), _row(["---"] * 3)]
-        for k in prof.get("topKernels", [])[:8]:
+        for k in prof["topKernels"][:8]:
             lines.append(
                 _row([f"`{k['name'][:70]}`", f"{k['msPerStep']:.1f}", f"{k['callsPerStep']:.0f}"])
             )

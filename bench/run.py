@@ -27,11 +27,15 @@ from bench import common
 CPU_BENCHES = ("tokenize", "ckpt_sync", "planner", "operator")
 
 DEVICE_COMMANDS = """\
-# Through the device tool, from the repo root, carrying .whl (pydantic, datasets and their
-# pure-Python deps for Python 3.12) and bench/work/carry (python bench/run.py --prepare-carry).
-# Results come back under $OUT; copy the JSON into bench/results/ (raw files: results/raw/).
-# Goal 1 + HF Trainer baseline + stalls with DCP's default staging (one H100):
-bash bench/device.sh single h100 --steps 70 --every 22 --hf-steps 15 --timeout 400
+# Through the device tool, from the repo root, carrying .whl (bench/prepare_device_wheels.sh:
+# the pinned set of bench/device-wheels.txt for Python 3.12) and bench/work/carry
+# (python bench/run.py --prepare-carry). Results come back under $OUT with raw-SUITE.tgz (logs,
+# raw per-run results); copy the JSON into bench/results/ (raw files: results/raw/).
+# Goal 1, throughput: native variants + every HF Trainer configuration, one command (one H100):
+# (variants and HF configurations: bench/train_matrix.py's defaults, or --variant/--hf-config)
+bash bench/device.sh throughput h100 --steps 15 --hf-steps 12 --timeout 200 --deadline 500
+# Goal 1, the levers one at a time + the 200-step loss-curve check (one H100):
+bash bench/device.sh levers h100 --steps 15 --numerics-steps 200 --timeout 200 --deadline 400
 # Goal 2 (two H200s; the one-GPU run also saves once with each staging):
 bash bench/device.sh scaling h200x2 --ckpt-steps 185 --every 90 --steps 30 --timeout 330
 # Goal 4, stall with the trainer's pinned staging (one H100):
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("operator: skipped (control plane binaries not built: make cluster-build)")
     if args.gpu:
-        plan.append(("gpu", _script("gpu_train", "--suite", "single", "--kind", args.kind)))
+        plan.append(("gpu", _script("gpu_matrix", "--suite", "throughput", "--kind", args.kind)))
     if args.gpu_scaling:
         plan.append(
             ("gpu-scaling", _script("gpu_train", "--suite", "scaling", "--kind", args.kind))

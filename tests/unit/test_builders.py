@@ -447,3 +447,18 @@ def test_every_build_returns_objects_of_its_own(name: str) -> None:
     assert len(ids_first) == len(set(ids_first)), "one object appears twice in one build"
     assert not set(ids_first) & set(_containers_of(second))
     assert not set(ids_first) & set(_containers_of(spec.model_dump()))
+
+
+def test_the_trainer_s_speed_knobs_pass_from_the_spec_to_the_train_stage() -> None:
+    spec, run = load("p5-native")
+    default = stages.train_stage(spec, run.name, 1, run.namespace)
+    assert default.fused_loss is False and default.parallelism.fsdp_single_device is False
+    body = spec.model_dump(by_alias=True)
+    body["training"]["fusedLoss"] = True
+    body["training"]["fsdpSingleDevice"] = True
+    tuned = ContinualPretrainSpec.model_validate(body)
+    cfg = stages.train_stage(tuned, run.name, 1, run.namespace)
+    assert cfg.fused_loss is True and cfg.parallelism.fsdp_single_device is True
+    wire = parse_stage_config(cfg.model_dump_json(by_alias=True))
+    assert isinstance(wire, TrainStage)
+    assert wire.fused_loss and wire.parallelism.fsdp_single_device

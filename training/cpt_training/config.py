@@ -189,6 +189,12 @@ class ParallelismConfig(CamelModel):
     pipeline_parallel: PositiveInt = 1
     zero1: bool = Field(default=True, description="Shard optimizer state over data parallel.")
     sequence_parallel: bool = False
+    fsdp_single_device: bool = Field(
+        default=False,
+        description="native, one device: wrap the model in FSDP2 anyway (the older path). "
+        "Off: a plain module with fp32 master weights and bf16 compute copies made once per "
+        "optimizer step instead of FSDP's gather and cast every micro batch.",
+    )
 
 
 class TrainStage(CamelModel):
@@ -213,6 +219,11 @@ class TrainStage(CamelModel):
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
     compile: bool = False
+    fused_loss: bool = Field(
+        default=False,
+        description="native: LM head + cross entropy in token chunks with the gradients made "
+        "in the forward pass, so the [tokens, vocab] logits are never held whole.",
+    )
     seed: int = 1234
     checkpoint: CheckpointPolicy
     progress_uri: str | None = Field(

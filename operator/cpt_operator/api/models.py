@@ -278,6 +278,12 @@ class TrainingSpec(ParallelismConfig):
     precision: Precision = "bf16"
     activation_checkpointing: ActivationCheckpointing = "full"
     compile: bool = Field(default=False, description="torch.compile (native backend).")
+    fused_loss: bool = Field(
+        default=False,
+        description="native: LM head + cross entropy in token chunks, gradients made in the "
+        "forward pass, so the [tokens, vocab] logits are never held whole (less memory: room "
+        "for a larger microBatchSize).",
+    )
     seed: int = Field(default=1234, ge=0, le=2**32 - 1)
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
 

@@ -142,6 +142,7 @@ def train_stage(
             pipeline_parallel=t.pipeline_parallel,
             zero1=t.zero1,
             sequence_parallel=t.sequence_parallel,
+            fsdp_single_device=t.fsdp_single_device,
         ),
         global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size,
@@ -150,6 +151,7 @@ def train_stage(
         precision=t.precision,
         activation_checkpointing=t.activation_checkpointing,
         compile=t.compile,
+        fused_loss=t.fused_loss,
         seed=t.seed,
         checkpoint=CheckpointPolicy(
             uri=p.checkpoints,

@@ -300,6 +300,21 @@ class Llama(nn.Module):
             layer.compile(**kwargs)
         self._head_loss = torch.compile(self._loss, **kwargs)
 
+    def use_fused_loss(self, *, compiled: bool) -> None:
+        """Head + loss through ``native/loss.py`` (no whole-vocabulary logits held)."""
+        from cpt_training.native.loss import chunked_linear_cross_entropy
+
+        norm: Callable[[torch.Tensor], torch.Tensor] = self.model.norm
+        if compiled:
+            norm = torch.compile(self.model.norm)
+
+        def fused(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return chunked_linear_cross_entropy(
+                norm(h), self.lm_head.weight, targets, compiled=compiled
+            )
+
+        self._head_loss = fused
+
     def _rope_for(self, seq: int, device: torch.device) -> RopeTable:
         # Cached per (device, seq): a plain dict, not buffers, so nothing leaks into the state
         # dict and meta-device construction needs no re-initialisation.

@@ -107,9 +107,13 @@ def parallelize(
     activation_checkpointing: ActivationCheckpointing,
     compile_model: bool,
     device_type: str = "cpu",
+    fsdp: bool = True,
 ) -> Llama:
-    """Parallelize ``model`` in place (it may be on the meta device) and return it."""
+    """Parallelize ``model`` in place (it may be on the meta device) and return it. Without
+    ``fsdp`` (one device only: see ``native/single.py``) the parameters stay plain tensors."""
     tp = mesh["tp"].size()
+    if not fsdp and mesh.size() != 1:
+        raise ValueError(f"the plain (non-FSDP) path needs one device, the mesh has {mesh.size()}")
     dp_mesh = mesh["dp"]
     if tp > 1:
         check_tp_shapes(model.args, tp)
@@ -117,6 +121,8 @@ def parallelize(
     model.set_activation_checkpointing(activation_checkpointing)
     if compile_model:
         model.compile_blocks(**compile_options(device_type, tp))
+    if not fsdp:
+        return model
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16

@@ -41,6 +41,7 @@ from cpt_training.native.data import MicroBatches, open_batches, open_blocks
 from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
 from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
+from cpt_training.native.single import MasterWeights
 from cpt_training.native.weights import fetch_model_dir_per_node, load_hf_config, load_hf_weights
 from cpt_training.progress import ProgressWriter, progress_file_uri
 from cpt_training.schedule import LrSchedule
@@ -98,7 +99,12 @@ class Trainer:
         self.mesh: DeviceMesh = build_mesh(d.device_type, self.plan.layout)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dp_group = self.mesh["dp"].get_group()
+        # One device: a plain module (native/single.py) unless FSDP is asked for.
+        self.fsdp = d.world_size > 1 or cfg.parallelism.fsdp_single_device
         self._build_model()
+        self.master = (
+            MasterWeights(self.model) if not self.fsdp and cfg.precision == "bf16" else None
+        )
         self.optimizer = build_adamw(self.model, cfg.optimizer, d.device_type)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.schedule = LrSchedule.from_config(cfg.optimizer, cfg.max_steps)
@@ -132,10 +138,16 @@ class Trainer:
                 activation_checkpointing=cfg.activation_checkpointing,
                 compile_model=cfg.compile,
                 device_type=d.device_type,
+                fsdp=self.fsdp,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if cfg.fused_loss:
+            model.use_fused_loss(compiled=cfg.compile)
         model.to_empty(device=d.device)
+        if model.args.tie_word_embeddings:
+            # to_empty gives each module its own storage (FSDP2 keeps the tie itself).
+            model.lm_head.weight = model.model.embed_tokens.weight
         self.model = model
         self.shape = flops.ModelShape.from_hf_config(self.hf_config.to_dict())
 
@@ -248,26 +260,57 @@ class Trainer:
     def _step(self, batches: MicroBatches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; returns device tensors
         (summed loss of this rank, target-token count of all ranks, grad norm)."""
+        count, scale = self._loss_scale(batches)
+        loss_sum = torch.zeros((), device=self.d.device)
+        last = len(batches) - 1
+        for i, (ids_host, labels_host) in enumerate(batches):
+            loss_sum += self._micro_step(ids_host, labels_host, scale, last=i == last)
+        norm = self._optimizer_step()
+        return loss_sum, count, norm
+
+    def _loss_scale(self, batches: MicroBatches) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global target-token count and the factor that turns summed losses into the
+        mean over the global batch."""
         # Counted on the host from host tensors: no device sync.
         local_count = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches)
         count = self._global_count(local_count)
         # FSDP averages gradients over dp ranks; scaling by dp makes the result the mean over
         # every target token of the global batch.
-        scale = self.plan.layout.dp / count.clamp(min=1.0)
-        loss_sum = torch.zeros((), device=self.d.device)
-        last = len(batches) - 1
-        for i, (ids_host, labels_host) in enumerate(batches):
-            ids = self._to_device(ids_host)
-            labels = ids if labels_host is ids_host else self._to_device(labels_host)
-            self.model.set_requires_gradient_sync(i == last)  # type: ignore[operator]
+        return count, self.plan.layout.dp / count.clamp(min=1.0)
+
+    def _micro_step(
+        self, ids_host: torch.Tensor, labels_host: torch.Tensor, scale: torch.Tensor, last: bool
+    ) -> torch.Tensor:
+        """Forward and backward of one micro batch; returns its summed loss (detached)."""
+        ids = self._to_device(ids_host)
+        labels = ids if labels_host is ids_host else self._to_device(labels_host)
+        if self.master is not None:
+            loss = self.master(ids, shift_targets(labels))
+        else:
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             loss = self.model(ids, shift_targets(labels))
-            (loss * scale).backward()
-            loss_sum += loss.detach()
+        (loss * scale).backward()
+        if self.master is not None:
+            self.master.accumulate()
+        detached: torch.Tensor = loss.detach()
+        return detached
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step, zero; returns the gradient norm before clipping."""
         norm = clip_grads(self.params, self.cfg.optimizer.grad_clip)
         self.checkpointer.wait_staged()  # a checkpoint copy may still be reading the state
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, count, norm
+        if self.master is not None:
+            self.master.refresh()
+        return norm
+
+    def begin_training(self) -> None:
+        """Before the first step of a loop: the compute copies take the loaded weights."""
+        self.model.train()
+        if self.master is not None:
+            self.master.refresh()
 
     def _batches(self, start_step: int) -> Generator[MicroBatches, None, None]:
         return open_batches(
@@ -362,7 +405,7 @@ class Trainer:
             self.plan.tokens_per_step,
             self.d.device,
         )
-        self.model.train()
+        self.begin_training()
         step = start
         ran = 0
         data = self._batches(start)
