@@ -1,0 +1,138 @@
+"""The golden path in real containers: `helm install`, then a tiny native run to a model.
+
+The operator pod (from the chart as it renders) and every stage of the run (the tokenize
+Job, a Master-only PyTorchJob with 2 gloo processes, the export Job) run as real containers
+of the images `make images` built, on the real kubelet node (tests/fixtures/node.py). The run
+reaches Succeeded, `kubectl get cpt` shows its step and loss, and the Hugging Face model it
+wrote to S3 loads with `from_pretrained` and generates.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from containers.harness import (
+    OperatorRelease,
+    container_statuses,
+    describe,
+    image_of,
+)
+from e2e.harness import REAL_VOCAB, Runs, prepare_real_inputs, real_run_spec, s3_keys
+
+from fixtures.cluster import Cluster
+from fixtures.node import RealNode
+from fixtures.s3 import S3Server
+
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
+
+RUN = "tiny"
+MAX_STEPS = 12
+EVERY = 4
+
+
+def tiny_run(node: RealNode, bucket: str, s3: S3Server, **training: Any) -> dict[str, Any]:
+    """The run, every pod of it on the real node, reaching S3 through the node's gateway."""
+    return real_run_spec(
+        RUN,
+        bucket,
+        node.reachable(s3),
+        data={"shards": 2, "heldOutFraction": 0.05},
+        training={
+            "nodes": 1,
+            "processesPerNode": 2,
+            "globalBatchSize": 4,
+            "maxSteps": MAX_STEPS,
+            "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 2},
+            **training,
+        },
+        checkpoints={"everySteps": EVERY, "keep": 3},
+        runtime={
+            "s3CredentialsSecretRef": {"name": "s3-credentials"},
+            "nodeSelector": node.selector,
+            "toolsNodeSelector": node.selector,
+            "tolerations": node.tolerations,
+        },
+        max_attempts=2,
+    )
+
+
+def run_pods(runs: Runs, component: str) -> list[dict[str, Any]]:
+    return [p for p in runs.pods(f"cpt.dev/run={RUN}") if component in p["metadata"]["name"]]
+
+
+def test_operator_pod_runs_as_the_chart_renders_it(
+    real_node: RealNode, operator_release: OperatorRelease, cluster: Cluster
+) -> None:
+    pod = operator_release.running_pod()
+    spec = pod["spec"]
+    assert spec["nodeName"] == real_node.name
+    assert image_of(pod) in real_node.refs("operator")
+    ctx = spec["containers"][0]["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 65532
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+    (status,) = container_statuses(pod)
+    assert status["ready"] and status["restartCount"] == 0, status
+    # In-cluster config through the mounted token: kopf watched the CRD and reported started.
+    log = operator_release.logs(pod["metadata"]["name"])
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_tiny_native_run_goes_from_helm_install_to_a_model_that_generates(
+    real_node: RealNode,
+    operator_release: OperatorRelease,
+    runs: Runs,
+    cluster: Cluster,
+    bucket: str,
+    s3: S3Server,
+) -> None:
+    prepare_real_inputs(s3, bucket)
+    runs.create(tiny_run(real_node, bucket, s3))
+    try:
+        status = runs.wait_phase(RUN, "Succeeded", timeout=1200)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{describe(cluster, runs.ns)}") from None
+    assert status["checkpoint"]["step"] == MAX_STEPS
+
+    # Every stage ran as a real container of the images `make images` built, on the node.
+    tools = set(real_node.refs("trainer-cpu"))
+    for component in ("tokenize", "train", "export"):
+        pods = run_pods(runs, f"-{component}")
+        assert pods, f"no {component} pod"
+        for pod in pods:
+            assert pod["spec"]["nodeName"] == real_node.name, pod["metadata"]["name"]
+            assert image_of(pod) in tools, image_of(pod)
+            for st in container_statuses(pod):
+                term = st["state"].get("terminated") or {}
+                assert term.get("exitCode") == 0, (pod["metadata"]["name"], st)
+    master = run_pods(runs, "-train-1-master-0")[0]["metadata"]["name"]
+    logs = cluster.kubectl("logs", "-n", runs.ns, master).stdout
+    assert "step" in logs, logs[-2000:]
+
+    # `kubectl get cpt` shows the run with its step and loss (the CRD's printer columns).
+    table = cluster.kubectl("get", "cpt", RUN, "-n", runs.ns).stdout.splitlines()
+    header, row = table[0].split(), dict(zip(table[0].split(), table[1].split(), strict=False))
+    assert "STEP" in header and "LOSS" in header, table
+    assert row["STEP"] == f"{MAX_STEPS}/{MAX_STEPS}" and float(row["LOSS"]) > 0, table
+
+    # The Hugging Face model in S3 loads with plain transformers and generates.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    keys = s3_keys(s3, bucket, f"models/{RUN}/")
+    assert f"models/{RUN}/_SUCCESS" in keys
+    client = s3.client()
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            dest = Path(tmp) / key.split("/", 2)[2]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(dest))
+        model = AutoModelForCausalLM.from_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        ids = tok("Document 1. the model reads", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+        assert out.shape[-1] == ids["input_ids"].shape[-1] + 8
+        assert model.config.vocab_size == REAL_VOCAB
