@@ -130,7 +130,6 @@ class Sources:
 def image_key(image: str, sources: Sources) -> str:
     h = hashlib.sha256()
     h.update(f"{sources.base}\0{sources.torch_index}\0".encode())
-    h.update(Path(__file__).read_bytes())
     for f in [REPO / "images" / image / "Dockerfile", *context_files()]:
         h.update(f.relative_to(REPO).as_posix().encode() + b"\0")
         h.update(f.read_bytes())
@@ -261,7 +260,8 @@ def build(image: str, sources: Sources) -> Path:
         # cost minutes of CPU for the multi-GB trainer.
         _run(["buildah", "push", "-D", names[0], f"oci-archive:{tmp}:{names[0]}"], "export")
         tmp.replace(archive)
-        info = {
+        size = archive.stat().st_size
+        info: dict[str, Any] = {
             "image": image,
             "key": key,
             "refs": names,
@@ -270,12 +270,12 @@ def build(image: str, sources: Sources) -> Path:
             "torch_index": sources.torch_index,
             "build_seconds": round(built - t0, 1),
             "export_seconds": round(time.monotonic() - built, 1),
-            "bytes": archive.stat().st_size,
+            "bytes": size,
         }
         manifest.write_text(json.dumps(info, indent=2) + "\n")
         print(
             f"images: {image} built in {info['build_seconds']} s, exported in "
-            f"{info['export_seconds']} s ({info['bytes'] >> 20} MiB)",
+            f"{info['export_seconds']} s ({size >> 20} MiB)",
             file=sys.stderr,
         )
         return manifest

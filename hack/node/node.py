@@ -87,6 +87,18 @@ def _mountpoints() -> list[str]:
     return out
 
 
+# Where the node's own mounts can appear (its state dir is added per node): pod volumes and
+# the kubelet's root under `--root-dir`, sandboxes' network namespaces, containerd's rootfs
+# and shm mounts. Anything else (another tool's overlay mounts, e.g. a concurrent buildah
+# build) is neither compared nor touched.
+NODE_MOUNT_MARKS = ("/run/netns/", "/var/run/netns/", "/var/lib/kubelet", "/run/containerd/")
+
+
+def _node_mounts(extra_root: str = "") -> list[str]:
+    marks = (*NODE_MOUNT_MARKS, *((extra_root.rstrip("/") + "/",) if extra_root else ()))
+    return [m for m in _mountpoints() if any(m.startswith(k) or m == k.rstrip("/") for k in marks)]
+
+
 def _links() -> list[str]:
     res = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False)
     return sorted(line.split(":")[1].strip().split("@")[0] for line in res.stdout.splitlines())
@@ -103,11 +115,12 @@ class HostSnapshot:
     dirs: dict[str, list[str] | None]
 
     @classmethod
-    def take(cls) -> HostSnapshot:
+    def take(cls, root: Path | None = None) -> HostSnapshot:
         sysctls = {n: _sysctl_path(n).read_text().strip() for n in SYSCTLS}
         cgroups = sorted(str(h / CGROUP_ROOT) for h in _hierarchies() if (h / CGROUP_ROOT).exists())
         dirs = {str(d): sorted(os.listdir(d)) if d.is_dir() else None for d in HOST_DIRS}
-        return cls(sysctls, cgroups, sorted(_mountpoints()), _links(), dirs)
+        mounts = sorted(_node_mounts(str(root) if root else ""))
+        return cls(sysctls, cgroups, mounts, _links(), dirs)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("sysctls", "cgroups", "mounts", "links", "dirs")}
@@ -412,7 +425,7 @@ def start_kubelet(node: Node, cluster: devcluster.Cluster, kubelet_bin: Path) ->
             f"--root-dir={kdir}",
             f"--cert-dir={kdir / 'pki'}",
             f"--hostname-override={node.name}",
-            "--node-ip=127.0.0.1",
+            f"--node-ip={GATEWAY}",
             f"--node-labels={LABEL}=true",
             "--v=1",
         ],
@@ -433,7 +446,7 @@ def up(node: Node, cluster: devcluster.Cluster, kubelet_bin: Path, timeout: floa
     if node.snapshot_file.exists():
         down(node, cluster)  # a previous session died half-way: restore before recording
     node.root.mkdir(parents=True, exist_ok=True)
-    node.snapshot_file.write_text(json.dumps(HostSnapshot.take().to_json()))
+    node.snapshot_file.write_text(json.dumps(HostSnapshot.take(node.root).to_json()))
     try:
         _make_cgroup_root()
         _setup_network()
@@ -516,7 +529,7 @@ def _remove_cgroups() -> None:
 
 def _restore_host(node: Node, before: HostSnapshot) -> None:
     """Puts back what `before` recorded: netns and mounts, cgroups, links, sysctls, dirs."""
-    now = HostSnapshot.take()
+    now = HostSnapshot.take(node.root)
     new_mounts = sorted(set(now.mounts) - set(before.mounts), key=len, reverse=True)
     for mp in new_mounts:
         subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
@@ -562,17 +575,17 @@ def down(node: Node, cluster: devcluster.Cluster | None) -> list[str]:
         return []
     before = HostSnapshot.from_json(json.loads(node.snapshot_file.read_text()))
     _restore_host(node, before)
-    diffs = before.differences(HostSnapshot.take())
+    diffs = before.differences(HostSnapshot.take(node.root))
     if not diffs:
         node.snapshot_file.unlink()
     return diffs
 
 
 def default_root() -> Path:
-    return devcluster.default_state_dir() / "node"
+    return Path(devcluster.default_state_dir()) / "node"
 
 
-def kubelet_bin_dir(*, build: bool = True) -> Path:
+def kubelet_bin_dir() -> Path:
     """hack/node/build.sh's bin directory (builds it, 4-8 min cold, when missing)."""
     cmd = ["bash", str(HERE / "build.sh")]
     res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)

@@ -29,7 +29,14 @@ def operator_release(
     real_node: RealNode, cluster: Cluster, namespace: str, s3: S3Server
 ) -> Iterator[OperatorRelease]:
     install_crd(cluster)
-    release = install_operator(real_node, cluster, namespace, s3)
+    release = install_operator(
+        cluster,
+        namespace,
+        s3,
+        endpoint=real_node.reachable(s3),
+        selector=real_node.selector,
+        tolerations=real_node.tolerations,
+    )
     try:
         yield release
     finally:

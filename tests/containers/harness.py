@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from e2e.harness import real_run_spec
 
 from fixtures.cluster import REPO, Cluster, wait_for
-from fixtures.node import RealNode
 from fixtures.s3 import REGION, S3Server
 
 CHART = REPO / "charts" / "cpt"
+RUN = "tiny"
+MAX_STEPS = 12
+EVERY = 4
 RELEASE = "cpt"
 S3_SECRET = "s3-credentials"
 
@@ -73,16 +76,23 @@ def create_s3_secret(cluster: Cluster, namespace: str, s3: S3Server) -> None:
 
 
 def install_operator(
-    node: RealNode, cluster: Cluster, namespace: str, s3: S3Server
+    cluster: Cluster,
+    namespace: str,
+    s3: S3Server,
+    *,
+    endpoint: str,
+    selector: dict[str, str],
+    tolerations: list[dict[str, str]],
 ) -> OperatorRelease:
-    """`helm install` of the chart, its pod on the real node; waits until the pod is Ready."""
+    """`helm install` of the chart, its pod on the real node (`selector`, `tolerations`),
+    S3 at `endpoint`; waits until the pod is Ready."""
     create_s3_secret(cluster, namespace, s3)
     values = {
         "watchNamespace": namespace,
-        "nodeSelector": node.selector,
-        "tolerations": node.tolerations,
+        "nodeSelector": selector,
+        "tolerations": tolerations,
         "s3": {
-            "endpointUrl": node.reachable(s3),
+            "endpointUrl": endpoint,
             "region": REGION,
             "credentialsSecret": S3_SECRET,
         },
@@ -116,3 +126,40 @@ def image_of(pod: dict[str, Any]) -> str:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1)[:3000]
+
+
+def tiny_run(
+    selector: dict[str, str],
+    tolerations: list[dict[str, str]],
+    bucket: str,
+    endpoint: str,
+    *,
+    run: str = RUN,
+    max_attempts: int = 2,
+    **training: Any,
+) -> dict[str, Any]:
+    """The tiny native run of `prepare_real_inputs`'s model and corpus, every pod of it on
+    the real node (`selector`, `tolerations`), reaching S3 at `endpoint`: one node, two
+    gloo processes, a checkpoint every `EVERY` steps."""
+    return real_run_spec(
+        run,
+        bucket,
+        endpoint,
+        data={"shards": 2, "heldOutFraction": 0.05},
+        training={
+            "nodes": 1,
+            "processesPerNode": 2,
+            "globalBatchSize": 4,
+            "maxSteps": MAX_STEPS,
+            "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 2},
+            **training,
+        },
+        checkpoints={"everySteps": EVERY, "keep": 3},
+        runtime={
+            "s3CredentialsSecretRef": {"name": "s3-credentials"},
+            "nodeSelector": selector,
+            "toolsNodeSelector": selector,
+            "tolerations": tolerations,
+        },
+        max_attempts=max_attempts,
+    )

@@ -15,48 +15,21 @@ from typing import Any
 
 import pytest
 from containers.harness import (
+    MAX_STEPS,
+    RUN,
     OperatorRelease,
     container_statuses,
     describe,
     image_of,
+    tiny_run,
 )
-from e2e.harness import REAL_VOCAB, Runs, prepare_real_inputs, real_run_spec, s3_keys
+from e2e.harness import REAL_VOCAB, Runs, prepare_real_inputs, s3_keys
 
 from fixtures.cluster import Cluster
 from fixtures.node import RealNode
 from fixtures.s3 import S3Server
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
-
-RUN = "tiny"
-MAX_STEPS = 12
-EVERY = 4
-
-
-def tiny_run(node: RealNode, bucket: str, s3: S3Server, **training: Any) -> dict[str, Any]:
-    """The run, every pod of it on the real node, reaching S3 through the node's gateway."""
-    return real_run_spec(
-        RUN,
-        bucket,
-        node.reachable(s3),
-        data={"shards": 2, "heldOutFraction": 0.05},
-        training={
-            "nodes": 1,
-            "processesPerNode": 2,
-            "globalBatchSize": 4,
-            "maxSteps": MAX_STEPS,
-            "optimizer": {"lr": 1e-3, "minLr": 1e-4, "warmupSteps": 2},
-            **training,
-        },
-        checkpoints={"everySteps": EVERY, "keep": 3},
-        runtime={
-            "s3CredentialsSecretRef": {"name": "s3-credentials"},
-            "nodeSelector": node.selector,
-            "toolsNodeSelector": node.selector,
-            "tolerations": node.tolerations,
-        },
-        max_attempts=2,
-    )
 
 
 def run_pods(runs: Runs, component: str) -> list[dict[str, Any]]:
@@ -91,7 +64,9 @@ def test_a_tiny_native_run_goes_from_helm_install_to_a_model_that_generates(
     s3: S3Server,
 ) -> None:
     prepare_real_inputs(s3, bucket)
-    runs.create(tiny_run(real_node, bucket, s3))
+    runs.create(
+        tiny_run(real_node.selector, real_node.tolerations, bucket, real_node.reachable(s3))
+    )
     try:
         status = runs.wait_phase(RUN, "Succeeded", timeout=1200)
     except TimeoutError as exc:
