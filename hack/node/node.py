@@ -31,8 +31,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "hack" / "devcluster"))
+sys.path[:0] = [str(HERE), str(REPO / "hack" / "devcluster")]
 
 import devcluster  # noqa: E402
 
@@ -301,7 +303,7 @@ def _setup_network() -> None:
 
 
 def start_containerd(node: Node) -> None:
-    from config import cni_conflist, containerd_toml
+    from nodeconfig import cni_conflist, containerd_toml
 
     cdir = node.root / "containerd"
     cni_conf = node.root / "cni" / "net.d"
@@ -341,17 +343,36 @@ def import_pause(node: Node, kubelet_bin: Path) -> None:
     import_archive(node, archive, [PAUSE_REF])
 
 
+def _archive_digest(archive: Path) -> str:
+    """The digest of the (single) image manifest in an OCI archive's index.json."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        if member is None:
+            raise NodeError(f"{archive} has no index.json")
+        return str(json.load(member)["manifests"][0]["digest"])
+
+
+def _image_digests(node: Node) -> dict[str, str]:
+    out = {}
+    for line in node.ctr("images", "ls").splitlines()[1:]:
+        words = line.split()
+        if len(words) >= 3:
+            out[words[0]] = words[2]
+    return out
+
+
 def import_archive(node: Node, archive: Path, refs: list[str]) -> None:
     """Imports (and unpacks) an OCI archive under its first ref and tags the others; a no-op
-    when every ref is there already."""
-    have = set(node.ctr("images", "ls", "-q").split())
-    if all(r in have for r in refs):
+    when every ref already names this archive's image (same manifest digest)."""
+    want = _archive_digest(archive)
+    have = _image_digests(node)
+    if all(have.get(r) == want for r in refs):
         return
     first = refs[0]
-    if first not in have:
+    if have.get(first) != want:
         node.ctr("images", "import", f"--base-name={first.rsplit(':', 1)[0]}", str(archive))
-        if first not in set(node.ctr("images", "ls", "-q").split()):
-            raise NodeError(f"importing {archive} did not produce {first}")
+        if _image_digests(node).get(first) != want:
+            raise NodeError(f"importing {archive} did not make {first} its image {want}")
     for ref in refs[1:]:
         node.ctr("images", "tag", "--force", first, ref)
 
@@ -390,6 +411,36 @@ def start_forwarder(
     wait_for(lambda: _connects(listen), timeout=10, what=f"forwarder {name} on {listen}")
 
 
+def start_dns(node: Node) -> None:
+    """Cluster DNS for the pods (clusterdns.py): the `kubernetes` Service's names."""
+    svc = devcluster.SERVICE_IP
+    names = ["kubernetes.default.svc.cluster.local", "kubernetes.default.svc",
+             "kubernetes.default"]  # fmt: skip
+    node.stop("dns")
+    node.start(
+        "dns",
+        [sys.executable, str(HERE / "clusterdns.py"), GATEWAY, *(f"{n}={svc}" for n in names)],
+    )
+    wait_for(lambda: _resolves("kubernetes.default.svc.cluster.local", svc), timeout=10,
+             what="the node's cluster DNS")  # fmt: skip
+
+
+def _resolves(name: str, want: str) -> bool:
+    import clusterdns as dns
+
+    query = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    query += struct.pack("!HH", dns.TYPE_A, dns.CLASS_IN)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.sendto(query, (GATEWAY, 53))
+            reply = s.recv(512)
+        except OSError:
+            return False
+    return reply[-4:] == socket.inet_aton(want)
+
+
 def _connects(addr: tuple[str, int]) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(addr, 0.5):
         return True
@@ -397,7 +448,7 @@ def _connects(addr: tuple[str, int]) -> bool:
 
 
 def start_kubelet(node: Node, cluster: devcluster.Cluster, kubelet_bin: Path) -> None:
-    from config import kubeconfig, kubelet_config
+    from nodeconfig import kubeconfig, kubelet_config
 
     kdir = node.root / "kubelet"
     kdir.mkdir(parents=True, exist_ok=True)
@@ -410,6 +461,7 @@ def start_kubelet(node: Node, cluster: devcluster.Cluster, kubelet_bin: Path) ->
             healthz_port=_free_port(),
             pod_logs=node.root / "pod-logs",
             cgroup_root=CGROUP_ROOT,
+            cluster_dns=GATEWAY,
             taint=TAINT,
         )
     )
@@ -454,6 +506,7 @@ def up(node: Node, cluster: devcluster.Cluster, kubelet_bin: Path, timeout: floa
         import_pause(node, kubelet_bin)
         port = int(cluster.api_url.rsplit(":", 1)[1])
         start_forwarder(node, "apiserver", (devcluster.SERVICE_IP, 443), ("127.0.0.1", port))
+        start_dns(node)
         start_kubelet(node, cluster, kubelet_bin)
 
         def ready() -> bool:
@@ -568,7 +621,7 @@ def down(node: Node, cluster: devcluster.Cluster | None) -> list[str]:
     for pid in _our_shims(node):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    for pid_file in node.root.glob("forward-*.pid"):
+    for pid_file in [*node.root.glob("forward-*.pid"), node.pid_file("dns")]:
         node.stop(pid_file.stem)
     _unmount_under(str(node.root))
     if not node.snapshot_file.exists():

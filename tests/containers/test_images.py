@@ -44,18 +44,22 @@ def test_every_module_imports_from_the_installed_copy_as_the_non_root_user(
 ) -> None:
     mods = [m for p in PACKAGES[image] for m in modules(p)]
     script = (
-        "import importlib, json, os, shutil, sys\n"
+        "import getpass, importlib, json, os, shutil, sys\n"
         f"mods = {mods!r}\n"
         "for m in mods: importlib.import_module(m)\n"
         "where = importlib.import_module(mods[0].split('.')[0]).__file__\n"
         f"entry = shutil.which({ENTRY[image]!r})\n"
         "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'where': where,"
+        " 'user': getpass.getuser(),"
         " 'entry': entry, 'n': len(mods)}))\n"
     )
     res = real_node.run(image, "python", "-c", script)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert (out["uid"], out["gid"]) == (65532, 65532)
+    # kopf's peering identity and torch's inductor cache dir call getpass.getuser(), which
+    # raises for a uid without a passwd entry (the operator pod crash-looped on it).
+    assert out["user"] == "cpt"
     assert "site-packages" in out["where"] or "dist-packages" in out["where"], out
     assert out["entry"], f"{ENTRY[image]} is not on PATH in {image}"
     assert out["n"] == len(mods)

@@ -85,6 +85,7 @@ def kubelet_config(
     healthz_port: int,
     pod_logs: Path,
     cgroup_root: str,
+    cluster_dns: str,
     taint: dict[str, str],
 ) -> str:
     config = {
@@ -122,6 +123,9 @@ def kubelet_config(
         "registerWithTaints": [taint],
         "serializeImagePulls": False,
         "resolvConf": "/etc/resolv.conf",
+        # hack/node/clusterdns.py on the bridge's gateway: kopf's in-cluster login dials
+        # kubernetes.default.svc by name.
+        "clusterDNS": [cluster_dns],
         "clusterDomain": "cluster.local",
         "nodeStatusUpdateFrequency": "2s",
         "nodeStatusReportFrequency": "10s",
