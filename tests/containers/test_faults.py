@@ -88,9 +88,11 @@ def test_a_training_container_killed_by_its_memory_limit_resumes_from_the_last_c
     bucket: str,
     s3: S3Server,
 ) -> None:
-    # Attempt 1's pods get a 3 GiB memory limit from a LimitRange (applied at admission);
-    # it is removed once they exist, so attempt 2 runs without one.
-    limits = {"memory": "3Gi"}
+    # Attempt 1's pods get a 3 GiB memory limit from a LimitRange (applied at admission; it is
+    # removed once they exist, so attempt 2 runs without one). Requests equal to limits for
+    # CPU and memory make them Guaranteed: their processes' oom_score_adj is the lowest the
+    # runtime may set, so the one raised below is the kernel's first choice.
+    limits = {"memory": "3Gi", "cpu": "1"}
     cluster.api.create(
         f"/api/v1/namespaces/{runs.ns}/limitranges",
         {
@@ -106,13 +108,18 @@ def test_a_training_container_killed_by_its_memory_limit_resumes_from_the_last_c
     cluster.api.delete(f"/api/v1/namespaces/{runs.ns}/limitranges/attempt-1")
     pod = master_pod(runs, 1)
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "3Gi"
+    assert pod["status"].get("qosClass") in (None, "Guaranteed"), pod["status"].get("qosClass")
     killed_after = wait_first_commit(runs, cluster, s3, bucket)
 
     # The kernel picks its victim by badness: torchrun (the container's PID 1) is made the
     # preferred one, then an allocation in the same cgroup pushes it over its limit.
     pod = master_pod(runs, 1)
-    pid1 = min(_container_pids(real_node, pod))
-    Path(f"/proc/{pid1}/oom_score_adj").write_text("1000")
+    torchrun = [
+        pid for pid in _container_pids(real_node, pod)
+        if b"torchrun" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]  # fmt: skip
+    assert torchrun, "no torchrun process in the training container"
+    Path(f"/proc/{min(torchrun)}/oom_score_adj").write_text("1000")
     hog = "b = bytearray(4 << 30); import time; time.sleep(60)"
     with contextlib.suppress(subprocess.TimeoutExpired):
         cluster.kubectl("exec", "-n", runs.ns, pod["metadata"]["name"], "--", "python", "-c",
