@@ -25,7 +25,7 @@ from containers.harness import (
 )
 from e2e.harness import REAL_VOCAB, Runs, prepare_real_inputs, s3_keys
 
-from fixtures.cluster import Cluster
+from fixtures.cluster import Cluster, wait_for
 from fixtures.node import RealNode
 from fixtures.s3 import S3Server
 
@@ -40,6 +40,7 @@ def test_operator_pod_runs_as_the_chart_renders_it(
     real_node: RealNode, operator_release: OperatorRelease, cluster: Cluster
 ) -> None:
     pod = operator_release.running_pod()
+    ns = operator_release.namespace
     spec = pod["spec"]
     assert spec["nodeName"] == real_node.name
     assert image_of(pod) in real_node.refs("operator")
@@ -48,11 +49,22 @@ def test_operator_pod_runs_as_the_chart_renders_it(
     assert spec["securityContext"]["runAsUser"] == 65532
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
     assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
-    (status,) = container_statuses(pod)
-    assert status["ready"] and status["restartCount"] == 0, status
-    # In-cluster config through the mounted token: kopf watched the CRD and reported started.
-    log = operator_release.logs(pod["metadata"]["name"])
-    assert "Traceback" not in log, log[-3000:]
+    # In-cluster config through the mounted token: kopf logged in and its watches started.
+    # Ready alone proves little (no readiness probe by default: Ready once the process runs).
+    name = pod["metadata"]["name"]
+    wait_for(
+        lambda: (
+            "Initial authentication has finished" in operator_release.logs(name)
+            or (container_statuses(operator_release.pods()[0]) or [{}])[0].get("restartCount")
+        ),
+        timeout=120,
+        what="the operator's kopf login",
+    )
+    log = operator_release.logs(name)
+    (status,) = container_statuses(cluster.api.get(f"/api/v1/namespaces/{ns}/pods/{name}"))
+    previous = operator_release.logs(name, previous=True)
+    assert status["restartCount"] == 0 and "Traceback" not in log, (log + previous)[-3000:]
+    assert "login_with_service_account' succeeded" in log, log[-3000:]
 
 
 def test_a_tiny_native_run_goes_from_helm_install_to_a_model_that_generates(

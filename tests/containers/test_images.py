@@ -65,10 +65,20 @@ def test_every_module_imports_from_the_installed_copy_as_the_non_root_user(
     assert out["n"] == len(mods)
 
 
-def test_the_trainer_entry_point_runs(real_node: RealNode) -> None:
-    res = real_node.run("trainer-cpu", "cpt-train", "--help")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "stage" in res.stdout
+@pytest.mark.parametrize("image", sorted(PACKAGES))
+def test_the_image_entry_point_runs_and_is_the_documented_one(
+    real_node: RealNode, image: str
+) -> None:
+    """The image's own ENTRYPOINT (from its config, not a command the test chooses) starts:
+    `--help` of the operator's `kopf run ...` and of `cpt-train`."""
+    config = real_node.image_config(image)
+    entry = list(config.get("Entrypoint") or [])
+    assert entry and entry[0] == ENTRY[image], entry
+    assert config.get("User") == "65532:65532"
+    res = real_node.run(image, *entry, "--help")
+    assert res.returncode == 0, f"{entry}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+    if image == "trainer-cpu":
+        assert "stage" in res.stdout
 
 
 def test_the_operator_image_has_no_torch(real_node: RealNode) -> None:
