@@ -74,7 +74,7 @@ chart: install cluster-build ## Check values.schema.json, helm lint and render t
 .PHONY: images images-engine
 IMAGES ?=
 images: install host-setup ## Build the images here with buildah (OCI archives under ~/.cache/cpt/images; IMAGES=... to choose)
-	$(PY) hack/images/images.py build $(IMAGES)
+	$(PY) hack/images/imagebuild.py build $(IMAGES)
 images-engine: ## Build (and with ARGS=--push push) the images with docker/podman/nerdctl
 	images/build.sh $(ARGS)
 

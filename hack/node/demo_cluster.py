@@ -4,7 +4,7 @@
     python hack/node/demo_cluster.py down   # the run, the release, the node, the S3 server
 
 `up` brings up the local control plane (hack/devcluster) with the real kubelet node
-(node.py), builds or reuses the images (hack/images/images.py), starts a loopback S3 server
+(node.py), builds or reuses the images (hack/images/imagebuild.py), starts a loopback S3 server
 with a tiny Llama, its tokenizer and a small corpus in it, `helm install`s charts/cpt, applies
 a tiny native run and follows it with `kubectl get cpt -w` until it is Succeeded (or Failed),
 then prints the commands to look around. Everything it starts keeps running until `down`.
@@ -27,9 +27,8 @@ for p in (HERE, REPO / "hack" / "images", REPO / "tests"):
     sys.path.insert(0, str(p))
 
 import devcluster  # noqa: E402
+import imagebuild as images  # noqa: E402
 import node as node_runtime  # noqa: E402
-
-import images  # noqa: E402
 
 NAMESPACE = "cpt-demo"
 BUCKET = "cpt-demo"

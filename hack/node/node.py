@@ -2,7 +2,7 @@
 
     python hack/node/node.py up     # the control plane (hack/devcluster) must be up
     python hack/node/node.py down   # stops it and puts the host back as it was
-    python hack/node/node.py import ARCHIVE.json...   # images from hack/images/images.py
+    python hack/node/node.py import ARCHIVE.json...   # images from hack/images/imagebuild.py
 
 The control plane's other nodes are KWOK fakes; this one runs pods as real containers, so
 what only a container shows (entry points, packages, a read-only root filesystem, the user,
@@ -46,22 +46,27 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO / "hack" / "devcluster")]
 
 import devcluster  # noqa: E402
+from hoststate import (  # noqa: E402
+    CGROUP_FS,
+    CGROUP_ROOT,
+    HostSnapshot,
+    _links,
+    make_cgroup_root,
+    restore,
+    unmount_under,
+)
 
 LABEL = "cpt.dev/real-node"
 TAINT = {"key": LABEL, "value": "true", "effect": "NoSchedule"}
 BRIDGE = "cpt0"
 POD_SUBNET = "10.89.0.0/24"
 GATEWAY = "10.89.0.1"
-CGROUP_ROOT = "cpt-node"
-CGROUP_FS = Path("/sys/fs/cgroup")
 RUNC = "/usr/sbin/runc"
 CNI_BIN = "/usr/lib/cni"
 CNI_NETWORK = "cpt-node"
 HOST_LOCK = Path("/run/lock/cpt-node.lock")
 PAUSE_REF = "localhost/cpt-pause:1"
 NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
-SYSCTLS = ("kernel.panic", "kernel.panic_on_oops", "vm.overcommit_memory", "net.ipv4.ip_forward")
-HOST_DIRS = (Path("/var/log/containers"), Path("/var/lib/cni"), Path("/run/netns"))
 # Binaries the node needs from the host (hack/node/host-setup.sh installs them).
 HOST_TOOLS = ("containerd", "ctr", RUNC, f"{CNI_BIN}/bridge", f"{CNI_BIN}/host-local", "ip")
 
@@ -70,96 +75,10 @@ class NodeError(RuntimeError):
     """The node could not be started or stopped; the message says which step and why."""
 
 
-# ----------------------------------------------------------------------------- host state
-
-
-def _sysctl_path(name: str) -> Path:
-    return Path("/proc/sys") / name.replace(".", "/")
-
-
-def _hierarchies() -> list[Path]:
-    """Every mounted cgroup hierarchy (v1 controllers, the named systemd one, unified)."""
-    return sorted(p for p in CGROUP_FS.iterdir() if p.is_dir() and not p.is_symlink())
-
-
-def _mountpoints() -> list[str]:
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        out.append(line.split()[4].replace("\\040", " "))
-    return out
-
-
-# Where the node's own mounts can appear (its state dir is added per node): pod volumes and
-# the kubelet's root under `--root-dir`, sandboxes' network namespaces, containerd's rootfs
-# and shm mounts. Anything else (another tool's overlay mounts, e.g. a concurrent buildah
-# build) is neither compared nor touched.
-NODE_MOUNT_MARKS = ("/run/netns/", "/var/run/netns/", "/var/lib/kubelet", "/run/containerd/")
-
-
-def _node_mounts(extra_root: str = "") -> list[str]:
-    marks = (*NODE_MOUNT_MARKS, *((extra_root.rstrip("/") + "/",) if extra_root else ()))
-    return [m for m in _mountpoints() if any(m.startswith(k) or m == k.rstrip("/") for k in marks)]
-
-
-def _links() -> list[str]:
-    res = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False)
-    return sorted(line.split(":")[1].strip().split("@")[0] for line in res.stdout.splitlines())
-
-
-@dataclass(frozen=True)
-class HostSnapshot:
-    """What the node changes on the host outside its state directory."""
-
-    sysctls: dict[str, str]
-    cgroups: list[str]
-    mounts: list[str]
-    links: list[str]
-    dirs: dict[str, list[str] | None]
-
-    @classmethod
-    def take(cls, root: Path | None = None) -> HostSnapshot:
-        sysctls = {n: _sysctl_path(n).read_text().strip() for n in SYSCTLS}
-        cgroups = sorted(str(h / CGROUP_ROOT) for h in _hierarchies() if (h / CGROUP_ROOT).exists())
-        dirs = {str(d): sorted(os.listdir(d)) if d.is_dir() else None for d in HOST_DIRS}
-        mounts = sorted(_node_mounts(str(root) if root else ""))
-        return cls(sysctls, cgroups, mounts, _links(), dirs)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("sysctls", "cgroups", "mounts", "links", "dirs")}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> HostSnapshot:
-        return cls(**data)
-
-    def differences(self, other: HostSnapshot) -> list[str]:
-        out = []
-        for key in ("sysctls", "cgroups", "mounts", "links", "dirs"):
-            a, b = getattr(self, key), getattr(other, key)
-            if a != b:
-                out.append(f"{key}: before {_diff(a, b)}, after {_diff(b, a)}")
-        return out
-
-
-def _diff(a: Any, b: Any) -> Any:
-    if isinstance(a, list) and isinstance(b, list):
-        return sorted(set(a) - set(b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return {k: v for k, v in a.items() if b.get(k) != v}
-    return a
-
-
 # ----------------------------------------------------------------------------- processes
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
+_alive = devcluster._alive  # a zombie counts as dead, like the control plane's
 
 
 @dataclass
@@ -383,17 +302,6 @@ def import_images(node: Node, manifests: list[Path]) -> None:
         import_archive(node, Path(info["archive"]), list(info["refs"]))
 
 
-def _make_cgroup_root() -> None:
-    """The kubelet requires its cgroup root to exist in every hierarchy; cpuset children start
-    empty in v1, so they get the parent's CPUs and memory nodes."""
-    for h in _hierarchies():
-        d = h / CGROUP_ROOT
-        d.mkdir(exist_ok=True)
-        for f in ("cpuset.cpus", "cpuset.mems"):
-            if (h / f).exists() and not (d / f).read_text().strip():
-                (d / f).write_text((h / f).read_text())
-
-
 def start_forwarder(
     node: Node, name: str, listen: tuple[str, int], target: tuple[str, int]
 ) -> None:
@@ -500,7 +408,7 @@ def up(node: Node, cluster: devcluster.Cluster, kubelet_bin: Path, timeout: floa
     node.root.mkdir(parents=True, exist_ok=True)
     node.snapshot_file.write_text(json.dumps(HostSnapshot.take(node.root).to_json()))
     try:
-        _make_cgroup_root()
+        make_cgroup_root()
         _setup_network()
         start_containerd(node)
         import_pause(node, kubelet_bin)
@@ -563,48 +471,6 @@ def _our_shims(node: Node) -> list[int]:
     return out
 
 
-def _unmount_under(*roots: str) -> None:
-    for mp in sorted(_mountpoints(), key=len, reverse=True):
-        if any(mp == r or mp.startswith(r.rstrip("/") + "/") for r in roots):
-            subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
-
-
-def _remove_cgroups() -> None:
-    for h in _hierarchies():
-        top = h / CGROUP_ROOT
-        if not top.exists():
-            continue
-        dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts))
-        for d in [*reversed(dirs), top]:
-            with contextlib.suppress(OSError):
-                d.rmdir()
-
-
-def _restore_host(node: Node, before: HostSnapshot) -> None:
-    """Puts back what `before` recorded: netns and mounts, cgroups, links, sysctls, dirs."""
-    now = HostSnapshot.take(node.root)
-    new_mounts = sorted(set(now.mounts) - set(before.mounts), key=len, reverse=True)
-    for mp in new_mounts:
-        subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
-    _remove_cgroups()
-    for link in set(_links()) - set(before.links):
-        _ip("link", "del", link, check=False)
-    for name, value in before.sysctls.items():
-        with contextlib.suppress(OSError):
-            _sysctl_path(name).write_text(value)
-    for d, entries in before.dirs.items():
-        path = Path(d)
-        if not path.exists():
-            continue
-        for entry in set(os.listdir(path)) - set(entries or []):
-            subprocess.run(["rm", "-rf", "--one-file-system", str(path / entry)], check=False)
-        if entries is None:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-    if not node.root.exists():
-        return
-
-
 def down(node: Node, cluster: devcluster.Cluster | None) -> list[str]:
     """Stops the node and restores the host; returns what still differs from before `up`
     (empty when the host is as it was)."""
@@ -623,11 +489,11 @@ def down(node: Node, cluster: devcluster.Cluster | None) -> list[str]:
             os.kill(pid, signal.SIGKILL)
     for pid_file in [*node.root.glob("forward-*.pid"), node.pid_file("dns")]:
         node.stop(pid_file.stem)
-    _unmount_under(str(node.root))
+    unmount_under(str(node.root))
     if not node.snapshot_file.exists():
         return []
     before = HostSnapshot.from_json(json.loads(node.snapshot_file.read_text()))
-    _restore_host(node, before)
+    restore(node.root, before)
     diffs = before.differences(HostSnapshot.take(node.root))
     if not diffs:
         node.snapshot_file.unlink()

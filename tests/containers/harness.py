@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from e2e.harness import real_run_spec
+from e2e.harness import Runs, real_run_spec
 
 from fixtures.cluster import REPO, Cluster, wait_for
 from fixtures.s3 import REGION, S3Server
@@ -62,19 +62,6 @@ class OperatorRelease:
         self.cluster.helm("uninstall", self.name, "--namespace", self.namespace, check=False)
 
 
-def create_s3_secret(cluster: Cluster, namespace: str, s3: S3Server) -> None:
-    cluster.api.create(
-        f"/api/v1/namespaces/{namespace}/secrets",
-        {
-            "metadata": {"name": S3_SECRET},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3.env["AWS_ACCESS_KEY_ID"],
-                "AWS_SECRET_ACCESS_KEY": s3.env["AWS_SECRET_ACCESS_KEY"],
-            },
-        },
-    )
-
-
 def install_operator(
     cluster: Cluster,
     namespace: str,
@@ -86,7 +73,7 @@ def install_operator(
 ) -> OperatorRelease:
     """`helm install` of the chart, its pod on the real node (`selector`, `tolerations`),
     S3 at `endpoint`; waits until the pod is Ready."""
-    create_s3_secret(cluster, namespace, s3)
+    Runs(cluster, namespace, None).create_s3_secret(s3, S3_SECRET)
     values = {
         "watchNamespace": namespace,
         "nodeSelector": selector,

@@ -23,7 +23,7 @@ from containers.harness import (
     image_of,
     tiny_run,
 )
-from e2e.harness import REAL_VOCAB, Runs, prepare_real_inputs, s3_keys
+from e2e.harness import REAL_VOCAB, Runs, download_prefix, prepare_real_inputs
 
 from fixtures.cluster import Cluster, wait_for
 from fixtures.node import RealNode
@@ -109,14 +109,9 @@ def test_a_tiny_native_run_goes_from_helm_install_to_a_model_that_generates(
     # The Hugging Face model in S3 loads with plain transformers and generates.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    keys = s3_keys(s3, bucket, f"models/{RUN}/")
-    assert f"models/{RUN}/_SUCCESS" in keys
-    client = s3.client()
     with tempfile.TemporaryDirectory() as tmp:
-        for key in keys:
-            dest = Path(tmp) / key.split("/", 2)[2]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(dest))
+        keys = download_prefix(s3, bucket, f"models/{RUN}/", Path(tmp))
+        assert f"models/{RUN}/_SUCCESS" in keys
         model = AutoModelForCausalLM.from_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(tmp)
         ids = tok("Document 1. the model reads", return_tensors="pt")

@@ -1,7 +1,7 @@
 """Builds cpt's images on this host with buildah and exports each as an OCI archive.
 
-    python hack/images/images.py build [IMAGE...]   # prints the manifest JSON path per image
-    python hack/images/images.py list               # where each image's archive is (or would be)
+    python hack/images/imagebuild.py build [IMAGE...]  # prints each image's manifest path
+    python hack/images/imagebuild.py list              # where each archive is (or would be)
 
 Why a second path beside images/build.sh (docker/podman, pushes to a registry): a dev host
 or CI machine without a container engine daemon and without a reachable registry can still
@@ -25,22 +25,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "hack" / "devcluster"))
+
+from devcluster import _flock, cache_dir  # noqa: E402  (the same cache root and lock helper)
+
 PUBLIC_BASE = "python:3.11.13-slim-bookworm"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 PYPI_INDEX = "https://pypi.org/simple"
@@ -59,12 +60,6 @@ EXTRA_REFS = {"trainer-cpu": ("cpt-tools",)}  # the operator's image for tokeniz
 
 class BuildError(RuntimeError):
     """A build step failed; the message names the step and the tail of its output."""
-
-
-def cache_dir() -> Path:
-    if os.environ.get("CPT_CACHE_DIR"):
-        return Path(os.environ["CPT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt"
 
 
 def version() -> str:
@@ -136,17 +131,6 @@ def image_key(image: str, sources: Sources) -> str:
     return h.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _run(argv: list[str], what: str, *, cwd: Path | None = None) -> str:
     res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -216,7 +200,7 @@ def local_base() -> str:
 
 
 def archive_dir(image: str, key: str) -> Path:
-    return cache_dir() / "images" / f"{image}-{key}"
+    return Path(cache_dir()) / "images" / f"{image}-{key}"
 
 
 def build(image: str, sources: Sources) -> Path:
