@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-for p in (HERE, REPO / "hack" / "images", REPO / "tests"):
+for p in (HERE, REPO / "hack" / "devcluster", REPO / "hack" / "images", REPO / "tests"):
     sys.path.insert(0, str(p))
 
 import devcluster  # noqa: E402
@@ -128,7 +128,9 @@ Look around:
   {kubectl} logs -n {NAMESPACE} {RUN}-train-1-master-0     # the trainer
 The model, in the S3 server at {s3.endpoint_url} (keys testing/testing):
   AWS_ENDPOINT_URL={s3.endpoint_url} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \\
-    aws s3 ls s3://{BUCKET}/models/{RUN}/
+    AWS_DEFAULT_REGION=us-east-1 {sys.executable} -c "import boto3; \\
+    print([o['Key'] for o in boto3.client('s3').list_objects_v2(Bucket='{BUCKET}', \\
+    Prefix='models/{RUN}/')['Contents']])"
 Tear down: make demo-cluster-down (then make cluster-down for the control plane).
 """
     )
