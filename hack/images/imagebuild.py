@@ -257,6 +257,13 @@ def build(image: str, sources: Sources) -> Path:
             "bytes": size,
         }
         manifest.write_text(json.dumps(info, indent=2) + "\n")
+        # Archives of earlier keys are GBs for the trainer: keep this one and the newest other
+        # (another checkout of the host, e.g. main beside a branch, may still use it).
+        older = [
+            d for d in out.parent.glob(f"{image}-*") if d != out and (d / "image.json").exists()
+        ]
+        for old in sorted(older, key=lambda d: d.stat().st_mtime, reverse=True)[1:]:
+            shutil.rmtree(old, ignore_errors=True)
         print(
             f"images: {image} built in {info['build_seconds']} s, exported in "
             f"{info['export_seconds']} s ({size >> 20} MiB)",

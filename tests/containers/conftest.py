@@ -15,6 +15,7 @@ from fixtures.node import RealNode
 from fixtures.s3 import S3Server
 
 
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: `make test-unit` builds nothing
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _node.prepare(config, items)
 
