@@ -3,7 +3,7 @@
 #
 #   images/build.sh [--push] [--registry REG] [--tag TAG] [IMAGE...]
 #
-# IMAGE is one of: operator trainer-neuron trainer-cuda trainer-cpu (default: all).
+# IMAGE is one of: operator trainer-neuron trainer-torchneuron trainer-cuda trainer-cpu (default: all).
 # Images are named $REGISTRY/cpt-<image>:<tag>; REGISTRY defaults to ghcr.io/cpt-dev (the
 # chart's and the operator's defaults), TAG to the project version from pyproject.toml.
 # trainer-cpu is also tagged cpt-tools (the operator's image for tokenize/export Jobs). The engine is $CONTAINER_ENGINE, else the
@@ -12,7 +12,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-all=(operator trainer-neuron trainer-cuda trainer-cpu)
+all=(operator trainer-neuron trainer-torchneuron trainer-cuda trainer-cpu)
 registry=${REGISTRY:-ghcr.io/cpt-dev}
 tag=${TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)}
 push=0

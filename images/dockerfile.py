@@ -1,6 +1,6 @@
 """A small Dockerfile reader for the image tests (tests/*/test_images*.py).
 
-It understands what our Dockerfiles use: line continuations, comments, ``FROM``, ``WORKDIR``,
+It understands what our Dockerfiles use: line continuations, comments, ``ARG``, ``FROM``, ``WORKDIR``,
 ``COPY src... dst``, ``RUN`` (shell form), ``USER``, ``ENTRYPOINT`` (exec form), and a
 ``.dockerignore`` allow/deny list. It is not a general Dockerfile parser.
 """
@@ -50,6 +50,31 @@ def entrypoint(instrs: list[Instruction]) -> list[str]:
     if not isinstance(value, list):
         raise ValueError("ENTRYPOINT must use the exec (JSON) form")
     return [str(v) for v in value]
+
+
+def build_args(instrs: list[Instruction]) -> dict[str, str]:
+    """``ARG NAME=default`` values (the last one wins); an ARG without default maps to ""."""
+    out: dict[str, str] = {}
+    for i in instrs:
+        if i.cmd == "ARG":
+            name, _, default = i.args.partition("=")
+            out[name.strip()] = default.strip().strip('"')
+    return out
+
+
+def base_images(instrs: list[Instruction]) -> list[str]:
+    """Each ``FROM``'s image with ``${ARG}`` / ``$ARG`` replaced by the ARG's default, i.e.
+    what a build without ``--build-arg`` uses."""
+    args = build_args(instrs)
+    out = []
+    for i in instrs:
+        if i.cmd != "FROM":
+            continue
+        ref = i.args.split()[0]
+        for name, value in args.items():
+            ref = ref.replace("${" + name + "}", value).replace("$" + name, value)
+        out.append(ref)
+    return out
 
 
 def final_user(instrs: list[Instruction]) -> str | None:

@@ -398,6 +398,17 @@ REAL_MODEL = {
 EXECUTOR_ONLY = {"cpt.dev/local-executor": "true"}
 
 
+def download_prefix(s3: S3Server, bucket: str, prefix: str, dest: Path) -> list[str]:
+    """Every object under `prefix` into `dest` (keys relative to the prefix); returns keys."""
+    client = s3.client()
+    keys = s3_keys(s3, bucket, prefix)
+    for key in keys:
+        path = dest / key[len(prefix) :].lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(path))
+    return keys
+
+
 def upload_dir(s3: S3Server, bucket: str, local: Path, prefix: str) -> None:
     client = s3.client()
     for path in sorted(p for p in local.rglob("*") if p.is_file()):

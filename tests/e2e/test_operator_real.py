@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.harness import REAL_VOCAB, Runs, prepare_real_inputs, real_run_spec, s3_keys
+from e2e.harness import (
+    REAL_VOCAB,
+    Runs,
+    download_prefix,
+    prepare_real_inputs,
+    real_run_spec,
+    s3_keys,
+)
 
 from fixtures.cluster import wait_for
 from fixtures.executor import Executor
@@ -110,10 +117,7 @@ def test_the_operator_runs_the_real_workload_through_a_worker_failure_to_a_loada
     )
     assert evaluation["step"] == MAX_STEPS and evaluation["loss"] > 0
     with tempfile.TemporaryDirectory() as tmp:
-        for key in out:
-            dest = Path(tmp) / key.split("/", 2)[2]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(dest))
+        download_prefix(s3, bucket, f"models/{RUN}/", Path(tmp))
         model = AutoModelForCausalLM.from_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(tmp)
         ids = tok("Document 1. the model reads", return_tensors="pt")
