@@ -667,8 +667,8 @@ def _free_port(preferred: int, taken: set[int]) -> int:
         if candidate in taken:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
+            try:  # the wildcard: some components (the training operator's webhook) listen on it
+                s.bind(("", candidate))
             except OSError:
                 continue
             port = int(s.getsockname()[1])
