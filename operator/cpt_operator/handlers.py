@@ -216,7 +216,9 @@ def reject_run(kube: KubeApi, body: Mapping[str, Any], action: CreateChild, mess
     was = status.phase.value
     status.phase, status.message = Phase.FAILED, f"{conditions.INVALID_SPEC}: {msg}"
     status.completion_time = now
-    kube.post_event(body, "Warning", conditions.INVALID_SPEC, f"{was} → Failed: {msg}")
+    conditions.set_ready(status, now=now, generation=generation)
+    reason = conditions.transition_reason(was, "Failed")
+    kube.post_event(body, "Warning", reason, f"{was} → Failed: {msg}")
     if patch := merge_patch(old, dump_status(status)):
         meta = body["metadata"]
         kube.patch_status(str(meta["namespace"]), str(meta["name"]), patch)

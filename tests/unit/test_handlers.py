@@ -246,7 +246,7 @@ def test_an_invalid_spec_fails_the_run_with_an_event_and_creates_nothing() -> No
     assert reconcile(kube) == "Failed"
     assert kube.run["status"]["phase"] == "Failed"
     assert kube.children == {}
-    assert [e for e in kube.events if e[0] == "Warning"] == [("Warning", "InvalidSpec")]
+    assert [e for e in kube.events if e[0] == "Warning"] == [("Warning", "Failed")]
 
 
 # -- the run loops: when passes run ------------------------------------------------------------
