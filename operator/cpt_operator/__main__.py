@@ -20,8 +20,8 @@ def main() -> None:
     settings = OperatorSettings.from_env()
     verbose = settings.log_level == "DEBUG"
     kopf.configure(verbose=verbose)
-    if not verbose:  # one line per API request drowns the operator's own log
-        for name in ("botocore", "boto3", "urllib3", "kubernetes"):
+    if not verbose:  # a line per request or handler call drowns the operator's own log
+        for name in ("botocore", "boto3", "urllib3", "kubernetes", "kopf.objects"):
             logging.getLogger(name).setLevel(logging.WARNING)
     kopf.run(
         standalone=True,

@@ -70,6 +70,10 @@ PLANNING_PHASES = {None, "", "Pending", "Planning"}
 """Phases before the first child: admission checks run, there are no pods to read."""
 STORAGE_PHASES = {"Tokenizing", "PreparingWeights", "Training", "Suspended", "Converting"}
 """Phases whose decision reads S3 (progress.json, committed checkpoints)."""
+SETTLE_SECONDS = 1.0
+"""The least time between two passes over one run: a child's events come in bursts (created,
+its pods created, scheduled, started), and one pass after them reads the same as one per
+event. A run's first pass is never delayed."""
 
 
 # -- one pass over a run (blocking; runs in a worker thread) ----------------------------------
@@ -278,6 +282,7 @@ async def run_loop(ctl: Controller, key: RunKey, me: RunLoop) -> None:
             if ctl.loops.get(key) is me:
                 del ctl.loops[key]
             return
+        await asyncio.sleep(min(SETTLE_SECONDS, ctl.settings.resync_seconds))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(me.wake.wait(), ctl.settings.resync_seconds)
 
@@ -334,6 +339,12 @@ def runs_probe(memo: kopf.Memo, **_: Any) -> int:
     return len(controller(memo).loops)
 
 
+@kopf.on.probe(id="passes")
+def passes_probe(memo: kopf.Memo, **_: Any) -> int:
+    """Reconciles since start (the benchmark's idle-writes ratio reads it)."""
+    return controller(memo).passes
+
+
 def remember_roots(ctl: Controller, body: Mapping[str, Any]) -> None:
     meta = body.get("metadata") or {}
     key = (str(meta.get("namespace")), str(meta.get("name")))
@@ -369,9 +380,10 @@ async def run_event(
 @kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={RUN_LABEL: kopf.PRESENT})
 async def child_event(
-    namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
+    type: str | None, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
 ) -> None:
-    """A child changed: its run reconciles now (never started from here: a run's loop starts
-    with the run's own event)."""
-    if namespace is not None:
+    """A child changed or went away: its run reconciles now. Its creation (ADDED, or kopf's
+    initial listing) wakes nobody: the pass that created it already decided with it in mind.
+    Never starts a loop: a run's loop starts with the run's own event."""
+    if namespace is not None and type in ("MODIFIED", "DELETED"):
         controller(memo).wake((namespace, labels[RUN_LABEL]))

@@ -1,11 +1,12 @@
 """The operator's one door to the Kubernetes API: the official `kubernetes` client, public API only.
 
 Every call blocks (the client is urllib3 underneath): the controller runs a run's whole
-reconcile in a worker thread (cpt_operator/handlers.py), so nothing here is async. Objects
-cross this boundary as plain dicts in their JSON form (camelCase keys), so the pure layers
-(reconcile/, builders/) never see a client type. Jobs and PyTorchJobs go through the
-client's generic custom-object API, which answers dicts as the API server sent them; Pods,
-Nodes, Namespaces, Secrets and Events through the typed core API.
+reconcile in a worker thread (cpt_operator/handlers.py), so nothing here is async. Requests
+go through the client's generic request path (`ApiClient.param_serialize` + `call_api`: its
+configuration, auth, TLS and errors) by resource path, and answers stay the API server's JSON
+as plain dicts: the pure layers (reconcile/, builders/) never see a client type, and the
+operator never loads the client's typed models (its core API classes alone hold 85 MiB of
+model classes once imported, more than the rest of the operator).
 
 Writes are idempotent: `create` is create-if-absent (409 AlreadyExists counts as done, child
 names are deterministic), `delete` treats 404 as done, the status is one JSON merge patch on
@@ -19,9 +20,11 @@ import logging
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-from kubernetes import client, config
+from kubernetes import config
+from kubernetes.client.api_client import ApiClient
+from kubernetes.client.configuration import Configuration
 from kubernetes.client.exceptions import ApiException
 
 from cpt_operator.api.models import GROUP, KIND, PLURAL, VERSION
@@ -38,11 +41,15 @@ POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
 REQUEST_TIMEOUT = 30.0
 MAX_EVENT_MESSAGE = 1000
 
-# (group, version, plural) of the children created through the custom-object API.
-CUSTOM_KINDS: dict[tuple[str, str], tuple[str, str, str]] = {
-    ("batch/v1", "Job"): ("batch", "v1", "jobs"),
-    ("kubeflow.org/v1", "PyTorchJob"): ("kubeflow.org", "v1", "pytorchjobs"),
-}
+PLURALS = {"Job": "jobs", "PyTorchJob": "pytorchjobs", "Pod": "pods", "Node": "nodes"}
+RUN_API_VERSION = f"{GROUP}/{VERSION}"
+
+
+def path(api_version: str, plural: str, namespace: str | None = None, name: str = "") -> str:
+    """The REST path of a collection or (with `name`) of one object."""
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    ns = f"/namespaces/{namespace}" if namespace is not None else ""
+    return f"{base}{ns}/{plural}" + (f"/{name}" if name else "")
 
 
 class KubeApi(Protocol):
@@ -84,10 +91,10 @@ class KubeApi(Protocol):
     def post_event(self, run: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
 
 
-def api_client(pool_size: int = 16) -> client.ApiClient:
+def api_client(pool_size: int = 16) -> ApiClient:
     """A client for the environment's cluster: in-cluster service account, else KUBECONFIG.
     One HTTP connection per worker thread (`pool_size`), so no reconcile waits for a socket."""
-    cfg = client.Configuration()
+    cfg = Configuration()
     try:
         config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     except config.ConfigException:
@@ -96,7 +103,7 @@ def api_client(pool_size: int = 16) -> client.ApiClient:
             config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg
         )
     cfg.connection_pool_maxsize = max(pool_size, 4)
-    return client.ApiClient(cfg)
+    return ApiClient(cfg)
 
 
 def _status(err: ApiException) -> int:
@@ -106,99 +113,107 @@ def _status(err: ApiException) -> int:
 class Kube:
     """`KubeApi` on the official client."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: ApiClient) -> None:
         self.api = api
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
 
     def close(self) -> None:
         self.api.close()  # type: ignore[no-untyped-call]
 
-    def _json(self, obj: Any, api_version: str, kind: str) -> dict[str, Any]:
-        """A typed answer as the API server's JSON (list items carry no kind of their own)."""
-        out: dict[str, Any] = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
-        out["apiVersion"], out["kind"] = api_version, kind
-        return out
+    def request(
+        self,
+        method: str,
+        resource: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+    ) -> Any:
+        """One request; the answer's JSON. Raises ApiException (with `.status`) when the API
+        server refuses it."""
+        headers = {"Accept": accept}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, data, _ = self.api.param_serialize(
+            method,
+            resource,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(
+            method, url, header_params=headers, body=data, _request_timeout=REQUEST_TIMEOUT
+        )
+        raw = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            text = raw.decode(errors="replace") if raw else None
+            raise ApiException.from_response(http_resp=response, body=text, data=None)
+        return json.loads(raw) if raw else None
 
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            run = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+            run: dict[str, Any] = self.request(
+                "GET", path(RUN_API_VERSION, PLURAL, namespace, name)
             )
         except ApiException as err:
             if _status(err) == 404:
                 return None
             raise
-        return cast(dict[str, Any], run)
+        return run
 
     def list_runs(self, namespace: str | None) -> list[dict[str, Any]]:
         """Every run in one namespace or (None) in all of them."""
-        if namespace is None:
-            answer = self.custom.list_cluster_custom_object(
-                GROUP, VERSION, PLURAL, _request_timeout=REQUEST_TIMEOUT
-            )
-        else:
-            answer = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, _request_timeout=REQUEST_TIMEOUT
-            )
-        return list(cast(dict[str, Any], answer).get("items") or [])
+        answer = self.request("GET", path(RUN_API_VERSION, PLURAL, namespace))
+        return list(answer.get("items") or [])
+
+    def _list_labelled(
+        self, api_version: str, kind: str, namespace: str, run: str
+    ) -> list[dict[str, Any]]:
+        """Objects of a kind carrying the run's label (selected by the API server), each with
+        its kind (list items carry none)."""
+        answer = self.request(
+            "GET",
+            path(api_version, PLURALS[kind], namespace),
+            query={"labelSelector": f"{RUN_LABEL}={run}"},
+        )
+        items = list(answer.get("items") or [])
+        for item in items:
+            item["apiVersion"], item["kind"] = api_version, kind
+        return items
 
     def list_children(
         self, namespace: str, run: str
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The run's Jobs and PyTorchJobs (label cpt.dev/run, selected by the API server)."""
-        found: list[list[dict[str, Any]]] = []
-        for (api_version, kind), (group, version, plural) in CUSTOM_KINDS.items():
-            answer = self.custom.list_namespaced_custom_object(
-                group,
-                version,
-                namespace,
-                plural,
-                label_selector=f"{RUN_LABEL}={run}",
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-            items = list(cast(dict[str, Any], answer).get("items") or [])
-            for item in items:
-                item["apiVersion"], item["kind"] = api_version, kind
-            found.append(items)
-        return found[0], found[1]
+        """The run's Jobs and PyTorchJobs."""
+        return (
+            self._list_labelled("batch/v1", "Job", namespace, run),
+            self._list_labelled("kubeflow.org/v1", "PyTorchJob", namespace, run),
+        )
 
     def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(
-            namespace, label_selector=f"{RUN_LABEL}={run}", _request_timeout=REQUEST_TIMEOUT
-        )
-        return [self._json(p, "v1", "Pod") for p in pods.items]
+        return self._list_labelled("v1", "Pod", namespace, run)
 
     def get_nodes(self, names: list[str]) -> list[dict[str, Any]]:
         """Nodes by name; a node that no longer exists is simply absent from the answer."""
         found = []
         for name in sorted(set(names)):
             try:
-                node = self.core.read_node(name, _request_timeout=REQUEST_TIMEOUT)
+                found.append(self.request("GET", path("v1", "nodes", None, name)))
             except ApiException as err:
                 if _status(err) != 404:
                     raise
-                continue
-            found.append(self._json(node, "v1", "Node"))
         return found
 
-    def _create(self, manifest: Mapping[str, Any], namespace: str, dry_run: str | None) -> None:
-        group, version, plural = CUSTOM_KINDS[(manifest["apiVersion"], manifest["kind"])]
-        self.custom.create_namespaced_custom_object(
-            group,
-            version,
-            namespace,
-            plural,
-            dict(manifest),
-            dry_run=dry_run,
-            field_manager=FIELD_MANAGER,
-            _request_timeout=REQUEST_TIMEOUT,
-        )
+    def _create(self, manifest: Mapping[str, Any], namespace: str, dry_run: bool) -> None:
+        query = {"fieldManager": FIELD_MANAGER} | ({"dryRun": "All"} if dry_run else {})
+        collection = path(manifest["apiVersion"], PLURALS[manifest["kind"]], namespace)
+        self.request("POST", collection, query=query, body=dict(manifest))
 
     def create(self, manifest: Mapping[str, Any], namespace: str) -> bool:
         """Create-if-absent: True when created, False when it already existed."""
         try:
-            self._create(manifest, namespace, None)
+            self._create(manifest, namespace, dry_run=False)
         except ApiException as err:
             if _status(err) == 409:
                 return False
@@ -209,7 +224,7 @@ class Kube:
         """Server-side dry run of a create: the API server's message when it rejects the
         object as invalid (400/422), else "" (accepted, or it cannot tell: 403, 409)."""
         try:
-            self._create(manifest, namespace, "All")
+            self._create(manifest, namespace, dry_run=True)
         except ApiException as err:
             if _status(err) in (400, 422):
                 return error_message(err)
@@ -226,19 +241,11 @@ class Kube:
         grace_period: int | None = None,
     ) -> bool:
         """Delete; True when a delete was issued, False when it was already gone."""
-        options: dict[str, Any] = {
-            "propagation_policy": propagation,
-            "grace_period_seconds": grace_period,
-            "_request_timeout": REQUEST_TIMEOUT,
-        }
+        options: dict[str, Any] = {"propagationPolicy": propagation}
+        if grace_period is not None:
+            options["gracePeriodSeconds"] = grace_period
         try:
-            if (api_version, kind) == ("v1", "Pod"):
-                self.core.delete_namespaced_pod(name, namespace, **options)
-            else:
-                group, version, plural = CUSTOM_KINDS[(api_version, kind)]
-                self.custom.delete_namespaced_custom_object(
-                    group, version, namespace, plural, name, **options
-                )
+            self.request("DELETE", path(api_version, PLURALS[kind], namespace, name), body=options)
         except ApiException as err:
             if _status(err) == 404:
                 return False
@@ -247,15 +254,12 @@ class Kube:
 
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
         """JSON merge patch on the status subresource (None values delete keys)."""
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            name,
-            {"status": dict(patch)},
-            field_manager=FIELD_MANAGER,
-            _request_timeout=REQUEST_TIMEOUT,
+        self.request(
+            "PATCH",
+            path(RUN_API_VERSION, PLURAL, namespace, name) + "/status",
+            query={"fieldManager": FIELD_MANAGER},
+            body={"status": dict(patch)},
+            content_type="application/merge-patch+json",
         )
 
     def secret_exists(self, namespace: str, name: str) -> bool | None:
@@ -263,12 +267,7 @@ class Kube:
         data never reaches the operator). None when this identity may not read Secrets (the
         chart grants no such right by default) or the answer is anything but 200/404."""
         try:
-            self.core.read_namespaced_secret(
-                name,
-                namespace,
-                _headers={"Accept": PARTIAL_METADATA},
-                _request_timeout=REQUEST_TIMEOUT,
-            )
+            self.request("GET", path("v1", "secrets", namespace, name), accept=PARTIAL_METADATA)
         except ApiException as err:
             return {404: False}.get(_status(err))
         return True
@@ -277,12 +276,12 @@ class Kube:
         """The namespace's enforced Pod Security level ("" when unlabelled), or None when
         this identity may not read Namespaces."""
         try:
-            ns = self.core.read_namespace(namespace, _request_timeout=REQUEST_TIMEOUT)
+            ns = self.request("GET", path("v1", "namespaces", None, namespace))
         except ApiException as err:
             if _status(err) not in (401, 403, 404):
                 raise
             return None
-        labels = (ns.metadata.labels if ns.metadata else None) or {}
+        labels = (ns.get("metadata") or {}).get("labels") or {}
         return str(labels.get(POD_SECURITY_ENFORCE, ""))
 
     def post_event(self, run: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -291,6 +290,8 @@ class Kube:
         meta = run.get("metadata") or {}
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"generateName": f"{meta.get('name', 'cpt')}."},
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
@@ -312,11 +313,7 @@ class Kube:
             "action": reason,
         }
         try:
-            self.core.create_namespaced_event(
-                str(meta.get("namespace")),
-                cast(client.CoreV1Event, client.CoreV1Event.from_dict(event)),
-                _request_timeout=REQUEST_TIMEOUT,
-            )
+            self.request("POST", path("v1", "events", str(meta.get("namespace"))), body=event)
         except ApiException as err:
             log.warning("could not post event %s on %s: %s", reason, meta.get("name"), err)
 

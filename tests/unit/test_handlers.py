@@ -333,12 +333,12 @@ def test_a_child_event_wakes_its_run_and_the_run_moves_on() -> None:
         await settle(ctl)
         complete_job(kube, "llama-gpu-tokenize")
         labels = {"cpt.dev/run": "llama-gpu"}
-        await handlers.child_event(namespace="team-b", labels=labels, memo=memo)
+        await handlers.child_event(type="MODIFIED", namespace="team-b", labels=labels, memo=memo)
         await settle(ctl)
         assert kube.run["status"]["phase"] == "Training"
         # a child of a run the operator does not know starts nothing
         unknown = {"cpt.dev/run": "someone-else"}
-        await handlers.child_event(namespace="team-b", labels=unknown, memo=memo)
+        await handlers.child_event(type="MODIFIED", namespace="team-b", labels=unknown, memo=memo)
         assert set(ctl.loops) == {("team-b", "llama-gpu")}
 
     run_with_controller(kube, main)
