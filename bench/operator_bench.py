@@ -240,7 +240,9 @@ class Operator:
         self.log.close()
 
 
-def bench(crs: int, idle_crs: int, resync: float, idle_window: float) -> list[dict[str, Any]]:
+def bench(
+    crs: int, idle_crs: int, resync: float, idle_window: float, workers: int | None = None
+) -> list[dict[str, Any]]:
     common.bootstrap()
     sys.path.insert(0, str(common.REPO / "hack" / "devcluster"))
     import boto3
@@ -280,6 +282,8 @@ def bench(crs: int, idle_crs: int, resync: float, idle_window: float) -> list[di
         env.update(
             {"CPT_WATCH_NAMESPACES": NS, "CPT_RESYNC_SECONDS": str(resync), "PYTHONUNBUFFERED": "1"}
         )
+        if workers is not None:
+            env["CPT_WORKER_LIMIT"] = str(workers)
         op = Operator(env, work / "operator.log")
         op.wait_ready()
         time.sleep(2)  # kopf's watches started
@@ -391,7 +395,7 @@ def bench(crs: int, idle_crs: int, resync: float, idle_window: float) -> list[di
         "runs": crs,
         "createConcurrency": 32,
         "resyncSeconds": resync,
-        "workerLimit": "default (16, as the chart)",
+        "workerLimit": workers or "default (16, as the chart)",
         "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable pods",
     }
     return [
@@ -460,9 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-crs", type=int, default=1000, help="runs for the memory reading")
     ap.add_argument("--resync", type=float, default=10.0, help="CPT_RESYNC_SECONDS")
     ap.add_argument("--idle-window", type=float, default=30.0, help="seconds counted idle")
+    ap.add_argument("--workers", type=int, help="CPT_WORKER_LIMIT (default: the chart's)")
     ap.add_argument("--no-write", action="store_true", help="print, write no results file")
     args = ap.parse_args(argv)
-    items = bench(args.crs, max(args.idle_crs, args.crs), args.resync, args.idle_window)
+    items = bench(
+        args.crs, max(args.idle_crs, args.crs), args.resync, args.idle_window, args.workers
+    )
     for m in items:
         print(f"{m['name']:40s} {m['value']:.3f} {m['metric']}")
     if not args.no_write:
