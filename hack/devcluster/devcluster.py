@@ -332,7 +332,7 @@ class Cluster:
         return Api(self.api_url, self.admin_token, self.ca_file)
 
     def env(self) -> dict[str, str]:
-        """Environment for tools that talk to this cluster (kubectl, helm, kopf, lightkube)."""
+        """Environment for tools that talk to this cluster (kubectl, helm, kopf, the kubernetes client)."""
         env = dict(os.environ)
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["KUBECACHEDIR"] = str(self.state_dir / "kube-cache")
