@@ -395,7 +395,7 @@ def bench(
         "runs": crs,
         "createConcurrency": 32,
         "resyncSeconds": resync,
-        "workerLimit": workers or "default (16, as the chart)",
+        "workerLimit": workers or "default (32, as the chart)",
         "spec": "golden trn1-nxd, 1 tokenize shard, unschedulable pods",
     }
     return [

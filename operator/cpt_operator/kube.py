@@ -91,7 +91,7 @@ class KubeApi(Protocol):
     def post_event(self, run: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
 
 
-def api_client(pool_size: int = 16) -> ApiClient:
+def api_client(pool_size: int = 32) -> ApiClient:
     """A client for the environment's cluster: in-cluster service account, else KUBECONFIG.
     One HTTP connection per worker thread (`pool_size`), so no reconcile waits for a socket."""
     cfg = Configuration()

@@ -27,7 +27,7 @@ class OperatorSettings:
     resync_seconds: float = 10.0
     """CPT_RESYNC_SECONDS (operator.reconcileIntervalSeconds): how often every active run is
     reconciled without an event (S3 progress, pending/hang/node timeouts)."""
-    workers: int = 16
+    workers: int = 32
     """CPT_WORKER_LIMIT (operator.workerLimit): reconciles running at once (worker threads,
     and HTTP connections to the API server)."""
     log_level: str = "INFO"
