@@ -306,88 +306,6 @@ def runs_table(items: list[dict[str, Any]], prefix: str) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def operator_profile_table(items: list[dict[str, Any]]) -> str | None:
-    m = _find(items, "operator.profile.run_reads_per_run")
-    if m is None:
-        return None
-    d = m.get("details") or {}
-    cpu = ", ".join(f"{k} {fmt(v)}" for k, v in (d.get("cpuSecondsDuringBurst") or {}).items())
-    lat = ", ".join(f"{k} {fmt(v)} s" for k, v in (d.get("latencyUnderProfile") or {}).items())
-    lines = [
-        f"Profiled burst ({m['config'].get('runs')} runs, `{m.get('source', '')}`): "
-        f"{fmt(m['value'])} GETs of each run; CPU seconds during the burst: {cpu}; "
-        f"first-child latency under the profiler: {lat}.",
-        "",
-        _row(["requests during the burst", "count"]),
-        _row(["---"] * 2),
-    ]
-    for k, v in sorted((d.get("requestsDuringBurst") or {}).items(), key=lambda kv: -kv[1]):
-        lines.append(_row([k, str(v)]))
-    plain = _find(items, "operator.first_child.p50")
-    pd = (plain or {}).get("details") or {}
-    if pd.get("cpuSecondsDuringBurst"):
-        cpu0 = ", ".join(f"{k} {fmt(v)}" for k, v in pd["cpuSecondsDuringBurst"].items())
-        reads = (pd.get("requestsDuringBurst") or {}).get("GET run", 0)
-        runs = (plain or {}).get("config", {}).get("runs") or 1
-        lines += [
-            "",
-            f"The same burst without the profiler (`{(plain or {}).get('source', '')}`): CPU "
-            f"seconds {cpu0}, over {fmt(pd.get('untilAllChildrenSeconds'))} s until every run "
-            f"had a child; {fmt(reads / runs)} GETs of each run.",
-        ]
-    prof = d.get("profile") or {}
-    for title, key, col in (
-        ("own time", "byOwnTime", "ownSeconds"),
-        ("cpt / lightkube / httpcore2, cumulative", "oursAndHttpByCumulative", "cumulativeSeconds"),
-    ):
-        rows = prof.get(key) or []
-        if rows:
-            lines += [
-                "",
-                _row([f"operator profile, by {title}", "seconds", "calls"]),
-                _row(["---"] * 3),
-            ]
-            for r in rows[:10]:
-                lines.append(_row([f"`{r['function'][:90]}`", fmt(r[col]), str(r["calls"])]))
-    if prof.get("totalSeconds") is not None:
-        lines += ["", f"Profile total: {fmt(prof['totalSeconds'])} s."]
-    return "\n".join(lines) + "\n"
-
-
-def apiserver_profile_table(items: list[dict[str, Any]]) -> str | None:
-    """Where the API server's CPU went during a burst, for the floor and the operator (the
-    rows whose run took the API server's Go profile)."""
-    cols = []
-    for name, label in (
-        ("operator.floor.first_child.p50", "floor"),
-        ("operator.first_child.p50", "operator"),
-    ):
-        m = _find(items, name)
-        prof = ((m or {}).get("details") or {}).get("apiserverProfile") or {}
-        if prof.get("byWork"):
-            cols.append((label, m or {}, prof))
-    if not cols:
-        return None
-    lines = [
-        "API server CPU seconds by kind of work, from its Go CPU profile of the burst's first "
-        + " and ".join(
-            f"{p.get('windowSeconds')} s ({label}, `{m.get('source', '')}`)" for label, m, p in cols
-        )
-        + ":",
-        "",
-        _row(["work", *(label for label, _, _ in cols)]),
-        _row(["---"] * (1 + len(cols))),
-    ]
-    kinds = sorted(
-        {k for _, _, p in cols for k in p["byWork"]},
-        key=lambda k: (-max(p["byWork"].get(k, 0.0) for _, _, p in cols), k),  # stable
-    )
-    for k in kinds:
-        lines.append(_row([k, *(f"{p['byWork'].get(k, 0.0):.2f}" for _, _, p in cols)]))
-    lines.append(_row(["**total**", *(f"{p.get('cpuSeconds', 0.0):.2f}" for _, _, p in cols)]))
-    return "\n".join(lines) + "\n"
-
-
 def render_blocks(items: list[dict[str, Any]]) -> dict[str, str]:
     """Block name -> generated markdown (pure; unit-tested)."""
     sections: dict[str, list[dict[str, Any]]] = {}
@@ -404,8 +322,6 @@ def render_blocks(items: list[dict[str, Any]]) -> dict[str, str]:
         ("stalls", stalls_table(items)),
         ("tokenize-runs", runs_table(items, "tokenize.")),
         ("ckpt-runs", runs_table(items, "ckpt.sync.")),
-        ("operator-profile", operator_profile_table(items)),
-        ("operator-apiserver", apiserver_profile_table(items)),
     ):
         if body is not None:
             blocks[name] = body

@@ -332,7 +332,7 @@ class Cluster:
         return Api(self.api_url, self.admin_token, self.ca_file)
 
     def env(self) -> dict[str, str]:
-        """Environment for tools that talk to this cluster (kubectl, helm, kopf, lightkube)."""
+        """Environment for tools that talk to this cluster (kubectl, helm, kopf, the kubernetes client)."""
         env = dict(os.environ)
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["KUBECACHEDIR"] = str(self.state_dir / "kube-cache")
@@ -667,8 +667,8 @@ def _free_port(preferred: int, taken: set[int]) -> int:
         if candidate in taken:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
+            try:  # the wildcard: some components (the training operator's webhook) listen on it
+                s.bind(("", candidate))
             except OSError:
                 continue
             port = int(s.getsockname()[1])

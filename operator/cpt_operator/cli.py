@@ -55,7 +55,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     except (OSError, ValueError, yaml.YAMLError) as exc:
         print(f"cpt doctor: {exc}", file=sys.stderr)
         return 2
-    reader = doctor.LightkubeReader()
+    reader = doctor.KubeReader()
     ns = args.namespace or (obj.get("metadata") or {}).get("namespace") or reader.default_namespace
     checks = doctor.run_checks(spec, ns, reader)
     sys.stdout.write(doctor.render(checks))

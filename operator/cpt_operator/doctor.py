@@ -17,8 +17,8 @@ The checks (docs/install.md, "Check the cluster"):
   ``training.nodes``.
 
 Kubernetes reads go through :class:`ClusterReader` (a handful of GET/LIST calls returning
-plain dicts); the checks themselves are pure functions of those dicts, so the client library
-can change without touching them.
+plain dicts, :class:`KubeReader` on the operator's client layer); the checks themselves are
+pure functions of those dicts.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cpt_operator.api.models import API_VERSION, GROUP, PLURAL, VERSION, ContinualPretrainSpec
@@ -36,6 +37,7 @@ Status = Literal["ok", "warn", "FAIL"]
 PYTORCHJOB_CRD = "pytorchjobs.kubeflow.org"
 IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
 INSTANCE_LABEL = "node.kubernetes.io/instance-type"
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 TRAINING_OPERATOR_NAMES = ("training-operator", "kubeflow-training-operator")
 
 
@@ -57,71 +59,63 @@ class ClusterReader(Protocol):
     def service_account(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
-class LightkubeReader:
-    """:class:`ClusterReader` over lightkube (the operator's client library), from the
-    kubeconfig (``KUBECONFIG``) or the in-cluster ServiceAccount."""
+class KubeReader:
+    """:class:`ClusterReader` over the operator's client layer (:mod:`cpt_operator.kube`, the
+    official client's generic request path), from the in-cluster ServiceAccount or the
+    kubeconfig (``KUBECONFIG``)."""
 
     def __init__(self) -> None:
-        from lightkube import Client
+        from cpt_operator import kube
 
-        self._client = Client(field_manager="cpt-doctor")
+        self._kube = kube.Kube(kube.api_client(pool_size=4))
 
     @property
     def default_namespace(self) -> str:
-        """The kubeconfig context's namespace (``default`` when it names none)."""
-        return str(self._client.namespace or "default")
-
-    def _get(self, res: Any, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        from lightkube import ApiError
+        """The in-cluster ServiceAccount's namespace, else the kubeconfig context's
+        (``default`` when it names none)."""
+        sa_ns = Path(SERVICE_ACCOUNT_NAMESPACE)
+        if sa_ns.is_file():
+            return sa_ns.read_text().strip() or "default"
+        from kubernetes import config
 
         try:
-            obj = self._client.get(res, name, namespace=namespace)
-        except ApiError as exc:
-            if exc.status.code == 404:
+            _, active = config.list_kube_config_contexts()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            return "default"
+        return str((active or {}).get("context", {}).get("namespace") or "default")
+
+    def _get(self, resource: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            obj: dict[str, Any] = self._kube.request("GET", resource)
+        except ApiException as exc:
+            if exc.status == 404:
                 return None
             raise
-        return dict(obj.to_dict())
+        return obj
 
-    def _list(self, res: Any, **kw: Any) -> list[dict[str, Any]]:
-        return [dict(o.to_dict()) for o in self._client.list(res, **kw)]
+    def _list(self, resource: str, query: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        return list(self._kube.request("GET", resource, query=query).get("items") or [])
 
     def crd(self, name: str) -> dict[str, Any] | None:
-        # A generic resource keeps the schema as the API server returns it (the typed model
-        # would rename and drop keys, and the comparison with cpt's own CRD would fail).
-        from lightkube.generic_resource import create_global_resource
-
-        crd = create_global_resource(
-            "apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions"
-        )
-        return self._get(crd, name)
+        # The JSON as the API server returns it: compared with cpt's own CRD key for key.
+        return self._get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
 
     def deployments(self) -> list[dict[str, Any]]:
-        from lightkube.resources.apps_v1 import Deployment
-
-        return self._list(Deployment, namespace="*")
+        return self._list("/apis/apps/v1/deployments")
 
     def nodes(self) -> list[dict[str, Any]]:
-        from lightkube.resources.core_v1 import Node
-
-        return self._list(Node)
+        return self._list("/api/v1/nodes")
 
     def active_pods(self) -> list[dict[str, Any]]:
-        from lightkube import operators
-        from lightkube.resources.core_v1 import Pod
-
-        return self._list(
-            Pod, namespace="*", fields={"status.phase": operators.not_equal("Succeeded")}
-        )
+        return self._list("/api/v1/pods", {"fieldSelector": "status.phase!=Succeeded"})
 
     def namespace(self, name: str) -> dict[str, Any] | None:
-        from lightkube.resources.core_v1 import Namespace
-
-        return self._get(Namespace, name)
+        return self._get(f"/api/v1/namespaces/{name}")
 
     def service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from lightkube.resources.core_v1 import ServiceAccount
-
-        return self._get(ServiceAccount, name, namespace=namespace)
+        return self._get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
 
 
 # ---------------------------------------------------------------------------------------------

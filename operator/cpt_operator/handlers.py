@@ -1,224 +1,389 @@
-"""kopf glue: which run to pass over, and when (cpt_operator/passes.py does the pass).
+"""The controller: what happens to a ContinualPretrain, top to bottom.
 
-* `run_event` (kopf's watch of the runs) reconciles the run from the event's body, skips the
-  echo of our own status patch, and forgets a deleted run;
-* `child_event` (the operator's own watches of labelled Jobs/PyTorchJobs/Pods,
-  cpt_operator/k8s/watch.py) updates the child index and schedules one settled pass;
-* `startup` loads the planner's tables, primes the child index and the runs' S3 roots, then
-  starts the resync loop and the children's watches; `cleanup` stops them and gives pending
-  records a few seconds;
-* the liveness probe fails when the resync loop or a children's watch stopped.
+`kubectl apply` → kopf's watch delivers the run to `run_event`, which starts the run's loop
+(`run_loop`, one asyncio task per live run). The loop calls `reconcile` in a worker thread
+whenever it is woken, and every `resync_seconds` without a wake-up:
 
-No finalizer is used on purpose (kopf adds one for `@kopf.timer`/daemons, which is why the
-resync is a plain task): children go with the run through ownerReferences, S3 data stays, and
-deleting a run never hangs because the operator is down.
+* `run_event` wakes it when the run is new or its spec changed (metadata.generation; status
+  writes are the operator's own, so their echo wakes nobody);
+* `child_event` wakes it when one of its Jobs or PyTorchJobs changed (label cpt.dev/run);
+* the resync applies the time-based rules (pending, hang and node timeouts) and refreshes
+  progress from S3.
 
-Run with `kopf run -m cpt_operator.handlers --standalone -A` or `python -m cpt_operator`.
+`reconcile` is level-based: it reads the run and its children, reduces them to facts
+(reconcile/observe.py), lets the pure phase machine decide (reconcile/decide.py), then
+applies the decision: children first, then the Events, then one status patch if the status
+changed. It does not matter which wake-up led to it, how many were missed, or whether the
+operator restarted in between. One loop per run means a run is never reconciled twice at
+once, without locks.
+
+Why not `@kopf.daemon`, kopf's own per-object loop: kopf puts a finalizer on every object
+with a daemon or timer, and a finalizer makes deleting a run (or its namespace) hang while
+the operator is down. The operator keeps no finalizer: children go with the run through
+ownerReferences, and S3 data stays. Errors: kopf does not retry `@kopf.on.event` handlers
+(docs: errors), so a failed pass is logged and the loop's next resync is the retry.
+
+Run with `python -m cpt_operator` (cpt_operator/__main__.py) or
+`kopf run -m cpt_operator.handlers --standalone -A`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
-import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import kopf
-from lightkube import ApiError
+from pydantic import ValidationError
 
-from cpt_operator import passes
 from cpt_operator.api import planner
-from cpt_operator.api.models import GROUP, PLURAL, VERSION
-from cpt_operator.index import ALL_NAMESPACES
-from cpt_operator.k8s import watch
-from cpt_operator.k8s.client import CHILD_KINDS, LIST_PAGE, Kube, KubeApi
-from cpt_operator.reconcile import conditions
+from cpt_operator.api.models import (
+    GROUP,
+    PLURAL,
+    TERMINAL_PHASES,
+    VERSION,
+    ContinualPretrainSpec,
+    Phase,
+)
+from cpt_operator.builders import stages
+from cpt_operator.builders.meta import RUN_LABEL, STAGE_LABEL
+from cpt_operator.kube import ApiException, Kube, KubeApi, api_client, error_message
+from cpt_operator.progress import StorageView, read_storage
+from cpt_operator.reconcile import admission, conditions
+from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
+from cpt_operator.reconcile.admission import Blocker, RunRoots
+from cpt_operator.reconcile.decide import RunMeta, decide, dump_status, load_status
+from cpt_operator.reconcile.observe import Observed, observe
+from cpt_operator.reconcile.patch import merge_patch
+from cpt_operator.settings import OperatorSettings
 
 log = logging.getLogger("cpt_operator")
 
-ANNOTATION_PREFIX = "cpt.dev"
-FINALIZER = "cpt.dev/finalizer"  # declared for kopf; no handler of ours requires it
+RunKey = tuple[str, str]
+TERMINAL = {p.value for p in TERMINAL_PHASES}
+PLANNING_PHASES = {None, "", "Pending", "Planning"}
+"""Phases before the first child: admission checks run, there are no pods to read."""
+STORAGE_PHASES = {"Tokenizing", "PreparingWeights", "Training", "Suspended", "Converting"}
+"""Phases whose decision reads S3 (progress.json, committed checkpoints)."""
+SETTLE_SECONDS = 1.0
+"""The least time between two passes over one run: a child's events come in bursts (created,
+its pods created, scheduled, started), and one pass after them reads the same as one per
+event. A run's first pass is never delayed."""
 
 
-def _env_level(name: str, default: int) -> int:
-    """A logging level named in the environment (the chart's operator.postingLevel)."""
-    level = logging.getLevelName(os.environ.get(name, "").upper())
-    return level if isinstance(level, int) else default
+# -- one pass over a run (blocking; runs in a worker thread) ----------------------------------
 
 
-class EventOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
-    """kopf builds a "diff essence" (a deep copy of the body, then a second copy) for every
-    watch event, for change-detecting handlers (on.create/update/resume). cpt registers only
-    event handlers, so nothing reads it: measured, the copies were a fifth of the operator's CPU
-    in a burst of new runs. `change_handlers()` guards the assumption (checked at startup and
-    by a unit test)."""
-
-    def build(
-        self,
-        *,
-        body: kopf.Body,
-        extra_fields: Iterable[Any] | None = None,
-    ) -> kopf.BodyEssence:
-        return kopf.BodyEssence()
-
-
-def change_handlers(registry: kopf.OperatorRegistry | None = None) -> list[str]:
-    """Ids of registered change-detecting handlers (which would need kopf's diff essence)."""
-    reg = registry or kopf.get_default_registry()
-    return [str(h.id) for h in reg._changing.get_all_handlers()]
-
-
-def configure(settings: kopf.OperatorSettings) -> None:
-    """Watch/request timeouts against silently stalled watches (kopf #698, #204), our own
-    annotation prefix, and Kubernetes events only for kopf warnings (ours are explicit).
-    CPT_POSTING_LEVEL and CPT_WORKER_LIMIT come from the chart (operator.postingLevel,
-    operator.workerLimit)."""
-    settings.posting.level = _env_level("CPT_POSTING_LEVEL", logging.WARNING)
-    settings.watching.server_timeout = 120
-    settings.watching.client_timeout = 150
-    settings.watching.connect_timeout = 5
-    # Each watch restart re-lists every run: in pages, not one answer of all of them (the
-    # heap a whole answer takes at its peak stays in the resident set).
-    settings.watching.chunk_size = LIST_PAGE
-    settings.networking.request_timeout = 30
-    settings.networking.connect_timeout = 5
-    # Workers wait on the API (capped in the client) only until a run's children exist; its
-    # Events and status patch are written by a task (passes.reconcile_locked). Measured, 200
-    # runs at once: 64 workers p99 2.5 s; writing them in the worker, 128 workers p99 6-7 s.
-    settings.queueing.worker_limit = int(os.environ.get("CPT_WORKER_LIMIT", "64"))
-    # kopf keeps an object's worker alive this long after its last event (default 5 s), and
-    # an idle worker still holds one of the worker_limit slots: under a burst of new runs the
-    # 129th waited ~5 s for a slot (measured). Our handlers never need the worker kept warm.
-    settings.queueing.idle_timeout = float(os.environ.get("CPT_WORKER_IDLE_SECONDS", "0.2"))
-    settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix=ANNOTATION_PREFIX
+def reconcile(
+    kube: KubeApi,
+    namespace: str,
+    name: str,
+    others: Sequence[RunRoots] = (),
+    now: datetime | None = None,
+) -> str | None:
+    """One level-based pass over a run; returns its phase afterwards, None when it is gone
+    or being deleted. Terminal phases are sticky and cost no further reads. `others`: the
+    S3 prefixes of the other runs, for the shared-prefix admission check."""
+    body = kube.get_run(namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    status = body.get("status") or {}
+    if status.get("phase") in TERMINAL:
+        return str(status["phase"])
+    observed = observe_run(kube, body, others)
+    decision = decide(
+        RunMeta.of(body), body.get("spec") or {}, status, observed, now or datetime.now(UTC)
     )
-    if change_handlers():
-        raise RuntimeError(f"change handlers need kopf's diff essence: {change_handlers()}")
-    settings.persistence.diffbase_storage = EventOnlyDiffBase(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    events: list[EmitEvent] = []
+    for action in decision.actions:  # children first: what the user waits for
+        if isinstance(action, CreateChild):
+            try:
+                created = kube.create(action.manifest, namespace)
+            except ApiException as err:
+                if err.status not in (400, 422):
+                    raise
+                # Invalid, and retrying cannot change that: fail the run, do not loop.
+                post_events(kube, body, events)
+                reject_run(kube, body, action, error_message(err))
+                return "Failed"
+            verb = "created" if created else "found"
+            log.info("%s/%s: %s %s %s", namespace, name, verb, action.kind, action.name)
+        elif isinstance(action, DeleteChild):
+            kube.delete(
+                action.api_version,
+                action.kind,
+                action.name,
+                namespace,
+                propagation=action.propagation,
+                grace_period=action.grace_period,
+            )
+            log.info("%s/%s: deleted %s %s", namespace, name, action.kind, action.name)
+        else:
+            events.append(action)
+    post_events(kube, body, events)  # in their order: the story of the run
+    patch = merge_patch(status, decision.status) if decision.changed else {}
+    if patch:
+        kube.patch_status(namespace, name, patch)
+    return str(decision.status.get("phase") or "")
+
+
+def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoots]) -> Observed:
+    """The facts `decide` needs: children by label, pods once children exist, the nodes of
+    training pods, S3 in the phases that read it, admission facts before the first child."""
+    meta = body.get("metadata") or {}
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    phase = (body.get("status") or {}).get("phase")
+    jobs, ptjs = kube.list_children(namespace, name)
+    pods = [] if phase in PLANNING_PHASES else kube.list_pods(namespace, name)
+    train_nodes = [
+        str(p["spec"]["nodeName"])
+        for p in pods
+        if (p.get("spec") or {}).get("nodeName")
+        and ((p.get("metadata") or {}).get("labels") or {}).get(STAGE_LABEL) == "train"
+    ]
+    view = storage_view(body) if phase in STORAGE_PHASES else StorageView()
+    return observe(
+        jobs=jobs,
+        pytorchjobs=ptjs,
+        pods=pods,
+        nodes=kube.get_nodes(train_nodes) if train_nodes else [],
+        progress=view.progress,
+        checkpoint=view.checkpoint,
+        storage_error=view.error,
+        blockers=admission_blockers(kube, body, others),
     )
 
 
-# -- the reconcile (testable with any KubeApi) -------------------------------------------------
+def storage_view(body: Mapping[str, Any]) -> StorageView:
+    meta = body.get("metadata") or {}
+    try:
+        spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return StorageView()
+    paths = stages.paths(spec, str(meta.get("name")), str(meta.get("namespace")))
+    return read_storage(paths.checkpoints, paths.progress)
 
 
-def watched_scopes() -> tuple[str, ...]:
-    """The namespaces `python -m cpt_operator` watches (CPT_WATCH_NAMESPACES), else all."""
-    names = [n for n in os.environ.get("CPT_WATCH_NAMESPACES", "").split(",") if n]
-    return tuple(names) or (ALL_NAMESPACES,)
+def admission_blockers(
+    kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoots]
+) -> tuple[Blocker, ...]:
+    """What must hold before a run's first child exists (reconcile/admission.py): its
+    Secrets exist, the namespace's Pod Security level admits its pods, no older run owns its
+    S3 prefixes, and the API server accepts its pod templates (server-side dry run). Facts
+    the operator may not read (no RBAC) block nothing."""
+    if (body.get("status") or {}).get("phase") not in PLANNING_PHASES:
+        return ()
+    try:
+        spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+    except ValueError:  # an invalid spec fails in planning with its own message
+        return ()
+    run = RunMeta.of(body)
+    ns = run.namespace
+    found = [
+        admission.missing_secret(field_, secret, ns)
+        for field_, secret in admission.secret_refs(spec)
+        if kube.secret_exists(ns, secret) is False
+    ]
+    found += admission.pod_security_problems(spec, kube.pod_security_level(ns))
+    mine = RunRoots.of(body, spec)
+    if mine is not None:
+        found += admission.shared_roots(mine, others)
+    for what, field_, manifest in admission.dry_run_manifests(spec, run.ref):
+        if message := kube.dry_run_create(manifest, ns):
+            found.append(admission.rejected(what, field_, message))
+    return tuple(found)
 
 
-# -- kopf handlers -----------------------------------------------------------------------------
+def post_events(kube: KubeApi, body: Mapping[str, Any], events: list[EmitEvent]) -> None:
+    for event in events:
+        kube.post_event(body, event.type, event.reason, event.message)
+
+
+def reject_run(kube: KubeApi, body: Mapping[str, Any], action: CreateChild, message: str) -> None:
+    """The API server refused a child built from the spec (a field it validates that the
+    planning-time dry run did not see, e.g. changed mid-run): Failed, saying why."""
+    old = body.get("status") or {}
+    status = load_status(old)
+    now = datetime.now(UTC).replace(microsecond=0)
+    generation = (body.get("metadata") or {}).get("generation")
+    msg = f"the API server rejects {action.kind} {action.name} built from this spec: {message}"
+    marks: tuple[tuple[str, conditions.Status], ...] = (("Failed", "True"), ("Succeeded", "False"))
+    for type_, value in marks:
+        conditions.set_condition(
+            status, type_, value, conditions.INVALID_SPEC, msg, now=now, generation=generation
+        )
+    was = status.phase.value
+    status.phase, status.message = Phase.FAILED, f"{conditions.INVALID_SPEC}: {msg}"
+    status.completion_time = now
+    conditions.set_ready(status, now=now, generation=generation)
+    reason = conditions.transition_reason(was, "Failed")
+    kube.post_event(body, "Warning", reason, f"{was} → Failed: {msg}")
+    if patch := merge_patch(old, dump_status(status)):
+        meta = body["metadata"]
+        kube.patch_status(str(meta["namespace"]), str(meta["name"]), patch)
+
+
+# -- the loops and kopf's handlers ------------------------------------------------------------
+
+
+@dataclass
+class Controller:
+    """What the handlers share (kept in kopf's memo): the client, the worker threads, the
+    runs' loops and every run's S3 prefixes (from the run watch)."""
+
+    settings: OperatorSettings
+    kube: KubeApi
+    executor: ThreadPoolExecutor
+    loops: dict[RunKey, RunLoop] = field(default_factory=dict)
+    roots: dict[RunKey, RunRoots] = field(default_factory=dict)
+    passes: int = 0
+
+    def wake(self, key: RunKey, *, start: bool = False) -> None:
+        """Wake the run's loop; `start`: start one if the run has none."""
+        loop = self.loops.get(key)
+        if loop is None and start:
+            loop = self.loops[key] = RunLoop(asyncio.Event())
+            loop.task = asyncio.create_task(run_loop(self, key, loop), name=f"run {key}")
+        if loop is not None:
+            loop.wake.set()
+
+    def stop(self, key: RunKey) -> None:
+        loop = self.loops.pop(key, None)
+        if loop is not None and loop.task is not None:
+            loop.task.cancel()
+
+
+@dataclass
+class RunLoop:
+    wake: asyncio.Event
+    task: asyncio.Task[None] | None = None
+    generation: Any = None
+    """The run's metadata.generation last seen by `run_event`."""
+
+
+async def run_loop(ctl: Controller, key: RunKey, me: RunLoop) -> None:
+    """Reconcile the run when woken and every resync period, until it is gone or finished."""
+    loop = asyncio.get_running_loop()
+    while True:
+        me.wake.clear()
+        others = tuple(ctl.roots.values())  # a snapshot: the thread must not see it change
+        ctl.passes += 1
+        try:
+            phase = await loop.run_in_executor(ctl.executor, reconcile, ctl.kube, *key, others)
+        except Exception as err:  # the next wake-up or resync tries again
+            log.warning("reconcile of %s/%s failed: %s", key[0], key[1], err)
+            phase = ""
+        if phase is None or phase in TERMINAL:
+            if ctl.loops.get(key) is me:
+                del ctl.loops[key]
+            return
+        await asyncio.sleep(min(SETTLE_SECONDS, ctl.settings.resync_seconds))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(me.wake.wait(), ctl.settings.resync_seconds)
+
+
+def controller(memo: kopf.Memo) -> Controller:
+    return cast(Controller, memo["controller"])
+
+
+def configure(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    """Watch and request timeouts against silently stalled watches (kopf #698, #204) and
+    the level of kopf's own messages posted as Events."""
+    kopf_settings.posting.level = settings.posting_level_number
+    kopf_settings.watching.server_timeout = 120
+    kopf_settings.watching.client_timeout = 150
+    kopf_settings.watching.connect_timeout = 5
+    kopf_settings.networking.request_timeout = 30
+    kopf_settings.networking.connect_timeout = 5
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    configure(settings)
-    planner.warm()  # not on the first new run's pass, with the event loop blocked
-    passes.STATE.kube = passes.STATE.kube or Kube()
-    passes.STATE.scopes = watched_scopes()
-    try:  # before the watches start: their first events then land on a primed index
-        await passes.verify_index(passes.STATE.kube, passes.STATE.index, passes.STATE.scopes)
-    except ApiError as err:  # e.g. no RBAC to list cluster-wide: each run LISTs its own
-        log.warning("could not list the runs' children (each run lists its own): %s", err)
-    await passes.prime_roots(passes.STATE.kube, passes.STATE.scopes)
-    passes.STATE.last_resync = time.monotonic()
-    passes.STATE.resync_task = asyncio.create_task(passes.resync_forever(passes.RESYNC_SECONDS))
-    passes.STATE.watches = start_child_watches(passes.STATE.kube, passes.STATE.scopes)
-
-
-def start_child_watches(kube: KubeApi, scopes: tuple[str, ...]) -> list[asyncio.Task[None]]:
-    """One watch per child kind and scope, labels selected by the API server."""
-    if not isinstance(kube, Kube):  # tests of the glue feed child_event themselves
-        return []
-
-    async def verify() -> None:  # a watch restarted from now: deletions in between
-        await passes.verify_index(kube, passes.STATE.index, passes.STATE.scopes)
-
-    return [
-        asyncio.create_task(
-            watch.follow(
-                kube,
-                kind,
-                None if scope == ALL_NAMESPACES else scope,
-                child_event,
-                on_restart=verify,
-            ),
-            name=f"watch {kind[1]} in {scope}",
-        )
-        for kind in CHILD_KINDS
-        for scope in scopes
-    ]
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Settings from kopf's memo (`python -m cpt_operator` passes them) or the environment
+    (`kopf run`); the client; the S3 prefixes every existing run owns, before any run is
+    planned (the watch's first events come in no particular order)."""
+    cfg = memo.get("settings") or OperatorSettings.from_env()
+    configure(settings, cfg)
+    planner.warm()  # not during the first run's pass
+    kube = memo.get("kube") or Kube(api_client(cfg.workers))
+    ctl = Controller(cfg, kube, ThreadPoolExecutor(cfg.workers, thread_name_prefix="reconcile"))
+    for scope in cfg.namespaces or (None,):
+        try:
+            runs = await asyncio.get_running_loop().run_in_executor(
+                ctl.executor, kube.list_runs, scope
+            )
+        except ApiException as err:
+            log.warning("could not list the runs (prefix check uses the watch only): %s", err)
+            continue
+        for body in runs:
+            remember_roots(ctl, body)
+    memo["controller"] = ctl
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    if passes.STATE.resync_task is not None:
-        passes.STATE.resync_task.cancel()
-    for task in passes.STATE.watches:
-        task.cancel()
-    for task in list(passes.STATE.tasks):
-        task.cancel()
-    passes.STATE.new_run_at = float("-inf")  # held records go now
-    passes.STATE.new_passes = 0
-    if passes.STATE.records:  # written statuses spare the next start repeating passes and Events
-        _done, pending = await asyncio.wait(
-            set(passes.STATE.records), timeout=passes.RECORD_GRACE_SECONDS
-        )
-        for task in pending:
-            task.cancel()
-    if isinstance(passes.STATE.kube, Kube):
-        await passes.STATE.kube.close()
-    passes.STATE.kube = None
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    ctl = controller(memo)
+    for key in list(ctl.loops):
+        ctl.stop(key)
+    ctl.executor.shutdown(wait=False, cancel_futures=True)
 
 
-@kopf.on.probe(id="resyncAgeSeconds")
-def resync_probe(**_: Any) -> float:
-    """Liveness fails when the resync loop died or stalled."""
-    age = time.monotonic() - passes.STATE.last_resync
-    task = passes.STATE.resync_task
-    if task is None or task.done() or age > 6 * passes.RESYNC_SECONDS + 60:
-        raise RuntimeError(f"the resync loop is not running (last pass {age:.0f}s ago)")
-    if stopped := [t.get_name() for t in passes.STATE.watches if t.done()]:
-        raise RuntimeError(f"stopped: {', '.join(stopped)}")
-    return round(age, 1)
+@kopf.on.probe(id="runs")
+def runs_probe(memo: kopf.Memo, **_: Any) -> int:
+    """Live runs, each with its loop (kopf's endpoint also fails when its event loop stalls)."""
+    return len(controller(memo).loops)
+
+
+@kopf.on.probe(id="passes")
+def passes_probe(memo: kopf.Memo, **_: Any) -> int:
+    """Reconciles since start (the benchmark's idle-writes ratio reads it)."""
+    return controller(memo).passes
+
+
+def remember_roots(ctl: Controller, body: Mapping[str, Any]) -> None:
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    roots = RunRoots.of(body)
+    if roots is None:
+        ctl.roots.pop(key, None)
+    else:
+        ctl.roots[key] = roots
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def run_event(
-    type: str, namespace: str | None, name: str, body: Mapping[str, Any] | None = None, **_: Any
+    type: str, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
 ) -> None:
     if namespace is None:
         return
-    key = (namespace, name)
+    ctl, key = controller(memo), (namespace, name)
     if type == "DELETED":
-        passes.forget_run(key)
+        ctl.stop(key)
+        ctl.roots.pop(key, None)
         return
-    if body:
-        passes.remember_roots(body)
-    passes.STATE.runs.setdefault(key, "")
-    current = passes.run_event_body(key, body)
-    if current is passes.SKIP:
+    remember_roots(ctl, body)
+    if (body.get("status") or {}).get("phase") in TERMINAL:
+        ctl.stop(key)
         return
-    decision = await passes.reconcile_locked(namespace, name, current)
-    if decision is not None and decision.status.get("phase") == "Failed":
-        reasons = [c for c in decision.status.get("conditions", []) if c.get("type") == "Failed"]
-        if reasons and reasons[0].get("reason") == conditions.INVALID_SPEC:
-            raise kopf.PermanentError(f"invalid spec: {reasons[0].get('message')}")
+    generation = body.get("metadata", {}).get("generation")
+    loop = ctl.loops.get(key)
+    if loop is None or loop.generation != generation:
+        ctl.wake(key, start=True)
+        ctl.loops[key].generation = generation
 
 
-def child_event(type: str | None, body: Mapping[str, Any]) -> None:
-    """A child's watch event (cpt_operator/k8s/watch.py): into the index; a reconcile only
-    when the run is known and the child changed in a way the decision reads (our own create's
-    ADDED event, for one, changes nothing)."""
-    key = passes.STATE.index.apply(type, body)
-    if (
-        key is not None
-        and key in passes.STATE.runs
-        and passes.STATE.runs[key] not in passes.TERMINAL
-    ):
-        passes.schedule_reconcile(key, passes.CHILD_SETTLE_SECONDS)
+@kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
+@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={RUN_LABEL: kopf.PRESENT})
+async def child_event(
+    type: str | None, namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
+) -> None:
+    """A child changed or went away: its run reconciles now. Its creation (ADDED, or kopf's
+    initial listing) wakes nobody: the pass that created it already decided with it in mind.
+    Never starts a loop: a run's loop starts with the run's own event."""
+    if namespace is not None and type in ("MODIFIED", "DELETED"):
+        controller(memo).wake((namespace, labels[RUN_LABEL]))

@@ -1,6 +1,6 @@
-"""The operator reads children from its index (cpt_operator/index.py), not from LISTs per
-event: these prove on the real control plane that the index cannot make it act on children
-that are no longer there, whether they vanish while it watches or while it is down."""
+"""A child that vanishes, while the operator watches or while it is down, is noticed and
+recreated: these prove on the real control plane that the operator never acts on children
+that are no longer there (each reconcile LISTs them by label)."""
 
 from __future__ import annotations
 

@@ -3,14 +3,13 @@ the newer one is blocked before any child exists, the older one goes on."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from cpt_operator.reconcile.admission import ROOT_IN_USE, RootIndex, RunRoots, shared_roots
+from cpt_operator.reconcile.admission import ROOT_IN_USE, RunRoots, shared_roots
 
 pytestmark = pytest.mark.unit
 
@@ -77,64 +76,22 @@ def test_a_run_with_an_invalid_spec_owns_nothing() -> None:
     assert RunRoots.of(body) is None
 
 
-def test_the_watch_validates_a_runs_spec_once_per_generation(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from cpt_operator import passes
+def test_the_controller_keeps_each_runs_newest_prefixes_from_the_run_watch() -> None:
+    from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(passes, "STATE", passes.OperatorState())
+    from test_handlers import FakeKube, new_run
+
+    from cpt_operator import handlers
+    from cpt_operator.settings import OperatorSettings
+
+    ctl = handlers.Controller(OperatorSettings(), FakeKube(new_run()), ThreadPoolExecutor(1))
     body = run_body("r", "s3://bkt/runs/r/", "s3://bkt/models/r/")
-    body["metadata"].update(uid="u1", generation=1)
-    passes.remember_roots(body)
-    calls: list[Any] = []
-    real = RunRoots.of
-    monkeypatch.setattr(RunRoots, "of", lambda b, s=None: calls.append(b) or real(b, s))
-    echo = {**body, "status": {"phase": "Tokenizing"}}
-    passes.remember_roots(echo)  # a status write: same uid and generation
-    assert calls == []
+    handlers.remember_roots(ctl, body)
     changed = run_body("r", "s3://bkt/runs/other/", "s3://bkt/models/r/")
-    changed["metadata"].update(uid="u1", generation=2)
-    passes.remember_roots(changed)
-    assert len(calls) == 1
-    assert dict(passes.STATE.roots[("team-a", "r")].roots)["spec.checkpoints.s3Uri"] == (
+    handlers.remember_roots(ctl, changed)
+    assert dict(ctl.roots[("team-a", "r")].roots)["spec.checkpoints.s3Uri"] == (
         "s3://bkt/runs/other/"
     )
-
-
-def _made(name: str, ckpt: str, out: str, ns: str = "team-a", at: int = 0) -> RunRoots:
-    return RunRoots(
-        ns,
-        name,
-        (f"2026-11-01T10:{at // 60:02d}:{at % 60:02d}Z", f"{ns}/{name}"),
-        (("spec.checkpoints.s3Uri", ckpt), ("spec.output.s3Uri", out)),
-    )
-
-
-def test_the_index_finds_exactly_the_clashes_a_comparison_with_every_run_finds() -> None:
-    """RootIndex (what the operator keeps) against shared_roots over every run, on random
-    prefixes that share buckets, folders, string prefixes and trailing slashes."""
-    rng = random.Random(7)
-    parts = ["runs", "run", "models", "x", "x2", "a"]
-
-    def uri() -> str:
-        depth = rng.randint(0, 3)
-        path = "/".join(rng.choice(parts) for _ in range(depth))
-        text = f"s3://{rng.choice(['bkt', 'bkt2'])}/{path}"
-        return text + rng.choice(["", "/"]) if path else text + "/"
-
-    index = RootIndex()
-    runs: dict[tuple[str, str], RunRoots] = {}
-    for i in range(300):
-        name = f"r{rng.randint(0, 60)}"
-        run = _made(name, uri(), uri(), ns=rng.choice(["a", "b"]), at=i)
-        if rng.random() < 0.1:
-            index.drop((run.namespace, run.name))
-            runs.pop((run.namespace, run.name), None)
-            continue
-        want = shared_roots(run, list(runs.values()))
-        got = shared_roots(run, index.overlapping(run))
-        assert sorted(got, key=repr) == sorted(want, key=repr)
-        index.put(run)  # a new version of a known run replaces its prefixes
-        runs[(run.namespace, run.name)] = run
-        assert len(index) == len(runs) and index.get((run.namespace, run.name)) == run
-    assert all(index[k] == v for k, v in runs.items())
+    changed["spec"]["training"]["nodes"] = -1  # invalid: it fails in planning, owns nothing
+    handlers.remember_roots(ctl, changed)
+    assert ctl.roots == {}

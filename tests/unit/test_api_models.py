@@ -293,6 +293,7 @@ def test_status_tolerates_kopf_and_unknown_fields() -> None:
                     "type": "Training",
                     "status": "True",
                     "reason": "Running",
+                    "message": "",
                     "lastTransitionTime": "2026-01-02T03:04:05Z",
                 }
             ],

@@ -261,26 +261,26 @@ def test_planner_bench_finds_every_gpu_result_in_the_calibration_rows() -> None:
     assert found and planner_bench.unanchored(found, ours) == []
 
 
-def test_operator_requests_are_classified_by_method_and_object() -> None:
-    from bench import operator_wrapper as ow
-
-    base = "https://127.0.0.1:16443/apis/cpt.dev/v1alpha1/namespaces/ns/continualpretrains"
-    assert ow.classify("get", f"{base}/run-1") == "GET run"
-    assert ow.classify("PATCH", f"{base}/run-1/status") == "PATCH run/status"
-    assert ow.classify("GET", f"{base}?watch=true&resourceVersion=1") == "GET runs (watch)"
-    assert ow.classify("POST", "https://h/apis/batch/v1/namespaces/ns/jobs") == "POST jobs"
-    assert ow.classify("POST", "https://h/api/v1/namespaces/ns/events") == "POST events"
-
-
-def test_idle_reconciles_are_run_reads_and_writes_are_every_mutating_request() -> None:
+def test_idle_writes_are_the_api_servers_mutating_requests_on_the_operators_resources() -> None:
     from bench import operator_bench as ob
 
-    diff = ob.counts_diff(
-        {"GET run": 10, "GET jobs": 5, "PATCH run/status": 2},
-        {"GET run": 210, "GET jobs": 205, "PATCH run/status": 3, "POST events": 1},
+    metrics = "\n".join(
+        [
+            "# HELP apiserver_request_total Counter of apiserver requests",
+            'apiserver_request_total{code="201",component="apiserver",dry_run="",group="batch",'
+            'resource="jobs",scope="resource",subresource="",verb="POST",version="v1"} 3',
+            'apiserver_request_total{code="200",component="apiserver",dry_run="",group="cpt.dev",'
+            'resource="continualpretrains",scope="resource",subresource="status",verb="PATCH",'
+            'version="v1alpha1"} 2',
+            'apiserver_request_total{code="200",component="apiserver",dry_run="",group="",'
+            'resource="pods",scope="resource",subresource="",verb="GET",version="v1"} 50',
+            'apiserver_request_total{code="201",component="apiserver",dry_run="",group="",'
+            'resource="events",scope="resource",subresource="",verb="POST",version="v1"} 9',
+        ]
     )
-    assert diff == {"GET jobs": 200, "GET run": 200, "PATCH run/status": 1, "POST events": 1}
-    assert ob.writes_and_reconciles(diff) == (2, 200)
+    counts = ob.request_counts(metrics)
+    assert counts["PATCH continualpretrains/status"] == 2 and counts["GET pods"] == 50
+    assert ob.write_requests(counts) == 5  # reads and Events (counted apart) left out
 
 
 def test_the_operator_benchmark_run_is_a_valid_spec_that_waits_without_secrets() -> None:
@@ -321,70 +321,3 @@ def test_annotation_time_is_parsed_from_the_profiler_table_and_removed_once() ->
     assert fixed["categories"]["other kernels"]["msPerStep"] == 20.0
     assert fixed["categories"]["matmul"]["share"] == pytest.approx(0.6)
     assert gpu_train.fix_profile(fixed, table, steps=2) == fixed
-
-
-def test_the_floor_operator_creates_the_first_child_the_operator_creates() -> None:
-    """bench/floor_operator.py is the yardstick for the operator's first-child latency: it
-    must build the very child the operator's passes over a new run create first."""
-    from datetime import UTC, datetime
-
-    from bench import floor_operator
-    from bench import operator_bench as ob
-    from cpt_operator.reconcile.actions import CreateChild
-    from cpt_operator.reconcile.decide import RunMeta, decide
-    from cpt_operator.reconcile.observe import observe
-
-    body = ob.run_body("run-0007", "bucket")
-    body["metadata"]["uid"] = "0b0e0c0d-0000-4000-8000-000000000007"
-    status: dict[str, Any] | None = None
-    created: list[dict[str, Any]] = []
-    for _ in range(4):  # the operator's passes until one creates something
-        d = decide(RunMeta.of(body), body["spec"], status, observe(), datetime.now(UTC))
-        created = [a.manifest for a in d.actions if isinstance(a, CreateChild)]
-        if created:
-            break
-        status = d.status
-    assert [c["kind"] for c in created] == ["PyTorchJob"]
-    assert floor_operator.first_child(body) == created[0]
-
-
-def test_api_server_samples_are_classified_by_the_first_rule_on_their_stack() -> None:
-    """The profile that explains the operator's missed p50 must put each sample where its
-    handler says: a CR status write passes generic handlers too, a cut stack has no handler."""
-    from bench import operator_bench as ob
-
-    sep = "-----------+-------------------------------------------------------\n"
-    traces = (
-        "File: kube-apiserver\nType: cpu\n"
-        + sep
-        + "      20ms   runtime.scanObject\n             runtime.gcBgMarkWorker\n"
-        + sep
-        + "     1.50s   encoding/json.Marshal\n"
-        "             k8s.io/apiserver/pkg/endpoints/handlers.UpdateResource.func1\n"
-        "             k8s.io/apiextensions-apiserver/pkg/apiserver.(*crdHandler)"
-        ".serveStatus.UpdateResource.func2\n"
-        + sep
-        + "      10ms   sigs.k8s.io/structured-merge-diff/v6/typed.(*compareWalker).compare\n"
-        "             k8s.io/apimachinery/pkg/util/managedfields/internal.(*FieldManager).Update\n"
-        + sep
-        + "      30ms   k8s.io/apiserver/pkg/endpoints/handlers.createHandler.func1\n"
-        "             k8s.io/apiserver/pkg/endpoints/handlers.CreateResource"
-        ".createHandler.func1.2\n" + sep + "      5ms   main.something\n"
-    )
-    work = ob.classify_traces(traces)
-    assert work == {
-        "custom resources: status writes": 1.5,
-        "built-in creates (pods, services, Events, ...)": 0.03,
-        "Go garbage collector (background)": 0.02,
-        "writes, handler cut from the stack (managed fields)": 0.01,
-        "other (in-process controllers, runtime)": 0.005,
-    }
-    assert next(iter(work)) == "custom resources: status writes"  # largest first
-
-    prof = {"windowSeconds": 5, "cpuSeconds": 1.57, "byWork": work}
-    items = [
-        _m(name="operator.floor.first_child.p50", value=1.3, details={"apiserverProfile": prof}),
-        _m(name="operator.first_child.p50", value=1.7),
-    ]
-    table = report.render_blocks(items)["operator-apiserver"]
-    assert "| custom resources: status writes | 1.50 |" in table and "operator |" not in table

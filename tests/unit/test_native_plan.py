@@ -8,8 +8,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from cpt_training.cli import ConfigError
-from cpt_training.config import TrainStage
+from cpt_training.config import ConfigError, TrainStage
 from cpt_training.native.llama import LlamaArgs
 from cpt_training.native.parallelize import Layout, check_tp_shapes
 from cpt_training.native.train import Plan

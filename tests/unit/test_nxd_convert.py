@@ -26,8 +26,7 @@ from pathlib import Path
 import pytest
 
 from cpt_training.checkpoint import latest_committed
-from cpt_training.cli import ConfigError
-from cpt_training.config import ConvertToNxdStage
+from cpt_training.config import ConfigError, ConvertToNxdStage
 from cpt_training.nxd import convert, export
 from cpt_training.nxd.layout import (
     LlamaShape,

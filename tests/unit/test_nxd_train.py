@@ -24,8 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpt_training.cli import ConfigError
-from cpt_training.config import TrainStage
+from cpt_training.config import ConfigError, TrainStage
 from cpt_training.nxd import model as nm
 from cpt_training.nxd import train as nt
 from cpt_training.nxd.layout import LlamaShape, plan_layout

@@ -211,7 +211,7 @@ def test_a_new_run_is_planned_and_starts_the_preflight_check_in_one_reconcile() 
     d = run(body, None)
     assert d.status["phase"] == "Preflight"
     assert creates(d) == ["llama-cpt-preflight"]
-    assert events(d) == [("Normal", "Planning"), ("Normal", "Preflight")]
+    assert events(d) == [("Normal", "StartedPlanning"), ("Normal", "StartedPreflight")]
     assert d.status["plan"]["tensorParallel"] == 8 and d.status["plan"]["dataParallel"] == 2
     assert condition(d.status, "Planned")["status"] == "True"
     assert d.status["observedGeneration"] == 1
@@ -413,7 +413,7 @@ def test_a_spec_the_models_reject_fails_with_a_condition_an_event_and_no_childre
     failed = condition(d.status, "Failed")
     assert failed["reason"] == cond.INVALID_SPEC and "spec.output" in failed["message"]
     assert condition(d.status, "Planned")["status"] == "False"
-    assert events(d) == [("Warning", cond.INVALID_SPEC)]
+    assert events(d) == [("Warning", "Failed")]
 
 
 def test_a_spec_the_planner_rejects_names_the_field_and_creates_nothing() -> None:

@@ -27,16 +27,12 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
-from cpt_training.config import STAGE_CONFIG_ENV, parse_stage_config
+from cpt_training.config import STAGE_CONFIG_ENV, ConfigError, parse_stage_config
 
 log = logging.getLogger("cpt_training")
 
 STAGES = ("tokenize", "train", "convert-to-nxd", "export-hf", "preflight")
 EXIT_BAD_CONFIG = 2
-
-
-class ConfigError(ValueError):
-    """A config that parsed but cannot run (e.g. batch sizes that do not divide): exit 2."""
 
 
 def setup_logging() -> None:

@@ -18,6 +18,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+
+class ConfigError(ValueError):
+    """A config that parsed but cannot run (e.g. batch sizes that do not divide): the stage
+    exits 2 (cpt_training/cli.py). Here, in the leaf every stage imports, so raising it never
+    makes a stage import the CLI."""
+
+
 STAGE_CONFIG_ENV = "CPT_STAGE_CONFIG"
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/([^/\x00]+/?)*)?$"

@@ -33,8 +33,7 @@ import torch
 
 from cpt_training import storage
 from cpt_training.checkpoint import CommittedCheckpoint, restore
-from cpt_training.cli import ConfigError
-from cpt_training.config import ExportHfStage
+from cpt_training.config import ConfigError, ExportHfStage
 
 log = logging.getLogger(__name__)
 

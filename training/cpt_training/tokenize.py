@@ -66,8 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt_training.cli import ConfigError
-from cpt_training.config import PARQUET_CONVERSION, DataSource, TokenizeStage
+from cpt_training.config import PARQUET_CONVERSION, ConfigError, DataSource, TokenizeStage
 from cpt_training.piece_cache import PieceCache, flat_ids
 from cpt_training.storage import TMP_MARKER, Storage, open_storage
 

@@ -598,6 +598,8 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    READY = "Ready"
+    """The summary: True once the run succeeded; False, with the reason, before that."""
 
 
 class StatusModel(CamelModel):
@@ -608,11 +610,13 @@ class StatusModel(CamelModel):
 
 
 class Condition(StatusModel):
+    """metav1.Condition: reason, message and lastTransitionTime always set."""
+
     type: str = Field(max_length=316)
     status: Literal["True", "False", "Unknown"]
-    reason: str = Field(default="", max_length=1024)
-    message: str = Field(default="", max_length=32768)
-    last_transition_time: datetime | None = None
+    reason: str = Field(min_length=1, max_length=1024)
+    message: str = Field(max_length=32768)
+    last_transition_time: datetime
     observed_generation: int | None = Field(default=None, ge=0)
 
 
@@ -710,7 +714,10 @@ class ExcludedNode(StatusModel):
 class ContinualPretrainStatus(StatusModel):
     phase: Phase = Phase.PENDING
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     attempt: int = Field(default=0, ge=0)
     plan: PlanSummary | None = None
     checkpoint: CheckpointStatus | None = None

@@ -14,17 +14,11 @@ blocker: the run goes on and the kubelet / admission report the problem on the p
 
 from __future__ import annotations
 
-import bisect
-import hashlib
-import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from cpt_operator.api.models import NAME_PATTERN, ContinualPretrainSpec
+from cpt_operator.api.models import ContinualPretrainSpec
 from cpt_operator.api.podsecurity import required_level
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
@@ -118,74 +112,6 @@ def dry_run_manifests(
     return out
 
 
-_SCHEME = re.compile(r"^[a-z0-9]+://|^/")
-_KEYS: dict[tuple[bytes, int, str], str] = {}
-_KEYS_MAX = 256
-
-
-def set_at(data: dict[str, Any], path: str, value: Any) -> None:
-    """Set the field at a spec path (`spec.data.sources[0].uri`) of a spec's JSON form."""
-    *parents, leaf = re.findall(r"[^.\[\]]+", path)[1:]
-    node: Any = data
-    for part in parents:
-        node = node[int(part)] if part.isdigit() else node[part]
-    node[leaf] = value
-
-
-def template_of(spec: ContinualPretrainSpec) -> bytes:
-    """The spec as sorted JSON with its storage locations (`storage_locations`: per-run
-    paths that reach the manifests only as env values, which the dry-run key blanks; a unit
-    test checks this on every golden spec) cut to their scheme (`s3://`, `hf://`, `/`): runs
-    written from one template have the same one."""
-    data = spec.model_dump(mode="json", by_alias=True)
-    for path, value in spec.storage_locations().items():
-        scheme = _SCHEME.match(value)
-        set_at(data, path, scheme.group(0) if scheme else "")
-    return msgspec.json.encode(data, order="sorted")
-
-
-def dry_run_key(spec: ContinualPretrainSpec, run: RunRef) -> str | None:
-    """A key under which one accepted dry run stands for every run with the same key, so a
-    burst of runs from one template costs the API server one dry run, not one per run.
-
-    The key hashes the manifests `dry_run_manifests` builds for a stand-in name of the same
-    length in the same namespace, with the containers' free text blanked (env values, args,
-    command: the API server does not validate their content, and they hold per-run paths).
-    What remains is what the server validates: names and labels (the run's name enters only
-    those, and any two DNS-1035 names of one length pass the same name and label rules),
-    images, resources, affinity, tolerations, security context, env var names and sources.
-    None (no sharing) for a name outside DNS-1035 (the CRD's own name rule, NAME_PATTERN).
-
-    Remembered per `template_of(spec)`, name length and namespace, which determine it:
-    building the manifests was a fifth of the operator's CPU in a burst of new runs."""
-    if not re.fullmatch(NAME_PATTERN, run.name):
-        return None
-    memo = (template_of(spec), len(run.name), run.namespace)
-    key = _KEYS.get(memo)
-    if key is None:
-        key = _manifests_key(spec, run)
-        if len(_KEYS) >= _KEYS_MAX:
-            del _KEYS[next(iter(_KEYS))]  # the oldest template
-        _KEYS[memo] = key
-    return key
-
-
-def _manifests_key(spec: ContinualPretrainSpec, run: RunRef) -> str:
-    stand_in = RunRef("r" + "0" * (len(run.name) - 1), run.namespace, "stand-in-uid")
-    manifests = [m for _, _, m in dry_run_manifests(spec, stand_in)]
-    for manifest in manifests:
-        pod = manifest["spec"]["template"]["spec"]
-        for container in (*pod.get("initContainers", ()), *pod.get("containers", ())):
-            for env in container.get("env", ()):
-                if "value" in env:
-                    env["value"] = ""
-            for free in ("args", "command"):
-                if free in container:
-                    container[free] = []
-    text = json.dumps([run.namespace, manifests], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def rejected(what: str, field: str, message: str) -> Blocker:
     return Blocker(
         REJECTED,
@@ -242,65 +168,6 @@ class RunRoots:
 
 def _prefix_form(uri: str) -> str:
     return uri.rstrip("/") + "/"
-
-
-class RootIndex:
-    """Every known run's RunRoots, indexed by prefix: the runs whose prefixes overlap a new
-    run's are found by looking up its prefixes' ancestors and by one range of a sorted list,
-    not by comparing it with every run (a burst of N new runs was N² comparisons: 0.4 ms a run
-    with 200 runs, 2 ms with 1,000, measured)."""
-
-    def __init__(self) -> None:
-        self._runs: dict[tuple[str, str], RunRoots] = {}
-        self._owners: dict[str, set[tuple[str, str]]] = {}  # prefix form → runs owning it
-        self._sorted: list[tuple[str, tuple[str, str]]] = []  # (prefix form, run), sorted
-
-    def __len__(self) -> int:
-        return len(self._runs)
-
-    def __getitem__(self, key: tuple[str, str]) -> RunRoots:
-        return self._runs[key]
-
-    def get(self, key: tuple[str, str]) -> RunRoots | None:
-        return self._runs.get(key)
-
-    def put(self, roots: RunRoots) -> None:
-        key = (roots.namespace, roots.name)
-        self.drop(key)
-        self._runs[key] = roots
-        for uri in {_prefix_form(u) for _, u in roots.roots}:
-            self._owners.setdefault(uri, set()).add(key)
-            bisect.insort(self._sorted, (uri, key))
-
-    def drop(self, key: tuple[str, str]) -> None:
-        old = self._runs.pop(key, None)
-        if old is None:
-            return
-        for uri in {_prefix_form(u) for _, u in old.roots}:
-            owners = self._owners.get(uri)
-            if owners is not None:
-                owners.discard(key)
-                if not owners:
-                    del self._owners[uri]
-            i = bisect.bisect_left(self._sorted, (uri, key))
-            if i < len(self._sorted) and self._sorted[i] == (uri, key):
-                del self._sorted[i]
-
-    def overlapping(self, run: RunRoots) -> list[RunRoots]:
-        """The other runs with a prefix equal to, inside or around one of `run`'s, oldest
-        first (what `shared_roots` then checks and words)."""
-        found: set[tuple[str, str]] = set()
-        for _, uri in run.roots:
-            mine = _prefix_form(uri)
-            for i, ch in enumerate(mine):  # prefixes of mine: each ends at a '/'
-                if ch == "/":
-                    found.update(self._owners.get(mine[: i + 1], ()))
-            i = bisect.bisect_left(self._sorted, (mine,))  # prefixes under mine
-            while i < len(self._sorted) and self._sorted[i][0].startswith(mine):
-                found.add(self._sorted[i][1])
-                i += 1
-        found.discard((run.namespace, run.name))
-        return sorted((self._runs[k] for k in found), key=lambda r: r.order)
 
 
 def _overlap(a: str, b: str) -> bool:

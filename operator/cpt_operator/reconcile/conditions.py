@@ -38,7 +38,41 @@ EXCLUDED_DEVICE_UNHEALTHY: Final = "DeviceUnhealthy"
 NODE_EXCLUDED: Final = "NodeExcluded"
 NODE_EXCLUSION_DROPPED: Final = "NodeExclusionDropped"
 
+# Event reasons of phase changes: CamelCase verbs saying what happened (the API
+# conventions' form), not the phase the run is in now.
+TRANSITION_REASONS: Final = {
+    "Planning": "StartedPlanning",
+    "Preflight": "StartedPreflight",
+    "Tokenizing": "StartedTokenization",
+    "PreparingWeights": "StartedWeightPreparation",
+    "Training": "StartedTraining",
+    "Converting": "StartedExport",
+    "Succeeded": "Succeeded",
+    "Failed": "Failed",
+    "Suspended": "Suspended",
+}
+RESUMED: Final = "Resumed"
+IN_PROGRESS: Final = "InProgress"
+
 Status = Literal["True", "False", "Unknown"]
+
+
+def transition_reason(old: str, new: str) -> str:
+    """The Event reason of a phase change from `old` to `new`."""
+    if old == "Suspended" and new not in ("Succeeded", "Failed"):
+        return RESUMED
+    return TRANSITION_REASONS[new]
+
+
+def set_ready(status: ContinualPretrainStatus, *, now: datetime, generation: int | None) -> None:
+    """The summary condition: Ready=True once the run succeeded (its model is exported),
+    False with the reason while it works, is suspended or failed."""
+    phase = status.phase.value
+    value: Status = "True" if phase == "Succeeded" else "False"
+    reason = phase if phase in ("Succeeded", "Failed", "Suspended") else IN_PROGRESS
+    set_condition(
+        status, "Ready", value, reason, status.message or phase, now=now, generation=generation
+    )
 
 
 def get(status: ContinualPretrainStatus, type_: str) -> Condition | None:

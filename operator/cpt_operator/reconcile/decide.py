@@ -175,7 +175,7 @@ class _Reconcile:
         self.status.message = message
         self.event(
             "Warning" if warning else "Normal",
-            phase.value,
+            cond.transition_reason(old.value, phase.value),
             f"{old.value} → {phase.value}: {message}",
         )
 
@@ -810,6 +810,7 @@ def decide(
         if rec.status.phase == phase or rec.created or rec.status.phase in TERMINAL_PHASES:
             break
     rec.status.observed_generation = run.generation
+    cond.set_ready(rec.status, now=rec.now, generation=run.generation)
     after = dump_status(rec.status)
     return Decision(status=after, actions=rec.actions, changed=after != before)
 
@@ -846,6 +847,8 @@ def _invalid(
     status.start_time = status.start_time or now
     status.completion_time = now
     status.observed_generation = run.generation
-    actions.append(EmitEvent("Warning", cond.INVALID_SPEC, f"{old.value} → Failed: {message}"))
+    cond.set_ready(status, now=now, generation=run.generation)
+    reason = cond.transition_reason(old.value, Phase.FAILED.value)
+    actions.append(EmitEvent("Warning", reason, f"{old.value} → Failed: {message}"))
     after = dump_status(status)
     return Decision(status=after, actions=actions, changed=after != before)

@@ -18,8 +18,7 @@ from collections.abc import Generator, Iterator
 import numpy as np
 import torch
 
-from cpt_training.cli import ConfigError
-from cpt_training.config import TrainStage
+from cpt_training.config import ConfigError, TrainStage
 from cpt_training.data import TokenBlocks
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,7 @@ from cpt_training.checkpoint import (
     CommittedCheckpoint,
     restore_distributed,
 )
-from cpt_training.cli import ConfigError
-from cpt_training.config import TrainStage
+from cpt_training.config import ConfigError, TrainStage
 from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
 from cpt_training.native import distributed as nd
 from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state

@@ -49,8 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cpt_training import storage
-from cpt_training.cli import ConfigError
-from cpt_training.config import TrainStage
+from cpt_training.config import ConfigError, TrainStage
 from cpt_training.nxd import env as nxd_env
 from cpt_training.nxd.convert import apply_overrides, layout_record
 from cpt_training.nxd.layout import (

@@ -1,0 +1,88 @@
+"""The operator's configuration: six knobs, read once at start-up and passed in.
+
+Each field is one environment variable that the chart sets from one value
+(charts/cpt/values.yaml, `operator.*` and `watchNamespace`); tests/unit/test_settings.py fails
+when the three drift apart. Nothing in the operator reads the environment anywhere else
+(S3 access uses the standard AWS variables, read by botocore).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+LOG_LEVELS = ("DEBUG", "INFO")
+POSTING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatorSettings:
+    namespaces: tuple[str, ...] = ()
+    """CPT_WATCH_NAMESPACES (chart: watchNamespace): namespaces to watch, comma-separated;
+    empty watches the whole cluster."""
+    resync_seconds: float = 10.0
+    """CPT_RESYNC_SECONDS (operator.reconcileIntervalSeconds): how often every active run is
+    reconciled without an event (S3 progress, pending/hang/node timeouts)."""
+    workers: int = 32
+    """CPT_WORKER_LIMIT (operator.workerLimit): reconciles running at once (worker threads,
+    and HTTP connections to the API server)."""
+    log_level: str = "INFO"
+    """CPT_LOG_LEVEL (operator.logLevel): DEBUG adds kopf's log of every event."""
+    posting_level: str = "WARNING"
+    """CPT_POSTING_LEVEL (operator.postingLevel): lowest level of kopf's own messages
+    (handler errors) that it posts as Events on a run. The operator's Events are always
+    posted."""
+    liveness_endpoint: str | None = DEFAULT_LIVENESS
+    """CPT_LIVENESS_ENDPOINT (operator.healthPort): kopf's liveness URL; "" turns it off."""
+
+    def __post_init__(self) -> None:
+        if self.resync_seconds <= 0:
+            raise ValueError(f"CPT_RESYNC_SECONDS must be > 0, got {self.resync_seconds}")
+        if self.workers < 1:
+            raise ValueError(f"CPT_WORKER_LIMIT must be >= 1, got {self.workers}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"CPT_LOG_LEVEL must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.posting_level not in POSTING_LEVELS:
+            raise ValueError(
+                f"CPT_POSTING_LEVEL must be one of {POSTING_LEVELS}, got {self.posting_level!r}"
+            )
+
+    @property
+    def posting_level_number(self) -> int:
+        return int(logging.getLevelName(self.posting_level))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        """From the variables the chart sets (unset ones keep their defaults)."""
+        env = os.environ if env is None else env
+
+        def number(name: str, kind: type[float] | type[int], default: float) -> Any:
+            try:
+                return kind(env.get(name, default))
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {env[name]!r}") from None
+
+        names = (n.strip() for n in env.get("CPT_WATCH_NAMESPACES", "").split(","))
+        return cls(
+            namespaces=tuple(n for n in names if n),
+            resync_seconds=number("CPT_RESYNC_SECONDS", float, cls.resync_seconds),
+            workers=number("CPT_WORKER_LIMIT", int, cls.workers),
+            log_level=env.get("CPT_LOG_LEVEL", cls.log_level).upper(),
+            posting_level=env.get("CPT_POSTING_LEVEL", cls.posting_level).upper(),
+            liveness_endpoint=env.get("CPT_LIVENESS_ENDPOINT", DEFAULT_LIVENESS) or None,
+        )
+
+
+ENV_NAMES = (
+    "CPT_WATCH_NAMESPACES",
+    "CPT_RESYNC_SECONDS",
+    "CPT_WORKER_LIMIT",
+    "CPT_LOG_LEVEL",
+    "CPT_POSTING_LEVEL",
+    "CPT_LIVENESS_ENDPOINT",
+)
+"""Every variable `from_env` reads, in field order (the chart sets each)."""
