@@ -276,7 +276,7 @@ async def run_loop(ctl: Controller, key: RunKey, me: RunLoop) -> None:
         try:
             phase = await loop.run_in_executor(ctl.executor, reconcile, ctl.kube, *key, others)
         except Exception as err:  # the next wake-up or resync tries again
-            log.warning("reconcile of %s/%s failed: %s", key[0], key[1], err)
+            log.warning("reconcile of %s/%s failed: %s", key[0], key[1], error_message(err))
             phase = ""
         if phase is None or phase in TERMINAL:
             if ctl.loops.get(key) is me:
@@ -318,7 +318,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
                 ctl.executor, kube.list_runs, scope
             )
         except ApiException as err:
-            log.warning("could not list the runs (prefix check uses the watch only): %s", err)
+            log.warning(
+                "could not list the runs (prefix check uses the watch only): %s",
+                error_message(err),
+            )
             continue
         for body in runs:
             remember_roots(ctl, body)

@@ -315,13 +315,24 @@ class Kube:
         try:
             self.request("POST", path("v1", "events", str(meta.get("namespace"))), body=event)
         except ApiException as err:
-            log.warning("could not post event %s on %s: %s", reason, meta.get("name"), err)
+            log.warning(
+                "could not post event %s on %s/%s: %s",
+                reason,
+                meta.get("namespace"),
+                meta.get("name"),
+                error_message(err),
+            )
 
 
-def error_message(err: ApiException) -> str:
-    """The API server's own message of a failed request (its Status body), else the error."""
-    try:
-        body = json.loads(err.body or "{}")
-    except ValueError:
-        return str(err)
-    return str(body.get("message") or err) if isinstance(body, dict) else str(err)
+def error_message(err: BaseException) -> str:
+    """One line for a log or a condition: the API server's own message of a failed request
+    (its Status body), else the error's text. The client's own text of an ApiException spans
+    lines (status, headers, body), which splits one log record over several lines."""
+    if isinstance(err, ApiException):
+        try:
+            body = json.loads(err.body or "{}")
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    return " ".join(str(err).split())
