@@ -42,6 +42,8 @@ class CamelModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+ROLE_PATTERN = r"^[a-z0-9]([a-z0-9_.\-]*[a-z0-9])?$"
+
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
@@ -84,7 +86,21 @@ class DataSource(CamelModel):
     format: Literal["auto", "jsonl", "parquet", "txt"] = Field(
         default="auto", description="File format for `uri`; auto picks by file extension."
     )
-    weight: float = Field(default=1.0, gt=0, description="Relative sampling weight (reserved).")
+    weight: float | None = Field(
+        default=None,
+        ge=0,
+        le=1e6,
+        description="Relative sampling weight in training (set on every source or on none; "
+        "none: blocks are drawn in proportion to each source's size). 0: evaluation only.",
+    )
+    role: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=ROLE_PATTERN,
+        description="Name of the source in reports and evaluations, e.g. 'domain' or 'replay' "
+        "(unique; default source-<index>).",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DataSource:
@@ -117,6 +133,49 @@ class DataSource(CamelModel):
         if self.revision == PARQUET_CONVERSION:
             return {self.split: [f"{self.hf_config}/*{self.split}/*.parquet"]}
         return None
+
+
+def source_name(index: int, src: DataSource) -> str:
+    """How reports name a source: its role, else ``source-<index>``."""
+    return src.role or f"source-{index}"
+
+
+def mixture_problems(sources: list[DataSource]) -> list[str]:
+    """What is wrong with the sources' weights and roles (empty: fine). Shared by the spec's
+    validation and the stage configs, so ``cpt plan``, admission and the trainer agree."""
+    problems = []
+    weights = [s.weight for s in sources]
+    if any(w is not None for w in weights):
+        if any(w is None for w in weights):
+            missing = [i for i, w in enumerate(weights) if w is None]
+            problems.append(
+                f"set weight on every data source or on none (sources{missing} have none)"
+            )
+        elif not any(w for w in weights if w is not None and w > 0):
+            problems.append("at least one data source weight must be positive")
+    roles = [s.role for s in sources if s.role is not None]
+    dupes = sorted({r for r in roles if roles.count(r) > 1})
+    if dupes:
+        problems.append(f"data source roles must be unique ({', '.join(dupes)} repeated)")
+    return problems
+
+
+class MixtureSource(CamelModel):
+    """One source as training sees it: its name and weight (the tokenize stage records its
+    blocks per source in the manifest, in the order of ``data.sources``)."""
+
+    name: str = Field(min_length=1, max_length=63)
+    weight: float = Field(ge=0)
+
+
+def mixture_of(sources: list[DataSource]) -> list[MixtureSource] | None:
+    """The training mixture of weighted sources; None without weights (natural mixture)."""
+    if any(s.weight is None for s in sources):
+        return None
+    return [
+        MixtureSource(name=source_name(i, s), weight=float(s.weight or 0.0))
+        for i, s in enumerate(sources)
+    ]
 
 
 class OptimizerConfig(CamelModel):
@@ -178,6 +237,13 @@ class TokenizeStage(CamelModel):
     held_out_fraction: float = Field(default=0.0, ge=0, lt=0.5)
     seed: int = 1234
 
+    @model_validator(mode="after")
+    def _mixture(self) -> TokenizeStage:
+        problems = mixture_problems(self.sources)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def resolved_shard_index(self) -> int:
         if self.shard_index is not None:
             return self.shard_index
@@ -225,6 +291,11 @@ class TrainStage(CamelModel):
         "in the forward pass, so the [tokens, vocab] logits are never held whole.",
     )
     seed: int = 1234
+    mixture: list[MixtureSource] | None = Field(
+        default=None,
+        description="Sampling weights per data source, in the order of the tokenize stage's "
+        "sources. None: every training block once per epoch, shuffled (natural mixture).",
+    )
     checkpoint: CheckpointPolicy
     progress_uri: str | None = Field(
         default=None, description="Where rank 0 writes progress.json for the operator."
@@ -235,6 +306,16 @@ class TrainStage(CamelModel):
     stop_after_steps: NonNegInt | None = Field(
         default=None, description="Exit cleanly after this many steps in this process (tests)."
     )
+
+    @model_validator(mode="after")
+    def _mixture_sane(self) -> TrainStage:
+        if self.mixture is not None:
+            if not any(m.weight > 0 for m in self.mixture):
+                raise ValueError("mixture: at least one weight must be positive")
+            names = [m.name for m in self.mixture]
+            if len(set(names)) != len(names):
+                raise ValueError(f"mixture: source names must be unique, got {names}")
+        return self
 
 
 class ConvertToNxdStage(CamelModel):

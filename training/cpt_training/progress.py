@@ -8,7 +8,8 @@ lags by seconds without turning S3 into a per-step log. Every write replaces the
 Fields (camelCase, the operator's ``observe_progress`` reads them)::
 
     attempt, step, maxSteps, loss, tokensPerSec, mfu (fraction of peak, null without a peak),
-    lr, updatedAt (RFC 3339 UTC), lastCommittedStep (null before the first commit), done
+    lr, updatedAt (RFC 3339 UTC), lastCommittedStep (null before the first commit), done,
+    tokensPerSource ({source name: training tokens drawn from it so far}; absent until known)
 """
 
 from __future__ import annotations
@@ -88,9 +89,12 @@ class ProgressWriter:
         tokens_per_sec: float | None = None,
         mfu: float | None = None,
         lr: float | None = None,
+        tokens_per_source: dict[str, int] | None = None,
         force: bool = False,
     ) -> bool:
         """Record the latest numbers; write if forced or the interval has passed."""
+        if tokens_per_source is not None:
+            self.state["tokensPerSource"] = dict(tokens_per_source)
         self.state.update(
             step=step,
             loss=_finite(loss),

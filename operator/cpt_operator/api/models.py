@@ -26,6 +26,7 @@ from cpt_training.config import (
     DataSource,
     OptimizerConfig,
     ParallelismConfig,
+    mixture_problems,
 )
 from cpt_training.flops import INSTANCE_TYPES, InstanceTypeName, instance_type
 
@@ -200,6 +201,13 @@ class DataSpec(CamelModel):
     tokenized_uri: StorageUri | None = Field(
         default=None, description="Where tokenized shards go; default <checkpoints.s3Uri>/data/."
     )
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DataSpec:
+        problems = mixture_problems(self.sources)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class SecretKeySelector(CamelModel):

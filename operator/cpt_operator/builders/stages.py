@@ -30,6 +30,7 @@ from cpt_training.config import (
     PreflightStage,
     TokenizeStage,
     TrainStage,
+    mixture_of,
 )
 from cpt_training.flops import instance_type as lookup_instance
 
@@ -153,6 +154,7 @@ def train_stage(
         compile=t.compile,
         fused_loss=t.fused_loss,
         seed=t.seed,
+        mixture=mixture_of(spec.data.sources),
         checkpoint=CheckpointPolicy(
             uri=p.checkpoints,
             every_steps=spec.checkpoints.every_steps,

@@ -37,7 +37,7 @@ from cpt_training.config import TrainStage
 from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
 from cpt_training.native import distributed as nd
 from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state
-from cpt_training.native.data import MicroBatches, open_batches, open_blocks
+from cpt_training.native.data import MicroBatches, log_mixture, open_batches, open_blocks
 from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
 from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
@@ -338,8 +338,18 @@ class Trainer:
             self.sink.write(m)
         if self.progress is not None:
             self.progress.update(
-                step=step, loss=loss, tokens_per_sec=m.tokens_per_sec, mfu=m.mfu, lr=lr
+                step=step,
+                loss=loss,
+                tokens_per_sec=m.tokens_per_sec,
+                mfu=m.mfu,
+                lr=lr,
+                tokens_per_source=self.blocks.tokens_seen(step, self.global_blocks),
             )
+
+    @property
+    def global_blocks(self) -> int:
+        """Blocks (sample positions) per optimizer step over all ranks."""
+        return self.plan.tokens_per_step // self.cfg.seq_len
 
     def _log_memory(self, step: int) -> None:
         """Device memory after the first step (weights, optimizer state and one step's peak
@@ -363,8 +373,13 @@ class Trainer:
         cfg = self.cfg
         start = self.restore_or_init()
         self.counters.step = start
+        log_mixture(self.blocks, self.cfg.max_steps, self.global_blocks)
         if self.progress is not None:
-            self.progress.update(step=start, force=True)  # attempt n has started
+            self.progress.update(  # attempt n has started
+                step=start,
+                tokens_per_source=self.blocks.tokens_seen(start, self.global_blocks),
+                force=True,
+            )
         if start == 0 and cfg.stop_after_steps == 0:
             # Materialise the base model as a native checkpoint (conversion checks, tests).
             self.checkpointer.save(0)
