@@ -235,3 +235,13 @@ def test_training_gets_the_weights_by_role_or_index_and_none_without_weights() -
         MixtureSource(name="source-1", weight=1.0),
     ]
     assert mixture_of([DataSource(uri="/a"), DataSource(uri="/b", role="r")]) is None
+
+
+def test_every_prefix_of_the_stream_holds_each_source_within_two_blocks_of_its_share() -> None:
+    """The stratified window order: a short run (a few steps) already sees its weights."""
+    weights = [0.9, 0.1]
+    mix = Mixture([1000, 100], weights, seed=5)
+    src, _ = mix.assign(np.arange(2 * WINDOW))
+    replay = np.cumsum(src == 1)
+    expected = 0.1 * np.arange(1, 2 * WINDOW + 1)
+    assert np.abs(replay - expected).max() <= 2.0

@@ -3,10 +3,10 @@ mixtures as a pure function of the position, so any rank can seek to any step.
 
 Why windows: positions are grouped in windows of ``W`` (``WINDOW``) positions. Every window
 holds exactly ``q_i`` positions of source ``i``, the largest-remainder apportionment of ``W``
-by the weights, in an order shuffled per window from ``(seed, window)``. So after any number of
+by the weights, in a stratified random order drawn per window from ``(seed, window)``. So after any number of
 whole windows each source has had exactly its quota (the share of source ``i`` differs from
-its weight's share by less than ``1/W`` at every window boundary, and by less than one window's
-worth of positions anywhere in between), and position ``p``'s place among its source's
+its weight's share by less than ``1/W`` at every window boundary, and its count in any
+prefix of a window is within about one position of its share), and position ``p``'s place among its source's
 positions is ``window * q_i + rank in window``: an O(1) seek with no state to carry. A
 source's ``k``-th position reads block ``perm_e[k % n_i]`` of its ``n_i`` blocks with
 ``e = k // n_i`` and ``perm_e`` shuffled from ``(seed, source, e)``: every block once per
@@ -101,16 +101,21 @@ class Mixture:
     # -- pure maps -----------------------------------------------------------------------------
 
     def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source of each slot, its rank among that source's slots) of window ``w``."""
+        """(source of each slot, its rank among that source's slots) of window ``w``.
+
+        Stratified, not a plain shuffle: the ``k``-th slot of source ``i`` gets the key
+        ``(k + u) / q_i`` with ``u`` uniform in [0, 1) (from ``(seed, window)``) and slots are
+        ordered by key, so every prefix of the window holds each source within about one slot
+        of its share (a short run sees its weights too) while the order stays random."""
         hit = self._windows.get(w)
         if hit is None:
-            labels = np.repeat(np.arange(len(self.quota)), self.quota)
-            labels = np.random.default_rng([self.seed, _WINDOW_STREAM, w]).permutation(labels)
-            order = np.argsort(labels, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(self.quota)[:-1]])
-            rank = np.empty(self.window, dtype=np.int64)
-            rank[order] = np.arange(self.window) - np.repeat(starts, self.quota)
-            hit = (labels, rank)
+            rng = np.random.default_rng([self.seed, _WINDOW_STREAM, w])
+            quota = [q for q in self.quota]
+            keys = np.concatenate([(np.arange(q) + rng.random(q)) / q for q in quota if q])
+            labels = np.concatenate([np.full(q, i) for i, q in enumerate(quota) if q])
+            ranks = np.concatenate([np.arange(q) for q in quota if q])
+            order = np.argsort(keys, kind="stable")
+            hit = (labels[order].astype(np.int64), ranks[order].astype(np.int64))
             if len(self._windows) >= _CACHE:
                 self._windows.pop(min(self._windows))
             self._windows[w] = hit
