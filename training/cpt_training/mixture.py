@@ -3,14 +3,14 @@ mixtures as a pure function of the position, so any rank can seek to any step.
 
 Why windows: positions are grouped in windows of ``W`` (``WINDOW``) positions. Every window
 holds exactly ``q_i`` positions of source ``i``, the largest-remainder apportionment of ``W``
-by the weights, in a stratified random order drawn per window from ``(seed, window)``. So after any number of
-whole windows each source has had exactly its quota (the share of source ``i`` differs from
-its weight's share by less than ``1/W`` at every window boundary, and its count in any
-prefix of a window is within about one position of its share), and position ``p``'s place among its source's
-positions is ``window * q_i + rank in window``: an O(1) seek with no state to carry. A
-source's ``k``-th position reads block ``perm_e[k % n_i]`` of its ``n_i`` blocks with
-``e = k // n_i`` and ``perm_e`` shuffled from ``(seed, source, e)``: every block once per
-epoch, a source smaller than its share repeats (epochs counted by :meth:`Mixture.epochs`).
+by the weights, in a stratified random order drawn per window from ``(seed, window)``. So
+after any number of whole windows each source has had exactly its quota (its share differs
+from its weight's by less than ``1/W``), any prefix of a window holds each source within
+about one position of its share, and position ``p``'s place among its source's positions is
+``window * q_i + rank in window``: an O(1) seek with no state to carry. A source's ``k``-th
+position reads block ``perm_e[k % n_i]`` of its ``n_i`` blocks with ``e = k // n_i`` and
+``perm_e`` shuffled from ``(seed, source, e)``: every block once per epoch, a source smaller
+than its share repeats (epochs counted by :meth:`Mixture.epochs`).
 
 Without weights (the natural mixture) all blocks form one pool, shuffled per epoch from
 ``(seed, epoch)``: the order of earlier releases, so their runs resume unchanged.
@@ -25,31 +25,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-WINDOW = 4096
-"""Positions per window; also the finest weight resolution (a share below 1/WINDOW is an
-error rather than silently zero)."""
+from cpt_training.shares import WINDOW, MixtureError, quotas
+
+__all__ = ["WINDOW", "Mixture", "MixtureError", "quotas"]
 
 _WINDOW_STREAM = 1
 _SOURCE_STREAM = 2
 _CACHE = 8
-
-
-class MixtureError(ValueError):
-    """The weights cannot be honoured with these sources; the message says which and why."""
-
-
-def quotas(weights: Sequence[float], window: int = WINDOW) -> list[int]:
-    """Positions per window of every source: ``window`` apportioned by ``weights`` with
-    the largest remainders (ties to the lower index), so they sum to ``window`` exactly."""
-    total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise MixtureError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
-    exact = [window * w / total for w in weights]
-    q = [int(x) for x in exact]
-    order = sorted(range(len(q)), key=lambda i: (-(exact[i] - q[i]), i))
-    for i in order[: window - sum(q)]:
-        q[i] += 1
-    return q
 
 
 class Mixture:
