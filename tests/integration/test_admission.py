@@ -63,6 +63,11 @@ REPLAY = {"uri": "s3://corpus/replay/", "role": "replay"}
 
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
+        "a re-warming start above the peak",
+        edit(spec__training__optimizer={"lr": 1e-4, "warmupStartLr": 2e-4}),
+        "warmupStartLr must not exceed lr",
+    ),
+    (
         "a weight on one source only",
         edit(spec__data__sources=[DOMAIN | {"weight": 0.9}, REPLAY]),
         "set weight on every data source or on none",
@@ -244,6 +249,18 @@ def test_the_local_example_is_refused_in_a_cluster_for_its_local_paths(
         (
             edit(spec__data__sources=[DOMAIN | {"weight": 1}, REPLAY | {"weight": 0}]),
             "an evaluation-only source",
+        ),
+        (
+            edit(
+                spec__training__optimizer={
+                    "lr": 1e-4,
+                    "minLr": 1e-5,
+                    "warmupStartLr": 1e-5,
+                    "decayStyle": "wsd",
+                    "cooldownFraction": 0.1,
+                }
+            ),
+            "re-warmed wsd",
         ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",

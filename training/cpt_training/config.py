@@ -185,7 +185,21 @@ class OptimizerConfig(CamelModel):
     min_lr: float = Field(default=1e-5, ge=0, description="Learning rate at the end of decay.")
     warmup_steps: NonNegInt = Field(default=2000, description="Linear warmup steps.")
     constant_steps: NonNegInt = Field(default=0, description="Steps held at peak after warmup.")
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        default="cosine",
+        description="Decay after warmup (and constantSteps) to minLr at the last step. wsd: "
+        "warmup-stable-decay, the peak held until the last cooldownFraction of the run, then "
+        "a linear cooldown to minLr (constantSteps is ignored).",
+    )
+    cooldown_fraction: float = Field(
+        default=0.2, gt=0, le=1, description="wsd: the share of maxSteps spent cooling down."
+    )
+    warmup_start_lr: float = Field(
+        default=0.0,
+        ge=0,
+        description="Rate of the first warmup step's line start: 0 warms up from zero; a "
+        "continued run re-warms from e.g. the previous run's minLr.",
+    )
     beta1: float = Field(default=0.9, gt=0, lt=1)
     beta2: float = Field(default=0.95, gt=0, lt=1)
     eps: float = Field(default=1e-8, gt=0)
@@ -196,6 +210,10 @@ class OptimizerConfig(CamelModel):
     def _min_le_peak(self) -> OptimizerConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"minLr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_start_lr > self.lr:
+            raise ValueError(
+                f"warmupStartLr ({self.warmup_start_lr}) must not exceed lr ({self.lr})"
+            )
         return self
 
 

@@ -214,6 +214,12 @@ CEL_RULES: tuple[Rule, ...] = (
         field_path=".minLr",
     ),
     Rule(
+        "spec.training.optimizer",
+        "!has(self.warmupStartLr) || self.warmupStartLr <= self.lr",
+        "warmupStartLr must not exceed lr",
+        field_path=".warmupStartLr",
+    ),
+    Rule(
         "spec.training.env[]",
         "has(self.value) != has(self.valueFrom)",
         "env: set exactly one of value or valueFrom",
