@@ -361,10 +361,21 @@ class ExportHfStage(CamelModel):
     checkpoint_uri: str = Field(description="Checkpoint root; the newest committed tag is used.")
     output_uri: str
     data_uri: str | None = Field(default=None, description="Tokenized data for held-out loss.")
-    eval_blocks: NonNegInt = 8
+    eval_blocks: NonNegInt = Field(
+        default=8, description="Held-out blocks evaluated (overall, and per source before/after)."
+    )
     tensor_parallel: PositiveInt = 1
     pipeline_parallel: PositiveInt = 1
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # What the model card reports about the run (cpt_training.model_card).
+    run_name: str = "run"
+    sources: list[DataSource] = Field(default_factory=list, description="The run's data.")
+    mixture: list[MixtureSource] | None = None
+    global_batch_size: PositiveInt | None = None
+    seq_len: PositiveInt | None = None
+    optimizer: OptimizerConfig | None = None
+    instance_type: str | None = None
+    nodes: PositiveInt | None = None
 
 
 class PreflightStage(CamelModel):

@@ -182,6 +182,14 @@ def export_stage(spec: ContinualPretrainSpec, run: str, namespace: str = "") -> 
         tensor_parallel=t.tensor_parallel,
         pipeline_parallel=t.pipeline_parallel,
         dtype="float32" if t.precision == "fp32" else "bfloat16",
+        run_name=run,
+        sources=spec.data.sources,
+        mixture=mixture_of(spec.data.sources),
+        global_batch_size=t.global_batch_size,
+        seq_len=spec.data.block_size,
+        optimizer=t.optimizer,
+        instance_type=t.instance_type,
+        nodes=t.nodes,
     )
 
 
