@@ -14,6 +14,8 @@ import pytest
 
 from cpt_training.config import MixtureSource
 from cpt_training.data import TokenBlocks
+from cpt_training.metrics import MetricsSink
+from cpt_training.metrics import parse_metrics_lines as parse_metrics
 from cpt_training.testing import (
     TinyAssets,
     make_tiny_assets,
@@ -47,7 +49,14 @@ def test_native_training_draws_tokens_per_source_by_the_weights(
     mixture = [{"name": n, "weight": w} for n, w in WEIGHTS.items()]
     ckpt = tmp_path / "ckpt"
     cfg = native_train_config(
-        assets, str(ckpt), tmp_path / "local", STEPS, dataUri=str(mixed), mixture=mixture
+        assets,
+        str(ckpt),
+        tmp_path / "local",
+        STEPS,
+        dataUri=str(mixed),
+        mixture=mixture,
+        evalEverySteps=4,
+        evalBlocks=3,
     )
     proc = subprocess.run(
         [
@@ -81,6 +90,26 @@ def test_native_training_draws_tokens_per_source_by_the_weights(
     # The replay source is smaller than its share: the trainer says how often it repeats.
     assert seen["replay"] // block > len(replay_rows)
     assert "data source replay is repeated" in proc.stderr, proc.stderr[-3000:]
+
+    # Held-out loss per source at steps 4, 8 and the last (10): metrics lines, the latest in
+    # progress.json, every one in TensorBoard.
+    evals = parse_metrics(proc.stdout, MetricsSink.EVAL_PREFIX)
+    assert [e["step"] for e in evals] == [4, 8, 10]
+    for e in evals:
+        assert set(e["eval"]) == {"domain", "replay"}
+        assert all(0 < loss < 10 for loss in e["eval"].values())
+    assert progress["eval"]["step"] == 10
+    last = progress["eval"]["sources"]
+    assert last["domain"]["loss"] == pytest.approx(evals[-1]["eval"]["domain"])
+    assert last["replay"]["perplexity"] == pytest.approx(2.718281828 ** last["replay"]["loss"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(ckpt / "tensorboard" / "attempt-1"))
+    acc.Reload()
+    for name in ("domain", "replay"):
+        points = acc.Scalars(f"eval/{name}/loss")
+        assert [p.step for p in points] == [4, 8, 10]
+        assert points[-1].value == pytest.approx(last[name]["loss"], rel=1e-5)
 
 
 def test_export_evaluates_every_source_before_and_after_and_writes_a_model_card(

@@ -102,3 +102,17 @@ def test_the_planner_needs_no_numpy_which_the_operator_image_lacks() -> None:
 
     code = "import sys, cpt_operator.api.planner; assert 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_every_steps_without_held_out_data_is_a_planner_warning() -> None:
+    doc = copy.deepcopy(RUN)
+    doc["spec"]["training"]["evalEverySteps"] = 100
+    doc["spec"]["data"]["heldOutFraction"] = 0
+    warnings = [str(w) for w in plan_object(doc).warnings]
+    assert any(
+        w.startswith("spec.training.evalEverySteps") and "heldOutFraction" in w for w in warnings
+    )
+    doc["spec"]["data"]["heldOutFraction"] = 0.01
+    doc["spec"]["training"]["evalEverySteps"] = 10**6
+    warnings = [str(w) for w in plan_object(doc).warnings]
+    assert any("evaluated at the last step only" in w for w in warnings)

@@ -324,6 +324,13 @@ class TrainStage(CamelModel):
     stop_after_steps: NonNegInt | None = Field(
         default=None, description="Exit cleanly after this many steps in this process (tests)."
     )
+    eval_every_steps: PositiveInt | None = Field(
+        default=None,
+        description="Held-out loss per data source every N steps (and at the last step).",
+    )
+    eval_blocks: PositiveInt = Field(
+        default=8, description="Held-out blocks per source in each evaluation."
+    )
 
     @model_validator(mode="after")
     def _mixture_sane(self) -> TrainStage:

@@ -9,7 +9,8 @@ Fields (camelCase, the operator's ``observe_progress`` reads them)::
 
     attempt, step, maxSteps, loss, tokensPerSec, mfu (fraction of peak, null without a peak),
     lr, updatedAt (RFC 3339 UTC), lastCommittedStep (null before the first commit), done,
-    tokensPerSource ({source name: training tokens drawn from it so far}; absent until known)
+    tokensPerSource ({source name: training tokens drawn from it so far}; absent until known),
+    eval ({step, sources: {name: {loss, perplexity}}}: the latest held-out evaluation, if any)
 """
 
 from __future__ import annotations
@@ -103,6 +104,22 @@ class ProgressWriter:
             lr=_finite(lr),
         )
         return self._maybe_write(force)
+
+    def evaluated(self, step: int, losses: dict[str, float | None]) -> None:
+        """Held-out loss per source at ``step``: always written."""
+        self.state["eval"] = {
+            "step": step,
+            "sources": {
+                name: {
+                    "loss": _finite(loss),
+                    "perplexity": None
+                    if loss is None or not math.isfinite(loss) or loss > 700
+                    else math.exp(loss),
+                }
+                for name, loss in losses.items()
+            },
+        }
+        self._maybe_write(True)
 
     def committed(self, step: int) -> None:
         """A checkpoint at ``step`` is committed: always written."""

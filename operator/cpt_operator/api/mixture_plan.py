@@ -126,6 +126,19 @@ def mixture_warnings(rows: list[SourcePlan]) -> list[tuple[str, str]]:
     return out
 
 
+def eval_warnings(spec: ContinualPretrainSpec, max_steps: int) -> list[tuple[str, str]]:
+    """(field path, message) where ``evalEverySteps`` cannot do what it is asked."""
+    every = spec.training.eval_every_steps
+    if every is None:
+        return []
+    path = "spec.training.evalEverySteps"
+    if spec.data.held_out_fraction <= 0:
+        return [(path, "no held-out data (data.heldOutFraction is 0): nothing to evaluate")]
+    if max_steps and every > max_steps:
+        return [(path, f"{every} > the run's {max_steps} steps: evaluated at the last step only")]
+    return []
+
+
 def _tokens(n: int | None) -> str:
     if n is None:
         return "?"

@@ -25,7 +25,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from cpt_operator.api.mixture_plan import SourcePlan, mixture_warnings, plan_mixture, render_rows
+from cpt_operator.api.mixture_plan import (
+    SourcePlan,
+    eval_warnings,
+    mixture_warnings,
+    plan_mixture,
+    render_rows,
+)
 from cpt_operator.api.models import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
@@ -415,7 +421,8 @@ class _Planner:
         self._schedule()
         if not self.p.errors:
             self.p.mixture = plan_mixture(self.spec, self.p.total_tokens, self.base_dir)
-            for path, message in mixture_warnings(self.p.mixture):
+            issues = mixture_warnings(self.p.mixture)
+            for path, message in issues + eval_warnings(self.spec, self.p.max_steps):
                 self.warn(path, message)
         return self.p
 

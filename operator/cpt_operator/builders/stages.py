@@ -155,6 +155,7 @@ def train_stage(
         fused_loss=t.fused_loss,
         seed=t.seed,
         mixture=mixture_of(spec.data.sources),
+        eval_every_steps=t.eval_every_steps,
         checkpoint=CheckpointPolicy(
             uri=p.checkpoints,
             every_steps=spec.checkpoints.every_steps,
