@@ -133,7 +133,11 @@ def test_export_evaluates_every_source_before_and_after_and_writes_a_model_card(
         mixture=mixture,
         optimizer=optimizer | {"decayStyle": "wsd"},
         activationCheckpointing="none",
+        evalEverySteps=4,  # the one-device path (no FSDP) evaluates too
+        progressUri=str(tmp_path / "progress.json"),
     )
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["eval"]["step"] == 8 and set(progress["eval"]["sources"]) == set(WEIGHTS)
     out = tmp_path / "model"
     cfg = ExportHfStage.model_validate(
         {
