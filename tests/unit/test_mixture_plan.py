@@ -109,7 +109,8 @@ def test_eval_every_steps_without_held_out_data_is_a_planner_warning() -> None:
     doc["spec"]["training"]["evalEverySteps"] = 100
     warnings = [str(w) for w in plan_object(doc).warnings]
     assert any("not run by the nxd backend yet" in w for w in warnings)
-    doc["spec"]["training"]["backend"] = "native"
+    doc = yaml.safe_load((ROOT / "examples" / "llama32-1b-p5.yaml").read_text())  # native
+    doc["spec"]["training"]["evalEverySteps"] = 100
     doc["spec"]["data"]["heldOutFraction"] = 0
     warnings = [str(w) for w in plan_object(doc).warnings]
     assert any(
