@@ -43,20 +43,15 @@ def mixed(assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tokenize_sources(tmp_path_factory.mktemp("mixed"), assets, corpora, WEIGHTS)
 
 
-def test_native_training_draws_tokens_per_source_by_the_weights(
-    assets: TinyAssets, mixed: Path, tmp_path: Path
-) -> None:
-    mixture = [{"name": n, "weight": w} for n, w in WEIGHTS.items()]
-    ckpt = tmp_path / "ckpt"
+MIXTURE = [{"name": n, "weight": w} for n, w in WEIGHTS.items()]
+
+
+def run_mixture(
+    assets: TinyAssets, mixed: Path, ckpt: Path, local: Path, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """2-rank native training on the mixture; checkpoints every 2 steps."""
     cfg = native_train_config(
-        assets,
-        str(ckpt),
-        tmp_path / "local",
-        STEPS,
-        dataUri=str(mixed),
-        mixture=mixture,
-        evalEverySteps=4,
-        evalBlocks=3,
+        assets, str(ckpt), local, STEPS, dataUri=str(mixed), mixture=MIXTURE, **kw
     )
     proc = subprocess.run(
         [
@@ -69,6 +64,23 @@ def test_native_training_draws_tokens_per_source_by_the_weights(
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    assets: TinyAssets, mixed: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    root = tmp_path_factory.mktemp("run-a")
+    proc = run_mixture(assets, mixed, root / "ckpt", root / "local", evalEverySteps=4, evalBlocks=3)
+    return proc, root / "ckpt"
+
+
+def test_native_training_draws_tokens_per_source_by_the_weights(
+    assets: TinyAssets, mixed: Path, uninterrupted: tuple[Any, Path]
+) -> None:
+    proc, ckpt = uninterrupted
+    mixture = MIXTURE
     progress: dict[str, Any] = json.loads((ckpt / "progress.json").read_text())
     assert progress["done"] is True
     seen = progress["tokensPerSource"]
@@ -183,3 +195,24 @@ def test_export_evaluates_every_source_before_and_after_and_writes_a_model_card(
     assert "- steps: 8 x 2 blocks of 64 tokens = 1,024 tokens" in text
     domain = result["sources"]["domain"]
     assert f"| domain | {domain['blocks']} | {domain['before']['loss']:.4f} |" in text
+
+
+def test_a_restarted_mixture_run_trains_on_the_same_blocks_as_an_uninterrupted_one(
+    assets: TinyAssets, mixed: Path, uninterrupted: tuple[Any, Path], tmp_path: Path
+) -> None:
+    """Stopped after step 5 (step_4 committed), attempt 2 resumes at step 4: every loss of
+    steps 5-10 equals the uninterrupted run's, and so do the tokens drawn per source."""
+    reference, ref_ckpt = uninterrupted
+    ckpt = tmp_path / "ckpt"
+    run_mixture(assets, mixed, ckpt, tmp_path / "node-1", stopAfterSteps=5)
+    second = run_mixture(assets, mixed, ckpt, tmp_path / "node-2", attempt=2)
+    ref = {m["step"]: m["loss"] for m in parse_metrics(reference.stdout)}
+    resumed = {m["step"]: m["loss"] for m in parse_metrics(second.stdout)}
+    assert sorted(resumed) == list(range(5, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(ref[step], abs=1e-6), step
+    done = json.loads((ckpt / "progress.json").read_text())
+    assert (
+        done["tokensPerSource"]
+        == json.loads((ref_ckpt / "progress.json").read_text())["tokensPerSource"]
+    )
