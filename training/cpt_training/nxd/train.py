@@ -688,7 +688,7 @@ class _Trainer:
                 self.progress.committed(ckpt.step)
         from neuronx_distributed.parallel_layers import parallel_state
 
-        blocks = TokenBlocks(cfg.data_uri, seed=cfg.seed)
+        blocks = TokenBlocks(cfg.data_uri, seed=cfg.seed, mixture=cfg.mixture)
         data = blocks.batches(
             parallel_state.get_data_parallel_rank(),
             plan.dp,
