@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from cpt_training import storage
-from cpt_training.storage import LocalStorage, S3Storage, TransferSettings, open_storage
+from cpt_training.storage import LocalStorage, S3Storage, TransferSettings, base, open_storage
 
 pytestmark = pytest.mark.unit
 
@@ -94,7 +94,7 @@ def test_local_upload_and_download_dir_copy_trees_and_skip_identical_paths(
 
 
 def test_tree_transfers_move_completion_markers_last() -> None:
-    groups = storage._markers_last(
+    groups = base._markers_last(
         ["b/x.pt", "shard-00000-of-00001.done.json", "manifest.json", "a/cpt-commit.json", "c"]
     )
     assert groups == [
