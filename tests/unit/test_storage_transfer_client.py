@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from cpt_training.config import StorageTuning
 from cpt_training.storage import TransferSettings, transfer
 
 pytestmark = pytest.mark.unit
@@ -31,7 +33,7 @@ def test_asking_for_crt_without_awscrt_fails_with_a_clear_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(transfer, "crt_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"CPT_S3_TRANSFER_CLIENT=crt needs the awscrt"):
+    with pytest.raises(RuntimeError, match=r"transfer_client crt \(storage.transferClient\) needs"):
         transfer.use_crt(TransferSettings(transfer_client="crt"))
 
 
@@ -84,16 +86,12 @@ def test_file_transfers_go_through_one_shared_crt_client_where_installed(aws_env
     assert transfer._crt_client(client) is transfer._crt_client(client)
 
 
-def test_the_crt_throughput_target_comes_from_the_environment_and_must_be_positive(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert TransferSettings.from_env().crt_target_gbps is None
-    monkeypatch.setenv("CPT_S3_TARGET_GBPS", "100")
-    assert TransferSettings.from_env().crt_target_gbps == 100.0
-    for bad in ("fast", "0", "-5", "nan"):
-        monkeypatch.setenv("CPT_S3_TARGET_GBPS", bad)
-        with pytest.raises(ValueError, match=r"CPT_S3_TARGET_GBPS must be a positive number"):
-            TransferSettings.from_env()
+def test_the_crt_throughput_target_comes_from_the_stage_config_and_must_be_positive() -> None:
+    assert StorageTuning().transfer_settings().crt_target_gbps is None
+    assert StorageTuning(target_gbps=100).transfer_settings().crt_target_gbps == 100.0
+    for bad in ("fast", "0", "-5", "nan", "inf"):
+        with pytest.raises(ValidationError, match=r"targetGbps"):
+            StorageTuning.model_validate({"targetGbps": bad})
     with pytest.raises(ValueError, match=r"crt_target_gbps .* must be a positive number"):
         TransferSettings(crt_target_gbps=0.0)
 

@@ -33,7 +33,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from cpt_training import podenv
 from cpt_training.storage import Storage, open_storage
 
 MANIFEST = "manifest.json"
@@ -59,7 +59,7 @@ class StepBatch:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CPT_DATA_CACHE") or Path(tempfile.gettempdir(), "cpt-data"))
+    return podenv.data_cache_dir()
 
 
 def _read_manifest(st: Storage) -> dict[str, Any]:

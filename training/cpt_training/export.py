@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from cpt_training import storage
+from cpt_training import podenv, storage
 from cpt_training.checkpoint import CommittedCheckpoint, restore
 from cpt_training.config import ConfigError, ExportHfStage
 
@@ -42,10 +42,7 @@ EVAL_FILE = "eval.json"
 
 
 def work_root() -> Path:
-    import os
-
-    base = os.environ.get("CPT_WORK_DIR") or tempfile.gettempdir()
-    return Path(tempfile.mkdtemp(prefix="cpt-export-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="cpt-export-", dir=podenv.work_base()))
 
 
 def native_state_dict(tag_dir: Path, hf_config: Any) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ weights and fp32 master weights, gradients reduced in fp32; AdamW is fused; atte
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Generator
@@ -27,7 +26,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from cpt_training import flops, storage
 from cpt_training.checkpoint import (
-    WHOLE_TAG_ENV,
     CheckpointSyncer,
     CommittedCheckpoint,
     restore_distributed,
@@ -214,7 +212,7 @@ class Trainer:
 
     def restore_or_init(self) -> int:
         """Resume from the newest committed checkpoint, else load the base weights."""
-        whole = os.environ.get(WHOLE_TAG_ENV, "") not in ("", "0")
+        whole = self.cfg.checkpoint.restore_whole_tag
         ckpt = restore_distributed(
             self.cfg.checkpoint.uri,
             self.cfg.checkpoint.local_dir,

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cpt_training import storage
+from cpt_training import podenv, storage
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoke
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CPT_CACHE_DIR", "/tmp/cpt-cache"))
+    return podenv.model_cache_dir()
 
 
 def _wanted(name: str, weights: bool) -> bool:

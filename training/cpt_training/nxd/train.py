@@ -448,10 +448,10 @@ class _Trainer:
     def _restore(self, collective: Any) -> Any:
         """Each node fetches only its ranks' shards of the newest committed tag, once its
         manifest shows degrees this attempt can load (else nothing is downloaded)."""
-        from cpt_training.checkpoint import WHOLE_TAG_ENV, CheckpointRefused, restore_distributed
+        from cpt_training.checkpoint import CheckpointRefused, restore_distributed
 
         select = None
-        if os.environ.get(WHOLE_TAG_ENV, "") in ("", "0"):
+        if not self.cfg.checkpoint.restore_whole_tag:
             lws = os.environ.get("LOCAL_WORLD_SIZE")
             select = restore_selector(self.plan, self.rank, int(lws) if lws else None)
         try:
@@ -477,13 +477,11 @@ class _Trainer:
         )
         missing = missing_rank_files(ckpt.local_path, coords, self.plan.zero1)
         if missing:
-            from cpt_training.checkpoint import WHOLE_TAG_ENV
-
             raise RuntimeError(
                 f"rank {self.rank} (NxD tp={coords.tp} pp={coords.pp} dp={coords.dp}) needs "
                 f"{len(missing)} file(s) of {ckpt.tag} its node did not restore "
                 f"({', '.join(missing[:3])}): NxD's rank grid differs from cpt's model of it; "
-                f"set {WHOLE_TAG_ENV}=1 to restore whole tags"
+                "set checkpoint.restoreWholeTag to restore whole tags"
             )
 
     # -- model -----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ download_dir, copy_tree) move completion markers (``cpt-commit.json``, ``manifes
 
 S3 transfers are managed transfers, so large files go up and down as concurrent
 multipart/ranged requests, and a directory is one manager with all its files in flight at once.
-Two clients (``CPT_S3_TRANSFER_CLIENT``, see :func:`use_crt`): the AWS CRT S3 client (``awscrt``,
+Two clients (``transfer_client``, see :func:`use_crt`): the AWS CRT S3 client (``awscrt``,
 the C data path the AWS CLI v2 uses: no GIL, hardware CRC32C part checksums, its own connection
 pool) wherever ``awscrt`` is installed, and boto3's s3transfer (Python threads) otherwise or when
 asked. Requests other than file transfers (list, head, small puts) always go through one shared
@@ -47,7 +47,9 @@ default: exponential backoff with jitter plus client-side rate limiting when S3 
 SlowDown) and s3transfer's transfers; the CRT client retries with its own exponential backoff.
 The endpoint and credentials come only from the standard AWS configuration
 (``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``, web identity, ``~/.aws/config`` ...,
-``AWS_CA_BUNDLE``). Knobs are in :class:`TransferSettings` (env ``CPT_S3_*``).
+``AWS_CA_BUNDLE``). Knobs are in :class:`TransferSettings`, built from a stage's typed
+``storage`` config (:class:`cpt_training.config.StorageTuning`) and installed by
+:func:`configure`.
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ from cpt_training.storage.api import (
 from cpt_training.storage.base import MARKER_NAMES, TMP_MARKER, Storage
 from cpt_training.storage.local import LocalStorage
 from cpt_training.storage.s3 import S3Storage
-from cpt_training.storage.settings import TRANSFER_CLIENTS, MiB, TransferSettings
+from cpt_training.storage.settings import (
+    TRANSFER_CLIENTS,
+    MiB,
+    TransferSettings,
+    configure,
+    default_settings,
+)
 from cpt_training.storage.transfer import crt_available, s3_client, use_crt
 from cpt_training.storage.uri import is_s3_uri, local_path_of, parent_and_name, split_s3_uri
 
@@ -81,8 +89,10 @@ __all__ = [
     "S3Storage",
     "Storage",
     "TransferSettings",
+    "configure",
     "copy_tree",
     "crt_available",
+    "default_settings",
     "download_dir",
     "exists",
     "is_s3_uri",

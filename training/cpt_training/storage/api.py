@@ -10,7 +10,7 @@ from typing import Any
 from cpt_training.storage.base import Storage
 from cpt_training.storage.local import LocalStorage
 from cpt_training.storage.s3 import S3Storage
-from cpt_training.storage.settings import TransferSettings
+from cpt_training.storage.settings import TransferSettings, default_settings
 from cpt_training.storage.uri import is_s3_uri, local_path_of, parent_and_name, split_s3_uri
 
 
@@ -20,7 +20,7 @@ def open_storage(uri: str, settings: TransferSettings | None = None) -> Storage:
         raise ValueError(f"storage URI must be a non-empty string, got {uri!r}")
     if is_s3_uri(uri):
         bucket, prefix = split_s3_uri(uri)
-        return S3Storage(bucket, prefix, settings or TransferSettings.from_env())
+        return S3Storage(bucket, prefix, settings or default_settings())
     return LocalStorage(local_path_of(uri), settings)
 
 

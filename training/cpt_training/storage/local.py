@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cpt_training.storage.base import TMP_MARKER, Storage, _is_tmp, _markers_last, _walk_files
-from cpt_training.storage.settings import TransferSettings
+from cpt_training.storage.settings import TransferSettings, default_settings
 from cpt_training.storage.uri import _clean_key, _join_keys, local_path_of
 
 
@@ -32,7 +32,7 @@ class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike[str], settings: TransferSettings | None = None):
         self.root = local_path_of(os.fspath(root))
         self.uri = str(self.root)
-        self.settings = settings or TransferSettings.from_env()
+        self.settings = settings or default_settings()
 
     def _p(self, key: str) -> Path:
         k = _clean_key(key)

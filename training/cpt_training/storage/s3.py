@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_training.storage.base import Storage, _markers_last, _walk_files
-from cpt_training.storage.settings import TransferSettings
+from cpt_training.storage.settings import TransferSettings, default_settings
 from cpt_training.storage.transfer import _is_not_found, _transfer_manager, _wait_all, s3_client
 from cpt_training.storage.uri import _clean_key, _join_keys
 
@@ -19,7 +19,7 @@ class S3Storage(Storage):
     def __init__(self, bucket: str, prefix: str = "", settings: TransferSettings | None = None):
         self.bucket = bucket
         self.prefix = _clean_key(prefix)
-        self.settings = settings or TransferSettings.from_env()
+        self.settings = settings or default_settings()
         self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     @property

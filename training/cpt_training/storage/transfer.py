@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from cpt_training.storage.settings import TransferSettings
+from cpt_training.storage.settings import TransferSettings, default_settings
 
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -22,7 +22,7 @@ def s3_client(settings: TransferSettings | None = None) -> Any:
     The connection pool is sized to the transfer concurrency (botocore's default of 10 would
     serialise a 32-way transfer). Endpoint/credentials/region: standard AWS config only.
     """
-    s = settings or TransferSettings.from_env()
+    s = settings or default_settings()
     key = (
         *_env_key(),
         s.max_concurrency,
@@ -121,8 +121,8 @@ def use_crt(s: TransferSettings) -> bool:
         return True
     if s.transfer_client == "crt":
         raise RuntimeError(
-            "CPT_S3_TRANSFER_CLIENT=crt needs the awscrt package (boto3[crt]); "
-            "install it or use auto/classic"
+            "transfer_client crt (storage.transferClient) needs the awscrt package "
+            "(boto3[crt]); install it or use auto/classic"
         )
     return False
 
