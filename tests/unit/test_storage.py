@@ -260,13 +260,13 @@ def test_s3_client_is_shared_and_sized_for_the_transfer_concurrency(fake_aws: li
     assert c1.meta.endpoint_url == "http://127.0.0.1:9"
 
 
-def test_storage_checkpoint_tokenize_and_data_import_without_torch() -> None:
+def test_storage_checkpoint_tokenize_data_and_model_dir_import_without_torch() -> None:
     import subprocess
     import sys
 
     code = (
         "import sys, cpt_training.storage, cpt_training.checkpoint, cpt_training.tokenize, "
-        "cpt_training.data; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-        "assert not bad, bad"
+        "cpt_training.data, cpt_training.model_dir; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

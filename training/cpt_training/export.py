@@ -104,7 +104,7 @@ def build_hf_model(hf_config: Any, state: dict[str, torch.Tensor], dtype: torch.
 
 
 def _tokenizer_source(cfg: ExportHfStage, base_dir: Path) -> Path:
-    from cpt_training.native.weights import fetch_model_dir
+    from cpt_training.model_dir import fetch_model_dir
 
     if cfg.tokenizer_uri is None:
         return base_dir
@@ -154,7 +154,7 @@ def _checkpoint(cfg: ExportHfStage, work: Path) -> CommittedCheckpoint:
 def run(cfg: ExportHfStage) -> int:
     from transformers import AutoModelForCausalLM
 
-    from cpt_training.native.weights import fetch_model_dir, load_hf_config
+    from cpt_training.model_dir import fetch_model_dir, load_hf_config
 
     t0 = time.perf_counter()
     out_st = storage.open_storage(cfg.output_uri)

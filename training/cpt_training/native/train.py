@@ -32,6 +32,7 @@ from cpt_training.checkpoint import (
 )
 from cpt_training.config import ConfigError, TrainStage
 from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
+from cpt_training.model_dir import fetch_model_dir_per_node, load_hf_config
 from cpt_training.native import distributed as nd
 from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state
 from cpt_training.native.data import MicroBatches, open_batches, open_blocks
@@ -39,7 +40,7 @@ from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
 from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
 from cpt_training.native.single import MasterWeights
-from cpt_training.native.weights import fetch_model_dir_per_node, load_hf_config, load_hf_weights
+from cpt_training.native.weights import load_hf_weights
 from cpt_training.progress import ProgressWriter, progress_file_uri
 from cpt_training.schedule import LrSchedule
 

@@ -205,7 +205,7 @@ def layout_for(cfg: ConvertToNxdStage, config: dict[str, Any]) -> NxdLayout:
 def run(cfg: ConvertToNxdStage, *, config_overrides: Mapping[str, Any] | None = None) -> int:
     from cpt_training.checkpoint import upload_and_commit
     from cpt_training.config import ConfigError
-    from cpt_training.native.weights import fetch_model_dir
+    from cpt_training.model_dir import fetch_model_dir
 
     work = work_dir("convert")
     try:
