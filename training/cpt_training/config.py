@@ -234,6 +234,52 @@ class CheckpointPolicy(CamelModel):
         default="/scratch/checkpoints", description="Node-local scratch for checkpoint writes."
     )
     async_save: bool = Field(default=True, description="Save without stalling the step loop.")
+    restore_whole_tag: bool = Field(
+        default=False,
+        description="Every node restores whole checkpoint tags instead of only its ranks' "
+        "files: an escape hatch, should the per-node file selection be wrong.",
+    )
+
+
+class StorageTuning(CamelModel):
+    """S3 transfer, retry and checksum tuning for a stage's storage I/O. The defaults suit a
+    trn1/p5 node and are what every stage ran with when these were environment variables;
+    benchmarks and tests change them here, in the typed config, not through the pod's env."""
+
+    transfer_client: Literal["auto", "classic", "crt"] = Field(
+        default="auto", description="auto: the AWS CRT client where awscrt is installed."
+    )
+    target_gbps: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="CRT throughput target; None: CRT's own figure or 10.",
+    )
+    max_bandwidth: PositiveInt | None = Field(
+        default=None, description="Bytes/s cap (classic client only)."
+    )
+    retry_mode: Literal["legacy", "standard", "adaptive"] = "adaptive"
+    max_attempts: PositiveInt = Field(default=10, description="Total attempts per request.")
+    max_concurrency: PositiveInt = Field(default=32, description="Parallel requests per transfer.")
+    multipart_threshold_mb: PositiveInt = 16
+    multipart_chunksize_mb: PositiveInt = 16
+    hash_workers: PositiveInt = Field(default=8, description="Checksum threads per node.")
+
+    def transfer_settings(self) -> Any:
+        """These knobs as the storage layer's ``TransferSettings``."""
+        from cpt_training.storage.settings import MiB, TransferSettings
+
+        return TransferSettings(
+            max_concurrency=self.max_concurrency,
+            multipart_threshold=self.multipart_threshold_mb * MiB,
+            multipart_chunksize=self.multipart_chunksize_mb * MiB,
+            max_attempts=self.max_attempts,
+            retry_mode=self.retry_mode,
+            transfer_client=self.transfer_client,
+            max_bandwidth=self.max_bandwidth,
+            hash_workers=self.hash_workers,
+            crt_target_gbps=self.target_gbps,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +307,8 @@ class TokenizeStage(CamelModel):
     workers: PositiveInt = Field(default=1, description="Tokenizer processes within a shard.")
     held_out_fraction: float = Field(default=0.0, ge=0, lt=0.5)
     seed: int = 1234
+    # No ``storage`` tuning here yet: tokenize.config_hash hashes this whole model, so a new
+    # field would change every existing dataset's hash; it comes with that module's split.
 
     @model_validator(mode="after")
     def _mixture(self) -> TokenizeStage:
@@ -328,6 +376,7 @@ class TrainStage(CamelModel):
     tensorboard_uri: str | None = None
     instance_type: str | None = Field(default=None, description="For the MFU peak table.")
     log_every: PositiveInt = 1
+    storage: StorageTuning = Field(default_factory=StorageTuning)
     stop_after_steps: NonNegInt | None = Field(
         default=None, description="Exit cleanly after this many steps in this process (tests)."
     )
@@ -361,6 +410,7 @@ class ConvertToNxdStage(CamelModel):
     kv_size_multiplier: PositiveInt = 1
     qkv_linear: bool = False
     hw_backend: Literal["trn1", "trn2"] = "trn1"
+    storage: StorageTuning = Field(default_factory=StorageTuning)
 
 
 class ExportHfStage(CamelModel):
@@ -390,6 +440,7 @@ class ExportHfStage(CamelModel):
     optimizer: OptimizerConfig | None = None
     instance_type: str | None = None
     nodes: PositiveInt | None = None
+    storage: StorageTuning = Field(default_factory=StorageTuning)
 
 
 class PreflightStage(CamelModel):
@@ -401,6 +452,7 @@ class PreflightStage(CamelModel):
     iterations: PositiveInt = 5
     min_bus_bandwidth_gbps: float = Field(default=0.0, ge=0)
     result_uri: str | None = None
+    storage: StorageTuning = Field(default_factory=StorageTuning)
 
 
 StageConfig = Annotated[

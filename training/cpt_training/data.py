@@ -37,7 +37,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from cpt_training import podenv
 from cpt_training.config import MixtureSource
 from cpt_training.mixture import Mixture, MixtureError
 from cpt_training.storage import Storage, open_storage
@@ -65,7 +65,7 @@ class StepBatch:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CPT_DATA_CACHE") or Path(tempfile.gettempdir(), "cpt-data"))
+    return podenv.data_cache_dir()
 
 
 def _read_manifest(st: Storage) -> dict[str, Any]:

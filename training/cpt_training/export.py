@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from cpt_training import storage
+from cpt_training import podenv, storage
 from cpt_training.checkpoint import CommittedCheckpoint, restore
 from cpt_training.config import ConfigError, ExportHfStage
 
@@ -46,10 +46,7 @@ CARD_FILE = "README.md"
 
 
 def work_root() -> Path:
-    import os
-
-    base = os.environ.get("CPT_WORK_DIR") or tempfile.gettempdir()
-    return Path(tempfile.mkdtemp(prefix="cpt-export-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="cpt-export-", dir=podenv.work_base()))
 
 
 def native_state_dict(tag_dir: Path, hf_config: Any) -> dict[str, torch.Tensor]:
@@ -111,7 +108,7 @@ def build_hf_model(hf_config: Any, state: dict[str, torch.Tensor], dtype: torch.
 
 
 def _tokenizer_source(cfg: ExportHfStage, base_dir: Path) -> Path:
-    from cpt_training.native.weights import fetch_model_dir
+    from cpt_training.model_dir import fetch_model_dir
 
     if cfg.tokenizer_uri is None:
         return base_dir
@@ -163,7 +160,7 @@ def _before_after(cfg: ExportHfStage, after: Any, base_dir: Path, dtype: torch.d
     from transformers import AutoModelForCausalLM
 
     from cpt_training.evaluation import compare, held_out_by_source
-    from cpt_training.native.weights import fetch_model_dir, load_hf_config
+    from cpt_training.model_dir import fetch_model_dir, load_hf_config
 
     assert cfg.data_uri is not None
     sources = held_out_by_source(cfg.data_uri, cfg.eval_blocks)
@@ -206,7 +203,7 @@ def _model_card(cfg: ExportHfStage, step: int, result: dict[str, Any], base_dir:
 def run(cfg: ExportHfStage) -> int:
     from transformers import AutoModelForCausalLM
 
-    from cpt_training.native.weights import fetch_model_dir, load_hf_config
+    from cpt_training.model_dir import fetch_model_dir, load_hf_config
 
     t0 = time.perf_counter()
     out_st = storage.open_storage(cfg.output_uri)

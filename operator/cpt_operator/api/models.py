@@ -392,6 +392,11 @@ class CheckpointsSpec(CamelModel):
     every_steps: int = Field(default=100, ge=1, le=1 << 30, description="Save every N steps.")
     keep: int = Field(default=2, ge=1, le=1000, description="Committed checkpoints kept.")
     async_save: bool = Field(default=True, description="Save without stalling the step loop.")
+    restore_whole_tag: bool = Field(
+        default=False,
+        description="On resume every node downloads whole checkpoint tags, not only its "
+        "ranks' files: an escape hatch should the per-node selection be wrong.",
+    )
     scratch: ScratchSpec = Field(default_factory=ScratchSpec)
 
 

@@ -162,6 +162,7 @@ def train_stage(
             keep=spec.checkpoints.keep,
             local_dir=join_uri(spec.checkpoints.scratch.mount_path, "checkpoints"),
             async_save=spec.checkpoints.async_save,
+            restore_whole_tag=spec.checkpoints.restore_whole_tag,
         ),
         progress_uri=p.progress,
         tensorboard_uri=p.tensorboard,

@@ -14,7 +14,6 @@ weights and fp32 master weights, gradients reduced in fp32; AdamW is fused; atte
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Generator
@@ -27,13 +26,13 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from cpt_training import flops, storage
 from cpt_training.checkpoint import (
-    WHOLE_TAG_ENV,
     CheckpointSyncer,
     CommittedCheckpoint,
     restore_distributed,
 )
 from cpt_training.config import ConfigError, TrainStage
 from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
+from cpt_training.model_dir import fetch_model_dir_per_node, load_hf_config
 from cpt_training.native import distributed as nd
 from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state
 from cpt_training.native.data import MicroBatches, log_mixture, open_batches, open_blocks
@@ -42,7 +41,7 @@ from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
 from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
 from cpt_training.native.single import MasterWeights
-from cpt_training.native.weights import fetch_model_dir_per_node, load_hf_config, load_hf_weights
+from cpt_training.native.weights import load_hf_weights
 from cpt_training.progress import ProgressWriter, progress_file_uri
 from cpt_training.schedule import LrSchedule
 
@@ -216,7 +215,7 @@ class Trainer:
 
     def restore_or_init(self) -> int:
         """Resume from the newest committed checkpoint, else load the base weights."""
-        whole = os.environ.get(WHOLE_TAG_ENV, "") not in ("", "0")
+        whole = self.cfg.checkpoint.restore_whole_tag
         ckpt = restore_distributed(
             self.cfg.checkpoint.uri,
             self.cfg.checkpoint.local_dir,
