@@ -192,7 +192,10 @@ def _child(args: argparse.Namespace) -> None:
     t_import = time.perf_counter()
     common.bootstrap()
     from cpt_training.checkpoint import restore, store, upload_and_commit
-    from cpt_training.storage import S3Storage, TransferSettings, use_crt
+    from cpt_training.config import StorageTuning
+    from cpt_training.storage import S3Storage, configure, default_settings, use_crt
+
+    configure(StorageTuning.model_validate_json(args.storage).transfer_settings())
 
     # Where the time goes, for the profile of a run: the transfers, and the checksum passes
     # (upload: hashing runs beside the transfer; restore: verification after the download).
@@ -211,7 +214,7 @@ def _child(args: argparse.Namespace) -> None:
         ck = restore(args.src, args.dst)
         if ck is None:
             raise SystemExit(f"nothing committed under {args.src}")
-    client = "crt" if use_crt(TransferSettings.from_env()) else "classic"
+    client = "crt" if use_crt(default_settings()) else "classic"
     res = {
         "inProcessSeconds": time.perf_counter() - t0,
         "importSeconds": t0 - t_import,
@@ -278,7 +281,13 @@ def _aws_version(env: dict[str, str]) -> str | None:
 
 
 def bench_server(
-    server: Any, src: Path, nbytes: int, reps: int, work: Path, checksum: str
+    server: Any,
+    src: Path,
+    nbytes: int,
+    reps: int,
+    work: Path,
+    checksum: str,
+    storage_json: str = "{}",
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Every repeat of ours and the CLI, up and down, against one running server."""
     import boto3
@@ -337,6 +346,7 @@ def bench_server(
                 s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
     py = [sys.executable, "-m", "bench.ckpt_sync_bench", "--child", "--checksum", checksum]
+    py += ["--storage", storage_json]
     aws = [aws_exe(), "s3", "cp", "--recursive", "--only-show-errors"]
     for rep in range(reps):
         order = ("ours", "cli") if rep % 2 == 0 else ("cli", "ours")
@@ -372,16 +382,17 @@ def machine_description(note: str = "") -> str:
     return f"{desc}, {note}" if note else desc
 
 
-def our_settings() -> str:
-    """Ours' transfer settings as this environment sets them (``CPT_S3_*``)."""
+def our_settings(storage_json: str = "{}") -> str:
+    """Ours' transfer settings as ``--storage`` (the stage config's storage tuning) sets them."""
     common.bootstrap()
+    from cpt_training.config import StorageTuning
     from cpt_training.storage import TransferSettings
 
-    s = TransferSettings.from_env()
+    s = StorageTuning.model_validate_json(storage_json).transfer_settings()
     d = TransferSettings()
     same = (s.max_concurrency, s.multipart_chunksize) == (d.max_concurrency, d.multipart_chunksize)
     return (
-        f"TransferSettings {'defaults' if same else 'from CPT_S3_*'} "
+        f"TransferSettings {'defaults' if same else 'from --storage'} "
         f"({s.max_concurrency} concurrent, {s.multipart_chunksize // MiB} MiB parts)"
     )
 
@@ -394,6 +405,7 @@ def bench(
     checksum: str = CHECKSUMS[0],
     label: str = "",
     machine_note: str = "",
+    storage_json: str = "{}",
 ) -> list[dict[str, Any]]:
     work = common.WORK / "ckpt-sync"
     work.mkdir(parents=True, exist_ok=True)
@@ -404,7 +416,7 @@ def bench(
         print(f"{which}:", flush=True)
         server: Any = Versity(work) if which == "versity" else Moto(work / "moto.log")
         try:
-            runs, extra = bench_server(server, src, nbytes, reps, work, checksum)
+            runs, extra = bench_server(server, src, nbytes, reps, work, checksum, storage_json)
         finally:
             server.stop()
         out.extend(
@@ -420,6 +432,7 @@ def bench(
                 checksum,
                 label=label,
                 machine_note=machine_note,
+                storage_json=storage_json,
             )
         )
     return out
@@ -438,6 +451,7 @@ def _measurements(
     *,
     label: str = "",
     machine_note: str = "",
+    storage_json: str = "{}",
     goal_rows: bool | None = None,
 ) -> list[dict[str, Any]]:
     """The goal rows (``ckpt.sync[.<label>].<op>``) come from the compiled server; moto's
@@ -455,7 +469,7 @@ def _measurements(
         "server": server.name,
         "repeats": reps,
         "order": "alternating (ours first on odd repeats)",
-        "ourSettings": our_settings(),
+        "ourSettings": our_settings(storage_json),
         "ourTransferClient": "/".join(clients),
         "awscrt": extra.get("awscrt") or "not installed",
         "awscli": extra.get("awscli") or "unknown",
@@ -645,6 +659,12 @@ def main(argv: list[str] | None = None) -> int:
         default=CHECKSUMS[0],
         help="the file checksum our manifests record and restore verifies (default: %(default)s)",
     )
+    p.add_argument(
+        "--storage",
+        default="{}",
+        help="ours' storage tuning: the stage config's `storage` object as JSON (fields of "
+        "cpt_training.config.StorageTuning), e.g. '{\"multipartChunksizeMb\": 8}'",
+    )
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--label", default="", help="rows named ckpt.sync.<label>.<op> (other machines)")
     p.add_argument("--machine-note", default="", help="appended to the machine description")
@@ -669,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.label and not all(c.isalnum() or c in "-_" for c in args.label):
         p.error(f"--label takes letters, digits, '-' and '_', got {args.label!r}")
+    try:
+        our_settings(args.storage)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        p.error(f"--storage: {exc}")
     servers = tuple(x for x in args.servers.split(",") if x)
     if not servers or any(x not in SERVERS for x in servers):
         p.error(f"--servers must list some of {', '.join(SERVERS)}, got {args.servers!r}")
@@ -680,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checksum,
         label=args.label,
         machine_note=args.machine_note,
+        storage_json=args.storage,
     )
     for m in items:
         print(f"{m['name']:34s} {m['value']:8.1f} {m['metric']}  ratio {m['ratio']:.2f}")

@@ -6,8 +6,9 @@
 # Rows are named ckpt.sync.LABEL.<op>; with --pinned CPUS (e.g. 2,3) the whole benchmark runs
 # again under `taskset -c CPUS`, as a stand-in for a machine of that many cores: rows
 # ckpt.sync.LABEL-pinN.<op>. Both go to $OUT/ckpt_sync-device.json (STEM overrides the name).
-# EXPLORE="VAR=VALUE[,VAR=VALUE] ..." adds one unrecorded run (1 repeat, --no-write) per item
-# with those variables set (e.g. CPT_S3_MULTIPART_CHUNKSIZE_MB=8), for profiling.
+# EXPLORE="JSON ..." adds one unrecorded run (1 repeat, --no-write) per item with that storage
+# tuning (the stage config's `storage` object, e.g. '{"multipartChunksizeMb":8}'; items are
+# separated by spaces, so no spaces inside one), for profiling.
 # Needs the carry bench/work/ckpt-carry (`python bench/ckpt_sync_bench.py --prepare-carry`
 # here: the clients' wheels for Python 3.12, unpacked, and the versitygw binary, xz-compressed).
 set -uo pipefail
@@ -76,7 +77,7 @@ if [ -n "$pinned" ]; then
 fi
 for item in ${EXPLORE:-}; do
   echo "== explore: $item"
-  env ${item//,/ } python3 bench/ckpt_sync_bench.py --servers versity --reps 1 --no-write \
+  python3 bench/ckpt_sync_bench.py --servers versity --reps 1 --no-write --storage "$item" \
     "${bench_args[@]}"
 done
 echo "done in $((SECONDS - t0)) s"

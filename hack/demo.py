@@ -1,12 +1,15 @@
 """`make demo`: the main job end to end on the embedded default (local mode), in minutes on CPU.
 
 1. Prepare inputs that a real run would download (no network here): local English text from
-   Python's bundled docs, a byte-level BPE tokenizer trained on it, and a tiny random-init
-   Llama saved as a Hugging Face model dir. This is the "base model" being continually
-   pretrained.
-2. Run `cpt local examples/tiny-local.yaml`: plan -> preflight -> tokenize (2 shards in
-   parallel) -> train (torchrun, 2 CPU processes, checkpoints) -> export to Hugging Face.
-3. Load the exported model with transformers and generate a sample.
+   Python's bundled docs in two sources, a "domain" (standard-library docstrings) and a
+   "replay" source (reference-manual topics, standing in for the base model's original data),
+   a byte-level BPE tokenizer trained on both, and a tiny random-init Llama saved as a Hugging
+   Face model dir. This is the "base model" being continually pretrained.
+2. Run `cpt local examples/tiny-local.yaml`: plan (with the 0.9/0.1 mixture) -> preflight ->
+   tokenize (2 shards in parallel) -> train (torchrun, 2 CPU processes, checkpoints, held-out
+   loss per source every 50 steps) -> export to Hugging Face with eval.json and a model card.
+3. Print the mixture (tokens drawn per source) and the before/after table per source, then load
+   the exported model with transformers and generate a sample.
 """
 
 from __future__ import annotations
@@ -22,29 +25,74 @@ DEMO = ROOT / ".demo"
 RUN_YAML = ROOT / "examples" / "tiny-local.yaml"
 
 
+REPLAY_DOCS = 200
+"""The first documents of Python's docs (reference-manual topics) form the replay source."""
+
+
 def prepare_inputs(n_docs: int = 800) -> None:
     from cpt_training.corpus import python_docs, train_bpe_tokenizer
     from cpt_training.testing import make_tiny_llama
 
     base = DEMO / "base-model"
-    text = DEMO / "text"
-    if (base / "config.json").exists() and text.exists():
+    dirs = {"replay": DEMO / "replay", "domain": DEMO / "domain"}
+    if (base / "config.json").exists() and all(d.exists() for d in dirs.values()):
         print(f"inputs already prepared under {DEMO}")
         return
     shutil.rmtree(DEMO, ignore_errors=True)
-    text.mkdir(parents=True)
+    for d in dirs.values():
+        d.mkdir(parents=True)
     docs = []
     for i, doc in enumerate(python_docs()):
         if i >= n_docs:
             break
-        (text / f"doc-{i:04d}.txt").write_text(doc + "\n", encoding="utf-8")
+        where = dirs["replay"] if i < REPLAY_DOCS else dirs["domain"]
+        (where / f"doc-{i:04d}.txt").write_text(doc + "\n", encoding="utf-8")
         docs.append(doc)
-    print(f"wrote {len(docs)} documents to {text}")
+    print(
+        f"wrote {len(docs) - REPLAY_DOCS} documents to {dirs['domain']} and {REPLAY_DOCS} "
+        f"to {dirs['replay']}"
+    )
     tok_dir = train_bpe_tokenizer(docs, DEMO / "tokenizer", vocab_size=1024)
     make_tiny_llama(
         base, 1024, hidden=128, layers=4, heads=4, kv_heads=2, seq=256, tokenizer_dir=tok_dir
     )
     print(f"tiny Llama base model in {base}")
+
+
+def report(run: Path) -> str:
+    """The mixture the run drew and the before/after table of its export (eval.json)."""
+    import json
+
+    manifest = json.loads((run / "checkpoints" / "data" / "manifest.json").read_text())
+    progress = json.loads((run / "checkpoints" / "progress.json").read_text())
+    result = json.loads((run / "hf-model" / "eval.json").read_text())
+    seen = progress.get("tokensPerSource", {})
+    total = max(1, sum(seen.values()))
+    lines = ["data mixture (tokens in the source -> tokens trained on):"]
+    for src in manifest["sources"]:
+        drawn = seen.get(src["name"], 0)
+        epochs = drawn / max(1, src["tokens"])
+        lines.append(
+            f"  {src['name']:<8} {src['tokens']:>9,} -> {drawn:>9,} "
+            f"({drawn / total:.1%}, {epochs:.2f} epochs)"
+        )
+    lines += [
+        "",
+        "held-out loss per source, base model -> continually pretrained model:",
+        f"  {'source':<8} {'blocks':>6} {'before':>8} {'after':>8} {'change':>8}",
+    ]
+    for name, e in [*result["sources"].items(), ("total", result["totals"])]:
+        lines.append(
+            f"  {name:<8} {e['blocks']:>6} {e['before']['loss']:>8.3f} "
+            f"{e['after']['loss']:>8.3f} {e['lossChange']:>+8.3f}"
+        )
+    lines += [
+        "  (negative change: adaptation; positive on the replay source: forgetting. The demo's",
+        "   base model is random-init, so both sources improve here.)",
+        "",
+        f"model card: {run / 'hf-model' / 'README.md'}",
+    ]
+    return "\n".join(lines)
 
 
 def sample(model_dir: Path, prompt: str = "The list") -> str:
@@ -73,6 +121,7 @@ def main() -> int:
         print(f"cpt local failed with exit code {rc}", file=sys.stderr)
         return rc
     model_dir = DEMO / "run" / "hf-model"
+    print("\n" + report(DEMO / "run"))
     print("\nsample from the continually pretrained model:")
     print("  " + sample(model_dir).replace("\n", "\n  "))
     return 0

@@ -34,7 +34,7 @@ def read_settings() -> storage.TransferSettings:
     a minute (the workload's default budget) would hold this run's reconcile and the resync
     loop of every other run."""
     return replace(
-        storage.TransferSettings.from_env(),
+        storage.TransferSettings(),
         max_attempts=3,
         retry_mode="standard",
         connect_timeout=5.0,

@@ -58,7 +58,35 @@ def apply(cluster: Cluster, namespace: str, doc: dict[str, Any], *, dry_run: boo
     return cluster.kubectl(*args, input=yaml.safe_dump(doc), check=False)
 
 
+DOMAIN = {"uri": "s3://corpus/domain/", "role": "domain"}
+REPLAY = {"uri": "s3://corpus/replay/", "role": "replay"}
+
 INVALID: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "a re-warming start above the peak",
+        edit(spec__training__optimizer={"lr": 1e-4, "warmupStartLr": 2e-4}),
+        "warmupStartLr must not exceed lr",
+    ),
+    (
+        "a weight on one source only",
+        edit(spec__data__sources=[DOMAIN | {"weight": 0.9}, REPLAY]),
+        "set weight on every data source or on none",
+    ),
+    (
+        "only zero weights",
+        edit(spec__data__sources=[DOMAIN | {"weight": 0}, REPLAY | {"weight": 0}]),
+        "at least one data source weight must be positive",
+    ),
+    (
+        "a repeated role",
+        edit(spec__data__sources=[DOMAIN, REPLAY | {"role": "domain"}]),
+        "data source roles must be unique",
+    ),
+    (
+        "a negative weight",
+        edit(spec__data__sources=[DOMAIN | {"weight": -1}, REPLAY | {"weight": 1}]),
+        "spec.data.sources[0].weight: Invalid value",
+    ),
     # schema
     (
         "zero nodes",
@@ -214,6 +242,26 @@ def test_the_local_example_is_refused_in_a_cluster_for_its_local_paths(
         (edit(spec__training__processesPerNode=None), "null is pruned, not rejected"),
         (edit(spec__training__maxSteps=..., spec__training__maxTokens=3 * 10**9), "maxTokens"),
         (edit(spec__checkpoints__scratch={"type": "pvc", "claimName": "fsx"}), "pvc scratch"),
+        (
+            edit(spec__data__sources=[DOMAIN | {"weight": 9}, REPLAY | {"weight": 1}]),
+            "integer weights, roles",
+        ),
+        (
+            edit(spec__data__sources=[DOMAIN | {"weight": 1}, REPLAY | {"weight": 0}]),
+            "an evaluation-only source",
+        ),
+        (
+            edit(
+                spec__training__optimizer={
+                    "lr": 1e-4,
+                    "minLr": 1e-5,
+                    "warmupStartLr": 1e-5,
+                    "decayStyle": "wsd",
+                    "cooldownFraction": 0.1,
+                }
+            ),
+            "re-warmed wsd",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -13,7 +13,8 @@ import pytest
 from cpt_training import checkpoint as ck
 from cpt_training import storage
 from cpt_training.checkpoint import COMMIT_NAME, MANIFEST_NAME
-from cpt_training.storage import TransferSettings, open_storage
+from cpt_training.config import StorageTuning
+from cpt_training.storage import TransferSettings, open_storage, transfer
 from fixtures import s3 as _s3
 from fixtures.s3 import S3Server
 
@@ -145,8 +146,7 @@ def test_a_crt_client_with_its_own_throughput_target_moves_a_tree_both_ways(
 ) -> None:
     for key, value in versity.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("CPT_S3_TARGET_GBPS", "40")
-    s = TransferSettings.from_env()
+    s = StorageTuning(target_gbps=40).transfer_settings()
     assert s.crt_target_gbps == 40.0 and storage.use_crt(s)
     st = open_storage(f"s3://{versity.new_bucket()}/t", s)
     (tmp_path / "up").mkdir()
@@ -156,4 +156,4 @@ def test_a_crt_client_with_its_own_throughput_target_moves_a_tree_both_ways(
     assert st.download_dir("", tmp_path / "down") == ["big.bin"]
     assert (tmp_path / "down" / "big.bin").read_bytes() == data
     client = storage.s3_client(s)
-    assert storage._crt_client(client, 40.0)[0] is not storage._crt_client(client)[0]
+    assert transfer._crt_client(client, 40.0)[0] is not transfer._crt_client(client)[0]

@@ -462,3 +462,14 @@ def test_the_trainer_s_speed_knobs_pass_from_the_spec_to_the_train_stage() -> No
     wire = parse_stage_config(cfg.model_dump_json(by_alias=True))
     assert isinstance(wire, TrainStage)
     assert wire.fused_loss and wire.parallelism.fsdp_single_device
+
+
+def test_whole_tag_restore_passes_from_the_spec_to_the_train_stage() -> None:
+    spec, run = load("trn1-nxd")
+    default = stages.train_stage(spec, run.name, 1, run.namespace)
+    assert default.checkpoint.restore_whole_tag is False
+    body = spec.model_dump(by_alias=True)
+    body["checkpoints"]["restoreWholeTag"] = True
+    cfg = stages.train_stage(ContinualPretrainSpec.model_validate(body), run.name, 1, run.namespace)
+    wire = parse_stage_config(cfg.model_dump_json(by_alias=True))
+    assert isinstance(wire, TrainStage) and wire.checkpoint.restore_whole_tag is True

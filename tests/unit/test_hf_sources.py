@@ -166,6 +166,9 @@ def test_data_files_change_the_config_hash_only_when_set(tok_dir: Path, tmp_path
     plain = stage(tok_dir, tmp_path / "a", hfDataset="x", hfConfig="y")
     dumped = plain.model_dump(mode="json")["sources"][0]
     assert dumped["data_files"] is None
-    assert tk.config_hash(plain, "d") == "a7a4c38ed0d44fe0"  # main before dataFiles existed
+    # Pinned at format v2 (blocks never span sources); v1 was a7a4c38ed0d44fe0.
+    assert tk.config_hash(plain, "d") == "395ad341b6b70f46"
+    weighted = stage(tok_dir, tmp_path / "a", hfDataset="x", hfConfig="y", weight=0.3, role="r")
+    assert tk.config_hash(weighted, "d") == tk.config_hash(plain, "d"), "sampling, not tokens"
     listed = stage(tok_dir, tmp_path / "a", hfDataset="x", dataFiles=["y/*.parquet"])
     assert tk.config_hash(listed, "d") != tk.config_hash(plain, "d")

@@ -607,6 +607,7 @@ def test_local_paths_are_fine_in_local_mode_and_errors_in_cluster_mode(tmp_path:
         "spec.checkpoints.s3Uri",
         "spec.output.s3Uri",
         "spec.data.sources[0].uri",
+        "spec.data.sources[1].uri",
     ]
 
 

@@ -75,3 +75,91 @@ def test_bad_parameters_are_rejected_with_the_field_name() -> None:
         LrSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, constant_steps=0, max_steps=0)
     with pytest.raises(ValueError, match="step"):
         LrSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, constant_steps=0, max_steps=3)(-1)
+
+
+def test_wsd_holds_the_peak_then_cools_down_linearly_over_its_fraction() -> None:
+    s = LrSchedule(
+        lr=1.0,
+        min_lr=0.1,
+        warmup_steps=2,
+        constant_steps=99,
+        max_steps=20,
+        decay_style="wsd",
+        cooldown_fraction=0.25,
+    )
+    assert s.hold_steps == 13  # 20 - 2 warmup - 5 cooldown; constantSteps is ignored
+    assert [s(i) for i in range(2, 15)] == [1.0] * 13
+    cooldown = [s(i) for i in range(15, 20)]
+    assert cooldown == pytest.approx([1.0 - 0.9 * k / 5 for k in range(1, 6)], abs=1e-15)
+    assert s(19) == pytest.approx(0.1, abs=1e-15) and s(500) == pytest.approx(0.1, abs=1e-15)
+
+
+def test_wsd_cooldown_is_at_least_one_step_and_eats_the_plateau_first() -> None:
+    tiny = LrSchedule(
+        lr=1.0,
+        min_lr=0.0,
+        warmup_steps=0,
+        constant_steps=0,
+        max_steps=3,
+        decay_style="wsd",
+        cooldown_fraction=0.01,
+    )
+    assert [tiny(i) for i in range(3)] == [1.0, 1.0, 0.0]
+    whole = LrSchedule(
+        lr=1.0,
+        min_lr=0.0,
+        warmup_steps=4,
+        constant_steps=0,
+        max_steps=10,
+        decay_style="wsd",
+        cooldown_fraction=1.0,
+    )
+    assert whole.hold_steps == 0 and whole(3) == 1.0 and whole(9) == 0.0
+
+
+def test_rewarming_starts_the_warmup_line_at_warmup_start_lr() -> None:
+    s = LrSchedule(
+        lr=1.0, min_lr=0.1, warmup_steps=4, constant_steps=0, max_steps=10, warmup_start_lr=0.2
+    )
+    assert [s(i) for i in range(4)] == pytest.approx([0.4, 0.6, 0.8, 1.0], abs=1e-15)
+    opt = OptimizerConfig(
+        lr=1.0,
+        min_lr=0.1,
+        warmup_steps=4,
+        warmup_start_lr=0.2,
+        decay_style="wsd",
+        cooldown_fraction=0.5,
+    )
+    from_cfg = LrSchedule.from_config(opt, 10)
+    assert from_cfg.warmup_start_lr == 0.2 and from_cfg.decay_style == "wsd"
+    assert from_cfg.hold_steps == 1
+
+
+def test_a_warmup_start_above_the_peak_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"warmupStartLr \(2.0\) must not exceed lr \(1.0\)"):
+        OptimizerConfig(lr=1.0, warmup_start_lr=2.0)
+    with pytest.raises(ValueError, match="cooldownFraction"):
+        LrSchedule(
+            lr=1.0,
+            min_lr=0.0,
+            warmup_steps=0,
+            constant_steps=0,
+            max_steps=5,
+            decay_style="wsd",
+            cooldown_fraction=0.0,
+        )
+
+
+def test_the_schedule_picture_in_the_docs_is_drawn_from_this_code() -> None:
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "hack" / "plot_schedules.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    svg = ET.parse(root / "docs" / "img" / "schedules.svg").getroot()
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 3 and all(len(p.get("points", "").split()) == 1000 for p in lines)

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from cpt_training import storage
-from cpt_training.storage import LocalStorage, S3Storage, TransferSettings, open_storage
+from cpt_training.config import StorageTuning
+from cpt_training.storage import LocalStorage, S3Storage, TransferSettings, base, open_storage
 
 pytestmark = pytest.mark.unit
 
@@ -94,7 +96,7 @@ def test_local_upload_and_download_dir_copy_trees_and_skip_identical_paths(
 
 
 def test_tree_transfers_move_completion_markers_last() -> None:
-    groups = storage._markers_last(
+    groups = base._markers_last(
         ["b/x.pt", "shard-00000-of-00001.done.json", "manifest.json", "a/cpt-commit.json", "c"]
     )
     assert groups == [
@@ -111,28 +113,45 @@ def test_copy_tree_between_local_roots(tmp_path: Path) -> None:
     assert open_storage(str(tmp_path / "b")).list_sizes() == {"2": 2, "x/1": 1}
 
 
-def test_transfer_settings_come_from_env_and_reject_bad_values(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("CPT_S3_MAX_CONCURRENCY", "64")
-    monkeypatch.setenv("CPT_S3_MULTIPART_CHUNKSIZE_MB", "32")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
-    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
-    s = TransferSettings.from_env()
+def test_stage_storage_tuning_becomes_the_transfer_settings_and_bad_values_are_rejected() -> None:
+    tuning = StorageTuning.model_validate(
+        {
+            "maxConcurrency": 64,
+            "multipartChunksizeMb": 32,
+            "maxAttempts": 7,
+            "retryMode": "standard",
+            "targetGbps": 40,
+            "hashWorkers": 3,
+        }
+    )
+    s = tuning.transfer_settings()
     assert (s.max_concurrency, s.multipart_chunksize, s.max_attempts, s.retry_mode) == (
         64,
         32 * storage.MiB,
         7,
         "standard",
     )
+    assert (s.crt_target_gbps, s.hash_workers) == (40.0, 3)
+    assert StorageTuning().transfer_settings() == TransferSettings()
     assert s.with_concurrency(4).max_concurrency == 4
-    monkeypatch.setenv("CPT_S3_TRANSFER_CLIENT", "turbo")
-    with pytest.raises(ValueError, match=r"CPT_S3_TRANSFER_CLIENT.*auto, classic, crt"):
-        TransferSettings.from_env()
-    monkeypatch.delenv("CPT_S3_TRANSFER_CLIENT")
-    monkeypatch.setenv("CPT_S3_MAX_CONCURRENCY", "many")
-    with pytest.raises(ValueError, match="CPT_S3_MAX_CONCURRENCY"):
-        TransferSettings.from_env()
+    with pytest.raises(ValidationError, match=r"transferClient"):
+        StorageTuning.model_validate({"transferClient": "turbo"})
+    with pytest.raises(ValidationError, match=r"maxConcurrency"):
+        StorageTuning.model_validate({"maxConcurrency": "many"})
+
+
+def test_configure_sets_the_settings_of_every_storage_opened_without_its_own(
+    tmp_path: Path,
+) -> None:
+    tuned = TransferSettings(max_concurrency=5, hash_workers=2)
+    try:
+        storage.configure(tuned)
+        assert storage.default_settings() is tuned
+        assert open_storage(str(tmp_path)).settings is tuned
+        assert open_storage("s3://unit-bucket/p").settings is tuned
+    finally:
+        storage.configure(TransferSettings())
+    assert open_storage(str(tmp_path)).settings == TransferSettings()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,13 +260,13 @@ def test_s3_client_is_shared_and_sized_for_the_transfer_concurrency(fake_aws: li
     assert c1.meta.endpoint_url == "http://127.0.0.1:9"
 
 
-def test_storage_checkpoint_tokenize_and_data_import_without_torch() -> None:
+def test_storage_checkpoint_tokenize_data_and_model_dir_import_without_torch() -> None:
     import subprocess
     import sys
 
     code = (
         "import sys, cpt_training.storage, cpt_training.checkpoint, cpt_training.tokenize, "
-        "cpt_training.data; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-        "assert not bad, bad"
+        "cpt_training.data, cpt_training.model_dir; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

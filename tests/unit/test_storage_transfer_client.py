@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from cpt_training import storage
-from cpt_training.storage import TransferSettings
+from cpt_training.config import StorageTuning
+from cpt_training.storage import TransferSettings, transfer
 
 pytestmark = pytest.mark.unit
 
@@ -22,18 +23,18 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_auto_uses_the_crt_client_exactly_when_awscrt_is_installed_and_no_throttle_is_asked(
     monkeypatch: pytest.MonkeyPatch, installed: bool
 ) -> None:
-    monkeypatch.setattr(storage, "crt_available", lambda: installed)
-    assert storage.use_crt(TransferSettings()) is installed
-    assert storage.use_crt(TransferSettings(max_bandwidth=1 << 20)) is False
-    assert storage.use_crt(TransferSettings(transfer_client="classic")) is False
+    monkeypatch.setattr(transfer, "crt_available", lambda: installed)
+    assert transfer.use_crt(TransferSettings()) is installed
+    assert transfer.use_crt(TransferSettings(max_bandwidth=1 << 20)) is False
+    assert transfer.use_crt(TransferSettings(transfer_client="classic")) is False
 
 
 def test_asking_for_crt_without_awscrt_fails_with_a_clear_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(storage, "crt_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"CPT_S3_TRANSFER_CLIENT=crt needs the awscrt"):
-        storage.use_crt(TransferSettings(transfer_client="crt"))
+    monkeypatch.setattr(transfer, "crt_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"transfer_client crt \(storage.transferClient\) needs"):
+        transfer.use_crt(TransferSettings(transfer_client="crt"))
 
 
 def test_bad_transfer_client_settings_are_rejected_naming_the_field() -> None:
@@ -51,60 +52,56 @@ def test_crt_availability_matches_whether_awscrt_imports() -> None:
         expected = True
     except ImportError:
         expected = False
-    assert storage.crt_available() is expected
+    assert transfer.crt_available() is expected
 
 
 def test_the_classic_client_skips_the_payload_hash_and_shares_one_session(
     aws_env: None,
 ) -> None:
-    a = storage.s3_client(TransferSettings(max_concurrency=3))
-    b = storage.s3_client(TransferSettings(max_concurrency=5))
+    a = transfer.s3_client(TransferSettings(max_concurrency=3))
+    b = transfer.s3_client(TransferSettings(max_concurrency=5))
     assert a is not b
     assert a.meta.config.s3["payload_signing_enabled"] is False
     # Both clients come from one botocore session (the S3 model is parsed once per process).
     assert a.meta.events is not b.meta.events
-    assert storage._sessions() is storage._sessions()
+    assert transfer._sessions() is transfer._sessions()
 
 
 def test_copies_always_use_the_classic_manager(
     aws_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "crt_available", lambda: True)
+    monkeypatch.setattr(transfer, "crt_available", lambda: True)
     s = TransferSettings()
-    client = storage.s3_client(s)
-    with storage._transfer_manager(client, s, copy=True) as tm:
+    client = transfer.s3_client(s)
+    with transfer._transfer_manager(client, s, copy=True) as tm:
         assert hasattr(tm, "copy"), "s3transfer's manager"
 
 
-@pytest.mark.skipif(not storage.crt_available(), reason="awscrt is not installed")
+@pytest.mark.skipif(not transfer.crt_available(), reason="awscrt is not installed")
 def test_file_transfers_go_through_one_shared_crt_client_where_installed(aws_env: None) -> None:
     s = TransferSettings()
-    client = storage.s3_client(s)
-    with storage._transfer_manager(client, s) as tm:
-        assert isinstance(tm, storage._CrtTransfers)
-    assert storage._crt_client(client) is storage._crt_client(client)
+    client = transfer.s3_client(s)
+    with transfer._transfer_manager(client, s) as tm:
+        assert isinstance(tm, transfer._CrtTransfers)
+    assert transfer._crt_client(client) is transfer._crt_client(client)
 
 
-def test_the_crt_throughput_target_comes_from_the_environment_and_must_be_positive(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert TransferSettings.from_env().crt_target_gbps is None
-    monkeypatch.setenv("CPT_S3_TARGET_GBPS", "100")
-    assert TransferSettings.from_env().crt_target_gbps == 100.0
-    for bad in ("fast", "0", "-5", "nan"):
-        monkeypatch.setenv("CPT_S3_TARGET_GBPS", bad)
-        with pytest.raises(ValueError, match=r"CPT_S3_TARGET_GBPS must be a positive number"):
-            TransferSettings.from_env()
+def test_the_crt_throughput_target_comes_from_the_stage_config_and_must_be_positive() -> None:
+    assert StorageTuning().transfer_settings().crt_target_gbps is None
+    assert StorageTuning(target_gbps=100).transfer_settings().crt_target_gbps == 100.0
+    for bad in ("fast", "0", "-5", "nan", "inf"):
+        with pytest.raises(ValidationError, match=r"targetGbps"):
+            StorageTuning.model_validate({"targetGbps": bad})
     with pytest.raises(ValueError, match=r"crt_target_gbps .* must be a positive number"):
         TransferSettings(crt_target_gbps=0.0)
 
 
-@pytest.mark.skipif(not storage.crt_available(), reason="awscrt is not installed")
+@pytest.mark.skipif(not transfer.crt_available(), reason="awscrt is not installed")
 def test_each_crt_throughput_target_gets_its_own_shared_client(aws_env: None) -> None:
-    client = storage.s3_client(TransferSettings())
-    default = storage._crt_client(client)[0]
-    fast = storage._crt_client(client, 100.0)[0]
+    client = transfer.s3_client(TransferSettings())
+    default = transfer._crt_client(client)[0]
+    fast = transfer._crt_client(client, 100.0)[0]
     assert fast is not default
-    assert storage._crt_client(client, 100.0)[0] is fast
-    with storage._transfer_manager(client, TransferSettings(crt_target_gbps=100.0)) as tm:
-        assert isinstance(tm, storage._CrtTransfers)
+    assert transfer._crt_client(client, 100.0)[0] is fast
+    with transfer._transfer_manager(client, TransferSettings(crt_target_gbps=100.0)) as tm:
+        assert isinstance(tm, transfer._CrtTransfers)

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
+from cpt_training import podenv
 from cpt_training.config import STAGE_CONFIG_ENV, ConfigError, parse_stage_config
 
 log = logging.getLogger("cpt_training")
@@ -38,7 +39,7 @@ EXIT_BAD_CONFIG = 2
 def setup_logging() -> None:
     """Once per process: INFO (or ``CPT_LOG_LEVEL``) to stderr, tagged with the rank under
     torchrun, so stdout stays free for the machine-readable lines (metrics, preflight)."""
-    level_name = os.environ.get("CPT_LOG_LEVEL", "INFO").upper()
+    level_name = podenv.log_level()
     level = getattr(logging, level_name, logging.INFO)
     rank = os.environ.get("RANK")
     tag = f"[rank {rank}] " if rank is not None else ""
@@ -100,7 +101,18 @@ def load_stage_config(stage: str, config_file: str | None = None) -> BaseModel:
 
 
 def dispatch(stage: str, cfg: Any) -> int:
-    """Run one stage; heavy modules (torch, NxD) are imported only for the stage that needs them."""
+    """Run one stage; heavy modules (torch, NxD) are imported only for the stage that needs them.
+
+    The stage's typed ``storage`` tuning becomes this process's storage settings first, so
+    every storage the stage opens (data, checkpoints, progress) transfers with it (tokenize
+    has none yet: the defaults)."""
+    from cpt_training.config import StorageTuning
+    from cpt_training.storage.settings import configure
+
+    tuning = getattr(cfg, "storage", None)
+    if not isinstance(tuning, StorageTuning):
+        tuning = StorageTuning()
+    configure(tuning.transfer_settings())
     result: Any
     if stage == "tokenize":
         from cpt_training.tokenize import run_tokenize

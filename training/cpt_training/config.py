@@ -49,6 +49,8 @@ class CamelModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+ROLE_PATTERN = r"^[a-z0-9]([a-z0-9_.\-]*[a-z0-9])?$"
+
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
@@ -91,7 +93,21 @@ class DataSource(CamelModel):
     format: Literal["auto", "jsonl", "parquet", "txt"] = Field(
         default="auto", description="File format for `uri`; auto picks by file extension."
     )
-    weight: float = Field(default=1.0, gt=0, description="Relative sampling weight (reserved).")
+    weight: float | None = Field(
+        default=None,
+        ge=0,
+        le=1e6,
+        description="Relative sampling weight in training (set on every source or on none; "
+        "none: blocks are drawn in proportion to each source's size). 0: evaluation only.",
+    )
+    role: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=ROLE_PATTERN,
+        description="Name of the source in reports and evaluations, e.g. 'domain' or 'replay' "
+        "(unique; default source-<index>).",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DataSource:
@@ -126,6 +142,49 @@ class DataSource(CamelModel):
         return None
 
 
+def source_name(index: int, src: DataSource) -> str:
+    """How reports name a source: its role, else ``source-<index>``."""
+    return src.role or f"source-{index}"
+
+
+def mixture_problems(sources: list[DataSource]) -> list[str]:
+    """What is wrong with the sources' weights and roles (empty: fine). Shared by the spec's
+    validation and the stage configs, so ``cpt plan``, admission and the trainer agree."""
+    problems = []
+    weights = [s.weight for s in sources]
+    if any(w is not None for w in weights):
+        if any(w is None for w in weights):
+            missing = [i for i, w in enumerate(weights) if w is None]
+            problems.append(
+                f"set weight on every data source or on none (sources{missing} have none)"
+            )
+        elif not any(w for w in weights if w is not None and w > 0):
+            problems.append("at least one data source weight must be positive")
+    roles = [s.role for s in sources if s.role is not None]
+    dupes = sorted({r for r in roles if roles.count(r) > 1})
+    if dupes:
+        problems.append(f"data source roles must be unique ({', '.join(dupes)} repeated)")
+    return problems
+
+
+class MixtureSource(CamelModel):
+    """One source as training sees it: its name and weight (the tokenize stage records its
+    blocks per source in the manifest, in the order of ``data.sources``)."""
+
+    name: str = Field(min_length=1, max_length=63)
+    weight: float = Field(ge=0)
+
+
+def mixture_of(sources: list[DataSource]) -> list[MixtureSource] | None:
+    """The training mixture of weighted sources; None without weights (natural mixture)."""
+    if any(s.weight is None for s in sources):
+        return None
+    return [
+        MixtureSource(name=source_name(i, s), weight=float(s.weight or 0.0))
+        for i, s in enumerate(sources)
+    ]
+
+
 class OptimizerConfig(CamelModel):
     """AdamW with the seed's schedule: linear warmup, optional constant hold, then decay."""
 
@@ -133,7 +192,21 @@ class OptimizerConfig(CamelModel):
     min_lr: float = Field(default=1e-5, ge=0, description="Learning rate at the end of decay.")
     warmup_steps: NonNegInt = Field(default=2000, description="Linear warmup steps.")
     constant_steps: NonNegInt = Field(default=0, description="Steps held at peak after warmup.")
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        default="cosine",
+        description="Decay after warmup (and constantSteps) to minLr at the last step. wsd: "
+        "warmup-stable-decay, the peak held until the last cooldownFraction of the run, then "
+        "a linear cooldown to minLr (constantSteps is ignored).",
+    )
+    cooldown_fraction: float = Field(
+        default=0.2, gt=0, le=1, description="wsd: the share of maxSteps spent cooling down."
+    )
+    warmup_start_lr: float = Field(
+        default=0.0,
+        ge=0,
+        description="Rate of the first warmup step's line start: 0 warms up from zero; a "
+        "continued run re-warms from e.g. the previous run's minLr.",
+    )
     beta1: float = Field(default=0.9, gt=0, lt=1)
     beta2: float = Field(default=0.95, gt=0, lt=1)
     eps: float = Field(default=1e-8, gt=0)
@@ -144,6 +217,10 @@ class OptimizerConfig(CamelModel):
     def _min_le_peak(self) -> OptimizerConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"minLr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_start_lr > self.lr:
+            raise ValueError(
+                f"warmupStartLr ({self.warmup_start_lr}) must not exceed lr ({self.lr})"
+            )
         return self
 
 
@@ -157,6 +234,52 @@ class CheckpointPolicy(CamelModel):
         default="/scratch/checkpoints", description="Node-local scratch for checkpoint writes."
     )
     async_save: bool = Field(default=True, description="Save without stalling the step loop.")
+    restore_whole_tag: bool = Field(
+        default=False,
+        description="Every node restores whole checkpoint tags instead of only its ranks' "
+        "files: an escape hatch, should the per-node file selection be wrong.",
+    )
+
+
+class StorageTuning(CamelModel):
+    """S3 transfer, retry and checksum tuning for a stage's storage I/O. The defaults suit a
+    trn1/p5 node and are what every stage ran with when these were environment variables;
+    benchmarks and tests change them here, in the typed config, not through the pod's env."""
+
+    transfer_client: Literal["auto", "classic", "crt"] = Field(
+        default="auto", description="auto: the AWS CRT client where awscrt is installed."
+    )
+    target_gbps: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="CRT throughput target; None: CRT's own figure or 10.",
+    )
+    max_bandwidth: PositiveInt | None = Field(
+        default=None, description="Bytes/s cap (classic client only)."
+    )
+    retry_mode: Literal["legacy", "standard", "adaptive"] = "adaptive"
+    max_attempts: PositiveInt = Field(default=10, description="Total attempts per request.")
+    max_concurrency: PositiveInt = Field(default=32, description="Parallel requests per transfer.")
+    multipart_threshold_mb: PositiveInt = 16
+    multipart_chunksize_mb: PositiveInt = 16
+    hash_workers: PositiveInt = Field(default=8, description="Checksum threads per node.")
+
+    def transfer_settings(self) -> Any:
+        """These knobs as the storage layer's ``TransferSettings``."""
+        from cpt_training.storage.settings import MiB, TransferSettings
+
+        return TransferSettings(
+            max_concurrency=self.max_concurrency,
+            multipart_threshold=self.multipart_threshold_mb * MiB,
+            multipart_chunksize=self.multipart_chunksize_mb * MiB,
+            max_attempts=self.max_attempts,
+            retry_mode=self.retry_mode,
+            transfer_client=self.transfer_client,
+            max_bandwidth=self.max_bandwidth,
+            hash_workers=self.hash_workers,
+            crt_target_gbps=self.target_gbps,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +307,15 @@ class TokenizeStage(CamelModel):
     workers: PositiveInt = Field(default=1, description="Tokenizer processes within a shard.")
     held_out_fraction: float = Field(default=0.0, ge=0, lt=0.5)
     seed: int = 1234
+    # No ``storage`` tuning here yet: tokenize.config_hash hashes this whole model, so a new
+    # field would change every existing dataset's hash; it comes with that module's split.
+
+    @model_validator(mode="after")
+    def _mixture(self) -> TokenizeStage:
+        problems = mixture_problems(self.sources)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def resolved_shard_index(self) -> int:
         if self.shard_index is not None:
@@ -232,6 +364,11 @@ class TrainStage(CamelModel):
         "in the forward pass, so the [tokens, vocab] logits are never held whole.",
     )
     seed: int = 1234
+    mixture: list[MixtureSource] | None = Field(
+        default=None,
+        description="Sampling weights per data source, in the order of the tokenize stage's "
+        "sources. None: every training block once per epoch, shuffled (natural mixture).",
+    )
     checkpoint: CheckpointPolicy
     progress_uri: str | None = Field(
         default=None, description="Where rank 0 writes progress.json for the operator."
@@ -239,9 +376,27 @@ class TrainStage(CamelModel):
     tensorboard_uri: str | None = None
     instance_type: str | None = Field(default=None, description="For the MFU peak table.")
     log_every: PositiveInt = 1
+    storage: StorageTuning = Field(default_factory=StorageTuning)
     stop_after_steps: NonNegInt | None = Field(
         default=None, description="Exit cleanly after this many steps in this process (tests)."
     )
+    eval_every_steps: PositiveInt | None = Field(
+        default=None,
+        description="Held-out loss per data source every N steps (and at the last step).",
+    )
+    eval_blocks: PositiveInt = Field(
+        default=8, description="Held-out blocks per source in each evaluation."
+    )
+
+    @model_validator(mode="after")
+    def _mixture_sane(self) -> TrainStage:
+        if self.mixture is not None:
+            if not any(m.weight > 0 for m in self.mixture):
+                raise ValueError("mixture: at least one weight must be positive")
+            names = [m.name for m in self.mixture]
+            if len(set(names)) != len(names):
+                raise ValueError(f"mixture: source names must be unique, got {names}")
+        return self
 
 
 class ConvertToNxdStage(CamelModel):
@@ -255,6 +410,7 @@ class ConvertToNxdStage(CamelModel):
     kv_size_multiplier: PositiveInt = 1
     qkv_linear: bool = False
     hw_backend: Literal["trn1", "trn2"] = "trn1"
+    storage: StorageTuning = Field(default_factory=StorageTuning)
 
 
 class ExportHfStage(CamelModel):
@@ -269,10 +425,22 @@ class ExportHfStage(CamelModel):
     checkpoint_uri: str = Field(description="Checkpoint root; the newest committed tag is used.")
     output_uri: str
     data_uri: str | None = Field(default=None, description="Tokenized data for held-out loss.")
-    eval_blocks: NonNegInt = 8
+    eval_blocks: NonNegInt = Field(
+        default=8, description="Held-out blocks evaluated (overall, and per source before/after)."
+    )
     tensor_parallel: PositiveInt = 1
     pipeline_parallel: PositiveInt = 1
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # What the model card reports about the run (cpt_training.model_card).
+    run_name: str = "run"
+    sources: list[DataSource] = Field(default_factory=list, description="The run's data.")
+    mixture: list[MixtureSource] | None = None
+    global_batch_size: PositiveInt | None = None
+    seq_len: PositiveInt | None = None
+    optimizer: OptimizerConfig | None = None
+    instance_type: str | None = None
+    nodes: PositiveInt | None = None
+    storage: StorageTuning = Field(default_factory=StorageTuning)
 
 
 class PreflightStage(CamelModel):
@@ -284,6 +452,7 @@ class PreflightStage(CamelModel):
     iterations: PositiveInt = 5
     min_bus_bandwidth_gbps: float = Field(default=0.0, ge=0)
     result_uri: str | None = None
+    storage: StorageTuning = Field(default_factory=StorageTuning)
 
 
 StageConfig = Annotated[

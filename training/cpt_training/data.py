@@ -17,13 +17,17 @@ node's ranks share one download) and memory-mapped (HF ``load_from_disk``); a lo
 ``data_uri`` is read in place. ``labels`` equal ``input_ids`` (the model shifts), so batches
 carry ``input_ids`` only.
 
-Order: global sample position ``p`` maps to block ``perm_e[p % n]`` with ``e = p // n`` and
-``perm_e`` a permutation of all ``n`` blocks seeded by ``(seed, e)``: every block once per
-epoch, a fresh order each epoch. Optimizer step ``s`` consumes positions
-``[s*G, (s+1)*G)`` with ``G = dp_size * micro_batch * grad_accum``; micro-step ``m`` of rank
-``r`` takes positions ``s*G + (m*dp_size + r)*micro_batch + [0, micro_batch)``. So resuming at
-step ``k`` is an O(1) seek that yields the very batches an uninterrupted run would have seen,
-and the set of blocks of a step depends only on ``G`` (not on how it is split over ranks).
+Order: global sample position ``p`` maps to a block by ``cpt_training.mixture.Mixture``: without
+weights, block ``perm_e[p % n]`` with ``e = p // n`` and ``perm_e`` a permutation of all ``n``
+blocks seeded by ``(seed, e)`` (every block once per epoch, a fresh order each epoch); with a
+weighted ``mixture`` (one weight per tokenized source), each position first picks its source
+(exact quotas per window of positions) and then a block of that source the same way, per
+source. The manifest's ``shards[].runs`` say which rows hold which source. Optimizer step
+``s`` consumes positions ``[s*G, (s+1)*G)`` with ``G = dp_size * micro_batch * grad_accum``;
+micro-step ``m`` of rank ``r`` takes positions ``s*G + (m*dp_size + r)*micro_batch +
+[0, micro_batch)``. So resuming at step ``k`` is an O(1) seek that yields the very batches an
+uninterrupted run would have seen, and the set of blocks of a step depends only on ``G`` (not
+on how it is split over ranks).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from cpt_training import podenv
+from cpt_training.config import MixtureSource
+from cpt_training.mixture import Mixture, MixtureError
 from cpt_training.storage import Storage, open_storage
 
 MANIFEST = "manifest.json"
@@ -59,7 +65,7 @@ class StepBatch:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CPT_DATA_CACHE") or Path(tempfile.gettempdir(), "cpt-data"))
+    return podenv.data_cache_dir()
 
 
 def _read_manifest(st: Storage) -> dict[str, Any]:
@@ -124,6 +130,28 @@ def _load(root: Path, names: list[str]) -> Any:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
+def source_rows(manifest: dict[str, Any], key: str) -> list[np.ndarray]:
+    """Row ids (in the concatenation of ``manifest[key]``'s shards) of every source, from the
+    shards' ``runs``; a v1 manifest (no runs) is one source of all rows."""
+    shards = manifest.get(key, [])
+    n_sources = len(manifest.get("sources", [])) or 1
+    if any("runs" not in s for s in shards):
+        total = sum(int(s["blocks"]) for s in shards)
+        return [np.arange(total, dtype=np.int64)] + [
+            np.zeros(0, dtype=np.int64) for _ in range(n_sources - 1)
+        ]
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_sources)]
+    offset = 0
+    for shard in shards:
+        start = offset
+        for src, count in shard["runs"]:
+            parts[int(src)].append(np.arange(offset, offset + int(count), dtype=np.int64))
+            offset += int(count)
+        if offset - start != int(shard["blocks"]):
+            raise DataError(f"manifest {key} {shard['name']}: runs do not add up to its blocks")
+    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
 def _rows(table: Any, indices: np.ndarray, block: int) -> np.ndarray:
     import pyarrow as pa
 
@@ -142,6 +170,7 @@ class TokenBlocks:
         local_cache_dir: str | os.PathLike[str] | None = None,
         *,
         seed: int = 1234,
+        mixture: list[MixtureSource] | None = None,
     ) -> None:
         st = open_storage(data_uri)
         self.uri = st.uri
@@ -161,32 +190,48 @@ class TokenBlocks:
         if self.num_blocks == 0:
             raise DataError(f"{self.uri} has no training blocks (corpus smaller than a block?)")
         self.num_held_out = 0 if self._held is None else len(self._held)
-        self._perms: dict[int, np.ndarray] = {}
+        self.source_rows = source_rows(self.manifest, "shards")
+        self.heldout_rows = source_rows(self.manifest, "heldoutShards")
+        listed = self.manifest.get("sources", [])
+        self.source_names = [str(s["name"]) for s in listed] or ["all"]
+        if mixture is not None:
+            if "runs" not in self.manifest["shards"][0]:
+                raise DataError(
+                    f"{self.uri} was tokenized before data mixtures (no per-source runs in "
+                    "its manifest): tokenize again (a new tokenizedUri) to use source weights"
+                )
+            self.source_names = [m.name for m in mixture]
+        try:
+            self.mixture = Mixture(
+                [len(r) for r in self.source_rows],
+                None if mixture is None else [m.weight for m in mixture],
+                self.seed,
+                self.source_names,
+            )
+        except MixtureError as exc:
+            raise DataError(f"{self.uri}: {exc}") from exc
 
     def __len__(self) -> int:
         return self.num_blocks
 
     # -- order -----------------------------------------------------------------------------------
 
-    def epoch_permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(self.num_blocks)
-            if len(self._perms) > 4:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = perm
-        return perm
-
     def positions_to_blocks(self, positions: np.ndarray) -> np.ndarray:
-        """Global sample positions -> block ids."""
-        n = self.num_blocks
-        epochs = positions // n
-        out = np.empty_like(positions)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            out[sel] = self.epoch_permutation(int(e))[positions[sel] % n]
+        """Global sample positions -> block ids (rows of the training table)."""
+        src, idx = self.mixture.blocks(np.asarray(positions, dtype=np.int64))
+        if not self.mixture.weighted:
+            return idx
+        out = np.empty_like(idx)
+        for s in np.unique(src):
+            sel = src == s
+            out[sel] = self.source_rows[int(s)][idx[sel]]
         return out
+
+    def tokens_seen(self, steps: int, global_batch: int) -> dict[str, int]:
+        """Tokens of every source in the first ``steps`` optimizer steps of ``global_batch``
+        blocks (exact when weighted; each source's share of the blocks otherwise)."""
+        counts = self.mixture.seen(steps * global_batch)
+        return {n: c * self.block_size for n, c in zip(self.source_names, counts, strict=False)}
 
     def step_indices(
         self, step: int, dp_rank: int, dp_size: int, micro_batch: int, grad_accum: int
@@ -226,14 +271,17 @@ class TokenBlocks:
             yield StepBatch(step, [self.get(i) for i in ids])
             step += 1
 
-    def held_out(self, batch_size: int, max_blocks: int | None = None) -> Iterator[np.ndarray]:
-        """Held-out blocks in stored order, ``batch_size`` at a time (the last may be short)."""
+    def held_out(
+        self, batch_size: int, max_blocks: int | None = None, source: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """Held-out blocks in stored order (of one ``source``, or all), ``batch_size`` at a
+        time (the last may be short)."""
         if self._held is None:
             return
-        n = self.num_held_out if max_blocks is None else min(max_blocks, self.num_held_out)
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            yield _rows(self._held, idx, self.block_size)
+        rows = np.arange(self.num_held_out) if source is None else self.heldout_rows[source]
+        rows = rows if max_blocks is None else rows[:max_blocks]
+        for start in range(0, len(rows), batch_size):
+            yield _rows(self._held, rows[start : start + batch_size], self.block_size)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

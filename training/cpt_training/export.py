@@ -14,7 +14,10 @@ Steps, each a precondition of the next:
 5. the uploaded copy is downloaded into a fresh directory and loaded with
    ``AutoModelForCausalLM.from_pretrained``: if that fails the stage fails;
 6. the loaded model's loss on ``eval_blocks`` held-out blocks of ``data_uri`` goes to
-   ``eval.json`` ``{loss, perplexity, blocks, tokens, step}``; ``_SUCCESS`` is written last.
+   ``eval.json`` ``{loss, perplexity, blocks, tokens, step}``, with ``sources`` and ``totals``:
+   the base model's and this model's loss on the first ``eval_blocks`` held-out blocks of
+   every source (``cpt_training.evaluation``);
+7. the model card ``README.md`` (``cpt_training.model_card``); ``_SUCCESS`` is written last.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 import torch
 
-from cpt_training import storage
+from cpt_training import podenv, storage
 from cpt_training.checkpoint import CommittedCheckpoint, restore
 from cpt_training.config import ConfigError, ExportHfStage
 
@@ -39,13 +42,11 @@ log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 EVAL_FILE = "eval.json"
+CARD_FILE = "README.md"
 
 
 def work_root() -> Path:
-    import os
-
-    base = os.environ.get("CPT_WORK_DIR") or tempfile.gettempdir()
-    return Path(tempfile.mkdtemp(prefix="cpt-export-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="cpt-export-", dir=podenv.work_base()))
 
 
 def native_state_dict(tag_dir: Path, hf_config: Any) -> dict[str, torch.Tensor]:
@@ -107,7 +108,7 @@ def build_hf_model(hf_config: Any, state: dict[str, torch.Tensor], dtype: torch.
 
 
 def _tokenizer_source(cfg: ExportHfStage, base_dir: Path) -> Path:
-    from cpt_training.native.weights import fetch_model_dir
+    from cpt_training.model_dir import fetch_model_dir
 
     if cfg.tokenizer_uri is None:
         return base_dir
@@ -154,10 +155,55 @@ def _checkpoint(cfg: ExportHfStage, work: Path) -> CommittedCheckpoint:
     return ckpt
 
 
+def _before_after(cfg: ExportHfStage, after: Any, base_dir: Path, dtype: torch.dtype) -> Any:
+    """Per-source held-out loss of the base model and of ``after`` (cpt_training.evaluation)."""
+    from transformers import AutoModelForCausalLM
+
+    from cpt_training.evaluation import compare, held_out_by_source
+    from cpt_training.model_dir import fetch_model_dir, load_hf_config
+
+    assert cfg.data_uri is not None
+    sources = held_out_by_source(cfg.data_uri, cfg.eval_blocks)
+    weights_dir = fetch_model_dir(cfg.model_uri, weights=True)
+    hf_config = load_hf_config(weights_dir, cfg.config_overrides)
+    before = AutoModelForCausalLM.from_pretrained(str(weights_dir), config=hf_config, dtype=dtype)
+    before.eval()  # type: ignore[no-untyped-call]
+    comparison = compare(before, after, sources)
+    del before
+    for name, e in comparison["sources"].items():
+        log.info(
+            "held-out %s: loss %s -> %s over %d blocks",
+            name,
+            e["before"]["loss"],
+            e["after"]["loss"],
+            e["blocks"],
+        )
+    return comparison
+
+
+def _model_card(cfg: ExportHfStage, step: int, result: dict[str, Any], base_dir: Path) -> str:
+    from cpt_training import model_card
+
+    tokens_seen = None
+    if cfg.data_uri and cfg.global_batch_size:
+        from cpt_training.data import TokenBlocks
+
+        blocks = TokenBlocks(cfg.data_uri, mixture=cfg.mixture)
+        tokens_seen = blocks.tokens_seen(step, cfg.global_batch_size)
+    comparison = {k: result[k] for k in ("sources", "totals")} if "sources" in result else None
+    return model_card.render(
+        cfg,
+        step=step,
+        comparison=comparison,
+        tokens_seen=tokens_seen,
+        license_=model_card.base_license(base_dir),
+    )
+
+
 def run(cfg: ExportHfStage) -> int:
     from transformers import AutoModelForCausalLM
 
-    from cpt_training.native.weights import fetch_model_dir, load_hf_config
+    from cpt_training.model_dir import fetch_model_dir, load_hf_config
 
     t0 = time.perf_counter()
     out_st = storage.open_storage(cfg.output_uri)
@@ -217,6 +263,10 @@ def run(cfg: ExportHfStage) -> int:
                 tokens=tokens,
             )
             log.info("held-out loss %.4f over %d blocks (%d tokens)", loss, len(blocks), tokens)
+        if cfg.data_uri and cfg.eval_blocks > 0:
+            result.update(_before_after(cfg, loaded, base_dir, dtype))
+        card = _model_card(cfg, ckpt.step, result, base_dir)
+        out_st.write_bytes(CARD_FILE, card.encode())
         result["seconds"] = round(time.perf_counter() - t0, 3)
         out_st.write_bytes(EVAL_FILE, (json.dumps(result, indent=1) + "\n").encode())
         out_st.write_bytes(SUCCESS, b"")

@@ -136,6 +136,8 @@ class MetricsSink:
     stdout, and TensorBoard scalars into a local dir (uploaded by the caller)."""
 
     JSON_PREFIX = "CPT_METRICS "
+    EVAL_PREFIX = "CPT_EVAL "
+    """Held-out evaluations go on their own lines: step-metric readers see steps only."""
 
     def __init__(
         self, *, max_steps: int, tensorboard_dir: Path | None, stream: TextIO | None = None
@@ -172,6 +174,16 @@ class MetricsSink:
             if m.mfu is not None:
                 w.add_scalar("perf/mfu", m.mfu, m.step)
 
+    def write_eval(self, step: int, losses: dict[str, float | None]) -> None:
+        """Held-out loss per source: a metrics line and ``eval/<source>/loss`` scalars."""
+        record = {"step": step, "eval": losses}
+        self.stream.write(self.EVAL_PREFIX + json.dumps(record) + "\n")
+        self.stream.flush()
+        if self._writer is not None:
+            for name, loss in losses.items():
+                if loss is not None and math.isfinite(loss):
+                    self._writer.add_scalar(f"eval/{name}/loss", loss, step)
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
@@ -182,11 +194,12 @@ class MetricsSink:
             self._writer = None
 
 
-def parse_metrics_lines(text: str) -> list[dict[str, Any]]:
-    """The JSON metric records in a log (tests, benchmarks)."""
+def parse_metrics_lines(text: str, prefix: str = MetricsSink.JSON_PREFIX) -> list[dict[str, Any]]:
+    """The JSON metric records in a log (tests, benchmarks); ``MetricsSink.EVAL_PREFIX``:
+    the held-out evaluations instead."""
     out = []
     for line in text.splitlines():
-        idx = line.find(MetricsSink.JSON_PREFIX)
+        idx = line.find(prefix)
         if idx >= 0:
-            out.append(json.loads(line[idx + len(MetricsSink.JSON_PREFIX) :]))
+            out.append(json.loads(line[idx + len(prefix) :]))
     return out

@@ -8,7 +8,9 @@ lags by seconds without turning S3 into a per-step log. Every write replaces the
 Fields (camelCase, the operator's ``observe_progress`` reads them)::
 
     attempt, step, maxSteps, loss, tokensPerSec, mfu (fraction of peak, null without a peak),
-    lr, updatedAt (RFC 3339 UTC), lastCommittedStep (null before the first commit), done
+    lr, updatedAt (RFC 3339 UTC), lastCommittedStep (null before the first commit), done,
+    tokensPerSource ({source name: training tokens drawn from it so far}; absent until known),
+    eval ({step, sources: {name: {loss, perplexity}}}: the latest held-out evaluation, if any)
 """
 
 from __future__ import annotations
@@ -88,9 +90,12 @@ class ProgressWriter:
         tokens_per_sec: float | None = None,
         mfu: float | None = None,
         lr: float | None = None,
+        tokens_per_source: dict[str, int] | None = None,
         force: bool = False,
     ) -> bool:
         """Record the latest numbers; write if forced or the interval has passed."""
+        if tokens_per_source is not None:
+            self.state["tokensPerSource"] = dict(tokens_per_source)
         self.state.update(
             step=step,
             loss=_finite(loss),
@@ -99,6 +104,22 @@ class ProgressWriter:
             lr=_finite(lr),
         )
         return self._maybe_write(force)
+
+    def evaluated(self, step: int, losses: dict[str, float | None]) -> None:
+        """Held-out loss per source at ``step``: always written."""
+        self.state["eval"] = {
+            "step": step,
+            "sources": {
+                name: {
+                    "loss": _finite(loss),
+                    "perplexity": None
+                    if loss is None or not math.isfinite(loss) or loss > 700
+                    else math.exp(loss),
+                }
+                for name, loss in losses.items()
+            },
+        }
+        self._maybe_write(True)
 
     def committed(self, step: int) -> None:
         """A checkpoint at ``step`` is committed: always written."""

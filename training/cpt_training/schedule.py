@@ -8,12 +8,19 @@ and every backend gets the same curve.
 Step indexing: ``step`` is the number of optimizer updates already applied (0 for the first
 update). The rate used by update ``step`` is::
 
-    warmup   (step < W):            lr * (step + 1) / W
+    warmup   (step < W):            s + (lr - s) * (step + 1) / W,  s = warmup_start_lr
     hold     (W <= step < W + C):   lr
     decay    (W + C <= step):       p = min(1, (step - W - C + 1) / D),  D = max_steps - W - C
                  cosine:   min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2
                  linear:   lr - (lr - min_lr) * p
                  constant: lr
+                 wsd:      C = max(0, max_steps - W - K), K = max(1, round(f * max_steps)),
+                           then linear (f = cooldown_fraction)
+
+Continual pretraining (Ibrahim et al. 2024) re-warms a pretrained model: ``warmup_start_lr``
+starts the warmup line at a non-zero rate (say the previous run's ``min_lr``) instead of 0, and
+``wsd`` (warmup-stable-decay) keeps the peak until a short final cooldown, so a run can be
+extended from a plateau checkpoint without re-decaying what came before.
 
 so the first update never uses a zero rate, and the last update (``step = max_steps - 1``) uses
 exactly ``min_lr`` (p = 1). Steps past ``max_steps`` keep the last rate.
@@ -27,7 +34,7 @@ from typing import Literal
 
 from cpt_training.config import OptimizerConfig
 
-DecayStyle = Literal["cosine", "linear", "constant"]
+DecayStyle = Literal["cosine", "linear", "constant", "wsd"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,8 @@ class LrSchedule:
     constant_steps: int
     max_steps: int
     decay_style: DecayStyle = "cosine"
+    cooldown_fraction: float = 0.2
+    warmup_start_lr: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -48,10 +57,14 @@ class LrSchedule:
             raise ValueError("warmupSteps and constantSteps must be >= 0")
         if self.min_lr > self.lr:
             raise ValueError(f"minLr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.decay_style not in ("cosine", "linear", "constant"):
+        if self.decay_style not in ("cosine", "linear", "constant", "wsd"):
             raise ValueError(
-                f"decayStyle must be one of cosine, linear, constant; got {self.decay_style!r}"
+                f"decayStyle must be one of cosine, linear, constant, wsd; got {self.decay_style!r}"
             )
+        if not 0 < self.cooldown_fraction <= 1:
+            raise ValueError(f"cooldownFraction must be in (0, 1], got {self.cooldown_fraction}")
+        if not 0 <= self.warmup_start_lr <= self.lr:
+            raise ValueError(f"warmupStartLr must be in [0, lr], got {self.warmup_start_lr}")
 
     @classmethod
     def from_config(cls, opt: OptimizerConfig, max_steps: int) -> LrSchedule:
@@ -62,14 +75,24 @@ class LrSchedule:
             constant_steps=opt.constant_steps,
             max_steps=max_steps,
             decay_style=opt.decay_style,
+            cooldown_fraction=opt.cooldown_fraction,
+            warmup_start_lr=opt.warmup_start_lr,
         )
+
+    @property
+    def hold_steps(self) -> int:
+        """Steps at the peak after warmup: constant_steps, or for wsd all but the cooldown."""
+        if self.decay_style != "wsd":
+            return self.constant_steps
+        cooldown = max(1, round(self.cooldown_fraction * self.max_steps))
+        return max(0, self.max_steps - self.warmup_steps - cooldown)
 
     def __call__(self, step: int) -> float:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        w, c = self.warmup_steps, self.constant_steps
+        w, c = self.warmup_steps, self.hold_steps
         if step < w:
-            return self.lr * (step + 1) / w
+            return self.warmup_start_lr + (self.lr - self.warmup_start_lr) * (step + 1) / w
         if step < w + c or self.decay_style == "constant":
             return self.lr
         decay_steps = self.max_steps - w - c
@@ -77,6 +100,6 @@ class LrSchedule:
             # Warmup + hold cover the whole run: nothing left to decay over.
             return self.lr
         progress = min(1.0, (step - w - c + 1) / decay_steps)
-        if self.decay_style == "linear":
+        if self.decay_style in ("linear", "wsd"):
             return self.lr - (self.lr - self.min_lr) * progress
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

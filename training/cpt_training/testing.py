@@ -138,6 +138,44 @@ def make_tiny_assets(
     return TinyAssets(tok, model, data, block_size, vocab_size)
 
 
+def tokenize_sources(
+    root: str | Path,
+    assets: TinyAssets,
+    corpora: dict[str, list[str]],
+    weights: dict[str, float],
+    *,
+    held_out_fraction: float = 0.1,
+) -> Path:
+    """Tokenize several named corpora (one jsonl file each) as weighted sources of one
+    dataset with ``assets``' tokenizer and block size; returns the dataset dir."""
+    import json
+
+    from cpt_training.config import DataSource, TokenizeStage
+    from cpt_training.tokenize import run_tokenize
+
+    root = Path(root)
+    sources = []
+    for name, texts in corpora.items():
+        corpus = root / "corpora" / name
+        corpus.mkdir(parents=True, exist_ok=True)
+        with open(corpus / "docs.jsonl", "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        sources.append(DataSource(uri=str(corpus), role=name, weight=weights[name]))
+    data = root / "data"
+    run_tokenize(
+        TokenizeStage(
+            sources=sources,
+            tokenizer_uri=str(assets.tokenizer),
+            block_size=assets.block_size,
+            output_uri=str(data),
+            held_out_fraction=held_out_fraction,
+            shard_index=0,
+        )
+    )
+    return data
+
+
 def make_tiny_tokenizer(
     out_dir: str | Path, texts: Iterable[str] | None = None, *, vocab_size: int = 512
 ) -> Path:

@@ -66,14 +66,22 @@ from typing import Any
 
 import numpy as np
 
-from cpt_training.config import PARQUET_CONVERSION, ConfigError, DataSource, TokenizeStage
+from cpt_training.config import (
+    PARQUET_CONVERSION,
+    ConfigError,
+    DataSource,
+    TokenizeStage,
+    source_name,
+)
 from cpt_training.piece_cache import PieceCache, flat_ids
 from cpt_training.storage import TMP_MARKER, Storage, open_storage
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "cpt-tokens/v1"
+FORMAT = "cpt-tokens/v2"
+"""v2: a block never spans two sources (each source's remainder in a shard is dropped), and
+the manifest records the blocks of every source (``sources``, ``shards[].runs``)."""
 DOC_BATCH = 1024
 """Documents per encode_batch call (and per worker task)."""
 FLUSH_BLOCKS = 2048
@@ -232,6 +240,9 @@ def config_hash(cfg: TokenizeStage, tokenizer_digest: str) -> str:
     for src in relevant["sources"]:
         if src.get("data_files") is None:  # added later: unset keeps earlier hashes valid
             src.pop("data_files", None)
+        # Training's sampling, not the tokens: a new weight or name needs no new tokenization.
+        src.pop("weight", None)
+        src.pop("role", None)
     relevant["tokenizer"] = tokenizer_digest
     relevant["format"] = FORMAT
     relevant["txtSplit"] = _txt_split()
@@ -526,6 +537,7 @@ class _Task:
     range of a jsonl file) or documents already read (HF sources)."""
 
     unit: Unit | None = None
+    source: int = 0
     path: str = ""
     span: tuple[int, int] | None = None
     texts: list[str] | None = None
@@ -639,6 +651,26 @@ class BlockWriter:
         self.blocks = 0
         self.tokens_in = 0
         self.docs = 0
+        self.dropped = 0
+        self.runs: list[list[int]] = []
+        """``[source, blocks]`` in stored order: the shard's blocks of each source."""
+        self.source_docs: dict[int, int] = {}
+
+    def start_source(self, source: int) -> None:
+        """Blocks from here on are ``source``'s: the previous source's partial block is
+        dropped (counted in ``dropped``), so no block mixes two sources."""
+        if self.runs and self.runs[-1][0] == source:
+            return
+        self._flush()
+        self._close_run()
+        self.dropped += self._fill
+        self._fill = 0
+        self.runs.append([source, self.blocks])
+
+    def _close_run(self) -> None:
+        """Turn the open run's start offset into its block count."""
+        if self.runs:
+            self.runs[-1][1] = self.blocks - self.runs[-1][1]
 
     def add(self, ids: np.ndarray, docs: int) -> None:
         """Append ids: copied once, into the buffer the next record batch is written from (no
@@ -647,6 +679,9 @@ class BlockWriter:
         byte for byte those of the previous revision, which cut record batches there too."""
         self.tokens_in += int(ids.shape[0])
         self.docs += docs
+        if self.runs:
+            src = self.runs[-1][0]
+            self.source_docs[src] = self.source_docs.get(src, 0) + docs
         end = self._fill + int(ids.shape[0])
         if end > self._buf.size:
             grown = np.empty(max(end, (FLUSH_BLOCKS + 1) * self.block), np.int32)
@@ -697,8 +732,12 @@ class BlockWriter:
 
     def close(self) -> int:
         """Flush, close, name the files and write the dataset's json files; returns the
-        dropped remainder (tokens)."""
+        dropped remainders (tokens)."""
         self._flush()
+        self._close_run()
+        self.runs = [r for r in self.runs if r[1]]
+        self.dropped += self._fill
+        self._fill = 0
         self._buf = np.empty(0, dtype=np.int32)
         if not self._files:
             self._open()  # an empty dataset still has one (empty) file
@@ -725,7 +764,7 @@ class BlockWriter:
         }
         (self.dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
         (self.dir / "state.json").write_text(json.dumps(state, indent=2))
-        return self._fill
+        return self.dropped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,11 +787,18 @@ class ShardResult:
     block_size: int
     seconds: float
     skipped: bool = False
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    """``(source, blocks)`` in stored order (format v2)."""
+    heldout_runs: list[tuple[int, int]] = field(default_factory=list)
+    source_docs: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("skipped")
         return {
+            "runs": [list(r) for r in self.runs],
+            "heldoutRuns": [list(r) for r in self.heldout_runs],
+            "sourceDocs": {str(k): v for k, v in sorted(self.source_docs.items())},
             "format": FORMAT,
             "shard": d["shard"],
             "numShards": d["num_shards"],
@@ -783,6 +829,9 @@ class ShardResult:
             heldout_blocks=int(d["heldoutBlocks"]),
             block_size=int(d["blockSize"]),
             seconds=float(d.get("seconds", 0.0)),
+            runs=[(int(a), int(b)) for a, b in d.get("runs", [])],
+            heldout_runs=[(int(a), int(b)) for a, b in d.get("heldoutRuns", [])],
+            source_docs={int(k): int(v) for k, v in d.get("sourceDocs", {}).items()},
         )
 
 
@@ -815,16 +864,17 @@ def _shard_tasks(cfg: TokenizeStage, shard: int, tmp: Path) -> Iterator[_Task]:
     for i, src in enumerate(cfg.sources):
         if src.hf_dataset is not None:
             for texts in _read_hf(i, src, cfg.text_field, shard, cfg.num_shards):
-                yield _Task(texts=texts)
+                yield _Task(source=i, texts=texts)
     for unit in plan_shards(cfg)[shard]:
         path = _local_copy(unit.uri, tmp)
         remote = "" if open_storage(unit.uri).local_path() is not None else str(path)
         spans = _jsonl_spans(path) if unit.format == "jsonl" and unit.pieces == 1 else []
         if len(spans) < 2:
-            yield _Task(unit, str(path), cleanup=remote)
+            yield _Task(unit, unit.source, str(path), cleanup=remote)
             continue
         for i, span in enumerate(spans):
-            yield _Task(unit, str(path), span, cleanup=remote if i == len(spans) - 1 else "")
+            last = i == len(spans) - 1
+            yield _Task(unit, unit.source, str(path), span, cleanup=remote if last else "")
 
 
 def _results(
@@ -902,6 +952,8 @@ def _tokenize_shard(
         for task, (ids, ndocs, held_ids, nheld) in _results(
             tasks, pool, cfg.workers, lambda t: _run_task(enc, tok.eos_id, opts, t)
         ):
+            train.start_source(task.source)
+            held.start_source(task.source)
             train.add(ids, ndocs)
             if nheld:
                 held.add(held_ids, nheld)
@@ -928,7 +980,31 @@ def _tokenize_shard(
         heldout_blocks=held.blocks,
         block_size=cfg.block_size,
         seconds=time.monotonic() - t0,
+        runs=[(r[0], r[1]) for r in train.runs],
+        heldout_runs=[(r[0], r[1]) for r in held.runs],
+        source_docs=dict(train.source_docs),
     )
+
+
+def _source_totals(cfg: TokenizeStage, results: list[ShardResult]) -> list[dict[str, Any]]:
+    """Blocks, tokens and documents of every source over all shards (training reads its
+    mixture's sizes from here, ``cpt plan`` its epochs per source)."""
+    out = []
+    for i, src in enumerate(cfg.sources):
+        blocks = sum(b for r in results for s, b in r.runs if s == i)
+        held = sum(b for r in results for s, b in r.heldout_runs if s == i)
+        out.append(
+            {
+                "index": i,
+                "name": source_name(i, src),
+                "blocks": blocks,
+                "tokens": blocks * cfg.block_size,
+                "docs": sum(r.source_docs.get(i, 0) for r in results),
+                "heldoutBlocks": held,
+                "heldoutTokens": held * cfg.block_size,
+            }
+        )
+    return out
 
 
 def _maybe_write_manifest(out: Storage, cfg: TokenizeStage, chash: str) -> dict[str, Any] | None:
@@ -960,14 +1036,24 @@ def _maybe_write_manifest(out: Storage, cfg: TokenizeStage, chash: str) -> dict[
         "heldoutBlocks": sum(r.heldout_blocks for r in results),
         "heldoutDocs": sum(r.heldout_docs for r in results),
         "shards": [
-            {"name": shard_name(r.shard, n), "blocks": r.blocks, "tokens": r.tokens}
+            {
+                "name": shard_name(r.shard, n),
+                "blocks": r.blocks,
+                "tokens": r.tokens,
+                "runs": [list(x) for x in r.runs],
+            }
             for r in results
         ],
         "heldoutShards": [
-            {"name": heldout_name(r.shard, n), "blocks": r.heldout_blocks}
+            {
+                "name": heldout_name(r.shard, n),
+                "blocks": r.heldout_blocks,
+                "runs": [list(x) for x in r.heldout_runs],
+            }
             for r in results
             if cfg.held_out_fraction > 0
         ],
+        "sources": _source_totals(cfg, results),
     }
     try:
         existing = out.read_json(MANIFEST)

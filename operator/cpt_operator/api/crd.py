@@ -155,6 +155,25 @@ CEL_RULES: tuple[Rule, ...] = (
         "a data source needs exactly one of hfDataset or uri",
     ),
     _s3("spec.data.sources[].uri", "data source uri"),
+    Rule(
+        "spec.data",
+        "self.sources.all(s, has(s.weight)) || self.sources.all(s, !has(s.weight))",
+        "set weight on every data source or on none",
+        field_path=".sources",
+    ),
+    Rule(
+        "spec.data",
+        "!self.sources.all(s, has(s.weight)) || self.sources.exists(s, s.weight > 0.0)",
+        "at least one data source weight must be positive",
+        field_path=".sources",
+    ),
+    Rule(
+        "spec.data",
+        "self.sources.all(s, !has(s.role) || "
+        "self.sources.exists_one(t, has(t.role) && t.role == s.role))",
+        "data source roles must be unique",
+        field_path=".sources",
+    ),
     _s3("spec.data.tokenizedUri", "data.tokenizedUri"),
     Rule(
         "spec.training",
@@ -193,6 +212,12 @@ CEL_RULES: tuple[Rule, ...] = (
         "self.minLr <= self.lr",
         "minLr must not exceed lr",
         field_path=".minLr",
+    ),
+    Rule(
+        "spec.training.optimizer",
+        "!has(self.warmupStartLr) || self.warmupStartLr <= self.lr",
+        "warmupStartLr must not exceed lr",
+        field_path=".warmupStartLr",
     ),
     Rule(
         "spec.training.env[]",

@@ -26,6 +26,7 @@ from cpt_training.config import (
     DataSource,
     OptimizerConfig,
     ParallelismConfig,
+    mixture_problems,
 )
 from cpt_training.flops import INSTANCE_TYPES, InstanceTypeName, instance_type
 
@@ -201,6 +202,13 @@ class DataSpec(CamelModel):
         default=None, description="Where tokenized shards go; default <checkpoints.s3Uri>/data/."
     )
 
+    @model_validator(mode="after")
+    def _mixture(self) -> DataSpec:
+        problems = mixture_problems(self.sources)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class SecretKeySelector(CamelModel):
     name: K8sName
@@ -285,6 +293,13 @@ class TrainingSpec(ParallelismConfig):
         "for a larger microBatchSize).",
     )
     seed: int = Field(default=1234, ge=0, le=2**32 - 1)
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**7,
+        description="Held-out loss per data source every N steps (and at the last step), to "
+        "TensorBoard and progress.json; needs data.heldOutFraction > 0.",
+    )
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
@@ -377,6 +392,11 @@ class CheckpointsSpec(CamelModel):
     every_steps: int = Field(default=100, ge=1, le=1 << 30, description="Save every N steps.")
     keep: int = Field(default=2, ge=1, le=1000, description="Committed checkpoints kept.")
     async_save: bool = Field(default=True, description="Save without stalling the step loop.")
+    restore_whole_tag: bool = Field(
+        default=False,
+        description="On resume every node downloads whole checkpoint tags, not only its "
+        "ranks' files: an escape hatch should the per-node selection be wrong.",
+    )
     scratch: ScratchSpec = Field(default_factory=ScratchSpec)
 
 

@@ -25,6 +25,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from cpt_operator.api.mixture_plan import (
+    SourcePlan,
+    eval_warnings,
+    mixture_warnings,
+    plan_mixture,
+    render_rows,
+)
 from cpt_operator.api.models import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
@@ -182,6 +189,8 @@ class Plan:
     estimate: Estimate | None = None
     pod_security: PodSecurityNeed | None = None
     """The Pod Security level the run's namespace must allow (None for an invalid spec)."""
+    mixture: list[SourcePlan] = field(default_factory=list)
+    """Tokens and epochs per data source (cpt_operator.api.mixture_plan)."""
 
     @property
     def ok(self) -> bool:
@@ -256,6 +265,7 @@ class Plan:
             out["estimateBasis"] = self.estimate.basis if self.estimate else None
             out["pricePerHourUsd"] = self.estimate.price_per_hour if self.estimate else None
             out["priceTable"] = {k: price_table()[k] for k in ("as_of", "region", "currency")}
+            out["mixture"] = [r.to_dict() for r in self.mixture]
             if self.pod_security is not None:
                 out["podSecurity"] = {
                     "level": self.pod_security.level,
@@ -409,6 +419,11 @@ class _Planner:
                 self._memory_check(self.p.memory)
                 self.p.estimate = throughput_estimate(self.spec, self.p, shape)
         self._schedule()
+        if not self.p.errors:
+            self.p.mixture = plan_mixture(self.spec, self.p.total_tokens, self.base_dir)
+            issues = mixture_warnings(self.p.mixture)
+            for path, message in issues + eval_warnings(self.spec, self.p.max_steps):
+                self.warn(path, message)
         return self.p
 
     # -- storage and mode ------------------------------------------------------------------
@@ -1236,6 +1251,7 @@ def render_text(p: Plan, title: str = "") -> str:
         ),
         ("tokens/step", f"{_fmt_int(p.tokens_per_step)} (seq {p.seq_len})"),
         ("steps", f"{_fmt_int(p.max_steps)} = {p.total_tokens / 1e9:.3g} B tokens"),
+        *render_rows(p.mixture),
         (
             "model",
             f"{p.shape.total_params / 1e9:.2f} B params, "

@@ -30,6 +30,7 @@ from cpt_training.config import (
     PreflightStage,
     TokenizeStage,
     TrainStage,
+    mixture_of,
 )
 from cpt_training.flops import instance_type as lookup_instance
 
@@ -153,12 +154,15 @@ def train_stage(
         compile=t.compile,
         fused_loss=t.fused_loss,
         seed=t.seed,
+        mixture=mixture_of(spec.data.sources),
+        eval_every_steps=t.eval_every_steps,
         checkpoint=CheckpointPolicy(
             uri=p.checkpoints,
             every_steps=spec.checkpoints.every_steps,
             keep=spec.checkpoints.keep,
             local_dir=join_uri(spec.checkpoints.scratch.mount_path, "checkpoints"),
             async_save=spec.checkpoints.async_save,
+            restore_whole_tag=spec.checkpoints.restore_whole_tag,
         ),
         progress_uri=p.progress,
         tensorboard_uri=p.tensorboard,
@@ -180,6 +184,14 @@ def export_stage(spec: ContinualPretrainSpec, run: str, namespace: str = "") -> 
         tensor_parallel=t.tensor_parallel,
         pipeline_parallel=t.pipeline_parallel,
         dtype="float32" if t.precision == "fp32" else "bfloat16",
+        run_name=run,
+        sources=spec.data.sources,
+        mixture=mixture_of(spec.data.sources),
+        global_batch_size=t.global_batch_size,
+        seq_len=spec.data.block_size,
+        optimizer=t.optimizer,
+        instance_type=t.instance_type,
+        nodes=t.nodes,
     )
 
 

@@ -40,7 +40,6 @@ from cpt_training.checkpoint.manifest import (
     verify_local,
 )
 from cpt_training.checkpoint.select import (
-    WHOLE_TAG_ENV,
     FileSelector,
     Selection,
     TagFiles,
@@ -79,7 +78,6 @@ __all__ = [
     "HASH_ALGORITHM",
     "MANIFEST_NAME",
     "PRETRAINED_TAG",
-    "WHOLE_TAG_ENV",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointRefused",

@@ -26,10 +26,6 @@ from cpt_training.storage import Storage, TransferSettings, open_storage
 
 log = logging.getLogger(__name__)
 
-WHOLE_TAG_ENV = "CPT_RESTORE_WHOLE_TAG"
-"""Set to 1 to make trainers restore whole tags (an escape hatch, should a selector be wrong
-for a future SDK's layout)."""
-
 _READ_LIMIT = 256 * 1024 * 1024
 
 

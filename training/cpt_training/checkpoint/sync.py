@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -52,6 +51,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from cpt_training import podenv
 from cpt_training.checkpoint.manifest import FileEntry, Manifest
 from cpt_training.checkpoint.select import FileSelector, Selection, TagFiles, choose, union
 from cpt_training.checkpoint.store import (
@@ -143,7 +143,7 @@ def collective_for(group: Any = None, *, want_gloo: bool = True) -> Collective:
 
 def default_node_id() -> str:
     """Which node this process is on: ``CPT_NODE_ID`` if set, else the hostname (pod name)."""
-    return os.environ.get("CPT_NODE_ID") or socket.gethostname()
+    return podenv.node_id()
 
 
 def _ready_state(ready: Any) -> tuple[bool, str | None]:

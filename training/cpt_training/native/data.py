@@ -101,13 +101,25 @@ def _tensor(arr: np.ndarray, pin: bool) -> torch.Tensor:
 
 
 def open_blocks(cfg: TrainStage) -> TokenBlocks:
-    blocks = TokenBlocks(cfg.data_uri, seed=cfg.seed)
+    blocks = TokenBlocks(cfg.data_uri, seed=cfg.seed, mixture=cfg.mixture)
     if blocks.block_size != cfg.seq_len:
         raise ConfigError(
             f"seqLen ({cfg.seq_len}) must equal the tokenized data's blockSize "
             f"({blocks.block_size}) in {cfg.data_uri}"
         )
     return blocks
+
+
+def log_mixture(blocks: TokenBlocks, max_steps: int, global_blocks: int) -> None:
+    """Say what the run will draw from every source, and warn about sources it repeats."""
+    mix = blocks.mixture
+    seen = mix.seen(max_steps * global_blocks)
+    for name, n, drawn, epochs in zip(
+        blocks.source_names, mix.sizes, seen, mix.epochs(max_steps * global_blocks), strict=False
+    ):
+        log.info("data source %s: %d blocks, %d drawn (%.2f epochs)", name, n, drawn, epochs)
+        if mix.weighted and epochs > 1:
+            log.warning("data source %s is repeated: %.1f epochs over its blocks", name, epochs)
 
 
 def open_batches(

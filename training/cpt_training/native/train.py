@@ -14,7 +14,6 @@ weights and fp32 master weights, gradients reduced in fp32; AdamW is fused; atte
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Generator
@@ -27,21 +26,22 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from cpt_training import flops, storage
 from cpt_training.checkpoint import (
-    WHOLE_TAG_ENV,
     CheckpointSyncer,
     CommittedCheckpoint,
     restore_distributed,
 )
 from cpt_training.config import ConfigError, TrainStage
 from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
+from cpt_training.model_dir import fetch_model_dir_per_node, load_hf_config
 from cpt_training.native import distributed as nd
 from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state
-from cpt_training.native.data import MicroBatches, open_batches, open_blocks
+from cpt_training.native.data import MicroBatches, log_mixture, open_batches, open_blocks
+from cpt_training.native.evaluate import HeldOutEval
 from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
 from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
 from cpt_training.native.single import MasterWeights
-from cpt_training.native.weights import fetch_model_dir_per_node, load_hf_config, load_hf_weights
+from cpt_training.native.weights import load_hf_weights
 from cpt_training.progress import ProgressWriter, progress_file_uri
 from cpt_training.schedule import LrSchedule
 
@@ -95,6 +95,7 @@ class Trainer:
             log.warning("parallelism.sequenceParallel is not used by the native backend")
         torch.manual_seed(cfg.seed)
         self.blocks = open_blocks(cfg)  # fails fast on a seqLen/blockSize mismatch
+        self.held_out: HeldOutEval | None = None  # built at the first evaluation
         self.mesh: DeviceMesh = build_mesh(d.device_type, self.plan.layout)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dp_group = self.mesh["dp"].get_group()
@@ -214,7 +215,7 @@ class Trainer:
 
     def restore_or_init(self) -> int:
         """Resume from the newest committed checkpoint, else load the base weights."""
-        whole = os.environ.get(WHOLE_TAG_ENV, "") not in ("", "0")
+        whole = self.cfg.checkpoint.restore_whole_tag
         ckpt = restore_distributed(
             self.cfg.checkpoint.uri,
             self.cfg.checkpoint.local_dir,
@@ -337,8 +338,40 @@ class Trainer:
             self.sink.write(m)
         if self.progress is not None:
             self.progress.update(
-                step=step, loss=loss, tokens_per_sec=m.tokens_per_sec, mfu=m.mfu, lr=lr
+                step=step,
+                loss=loss,
+                tokens_per_sec=m.tokens_per_sec,
+                mfu=m.mfu,
+                lr=lr,
+                tokens_per_source=self.blocks.tokens_seen(step, self.global_blocks),
             )
+
+    def _eval_due(self, step: int) -> bool:
+        n = self.cfg.eval_every_steps
+        return n is not None and (step % n == 0 or step == self.cfg.max_steps)
+
+    def _evaluate(self, step: int) -> None:
+        """Held-out loss per source on all ranks (sharded), reported by rank 0."""
+        if self.held_out is None:
+            self.held_out = HeldOutEval(
+                self.blocks,
+                self.cfg.eval_blocks,
+                self.dp_rank,
+                self.plan.layout.dp,
+                self.plan.micro_batch,
+            )
+        model = self.master if self.master is not None else self.model
+        losses = self.held_out.run(model, self.d.device, self.dp_group)
+        log.info("step %d held-out loss: %s", step, losses)
+        if self.sink is not None:
+            self.sink.write_eval(step, losses)
+        if self.progress is not None:
+            self.progress.evaluated(step, losses)
+
+    @property
+    def global_blocks(self) -> int:
+        """Blocks (sample positions) per optimizer step over all ranks."""
+        return self.plan.tokens_per_step // self.cfg.seq_len
 
     def _log_memory(self, step: int) -> None:
         """Device memory after the first step (weights, optimizer state and one step's peak
@@ -362,8 +395,13 @@ class Trainer:
         cfg = self.cfg
         start = self.restore_or_init()
         self.counters.step = start
+        log_mixture(self.blocks, self.cfg.max_steps, self.global_blocks)
         if self.progress is not None:
-            self.progress.update(step=start, force=True)  # attempt n has started
+            self.progress.update(  # attempt n has started
+                step=start,
+                tokens_per_source=self.blocks.tokens_seen(start, self.global_blocks),
+                force=True,
+            )
         if start == 0 and cfg.stop_after_steps == 0:
             # Materialise the base model as a native checkpoint (conversion checks, tests).
             self.checkpointer.save(0)
@@ -430,6 +468,8 @@ class Trainer:
                         self._log_memory(step)
                         self.checkpointer.warm_up()
                         self.throughput.reset(step)
+                if self._eval_due(step):
+                    self._evaluate(step)
                 if step % every == 0 or step == cfg.max_steps:
                     self.checkpointer.save(step)
                 self.syncer.poll()

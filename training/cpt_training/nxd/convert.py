@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cpt_training import podenv
 from cpt_training.config import ConvertToNxdStage
 from cpt_training.nxd.layout import (
     LlamaShape,
@@ -38,7 +38,6 @@ from cpt_training.nxd.layout import (
 log = logging.getLogger(__name__)
 
 CONVERTER_MODULE = "cpt_training.nxd.converter_main"
-WORK_DIR_ENV = "CPT_WORK_DIR"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +130,7 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any]) -> dic
 
 def work_dir(name: str) -> Path:
     """Scratch space: ``$CPT_WORK_DIR`` (the Job mounts a big volume there) or the temp dir."""
-    base = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir())
-    d = Path(tempfile.mkdtemp(prefix=f"cpt-{name}-", dir=base))
+    d = Path(tempfile.mkdtemp(prefix=f"cpt-{name}-", dir=podenv.work_base()))
     return d
 
 
@@ -207,7 +205,7 @@ def layout_for(cfg: ConvertToNxdStage, config: dict[str, Any]) -> NxdLayout:
 def run(cfg: ConvertToNxdStage, *, config_overrides: Mapping[str, Any] | None = None) -> int:
     from cpt_training.checkpoint import upload_and_commit
     from cpt_training.config import ConfigError
-    from cpt_training.native.weights import fetch_model_dir
+    from cpt_training.model_dir import fetch_model_dir
 
     work = work_dir("convert")
     try:

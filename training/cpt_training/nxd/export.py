@@ -128,7 +128,7 @@ def to_hf_state_dict(
 
 
 def _config(cfg: ExportHfStage, work: Path) -> dict[str, Any]:
-    from cpt_training.native.weights import fetch_model_dir  # cached: export fetched it already
+    from cpt_training.model_dir import fetch_model_dir  # cached: export fetched it already
 
     return read_config(fetch_model_dir(cfg.model_uri), cfg.config_overrides)
 
