@@ -13,15 +13,63 @@ the Python models also accept a local path so the same file runs under ``cpt loc
 from __future__ import annotations
 
 import re
-from datetime import datetime
-from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from cpt_operator.api.fields import (
+    API_VERSION,
+    CATEGORIES,
+    DEFAULT_IMAGE_TAG,
+    DEFAULT_IMAGES,
+    DEFAULT_MAX_EXCLUDED_NODES,
+    ENV_NAME_PATTERN,
+    GROUP,
+    KIND,
+    MAX_EXCLUDED_NODES_LIMIT,
+    MAX_NAME_LENGTH,
+    MSG_GBS_MULTIPLE,
+    MSG_MP_DIVIDES_WORLD,
+    NAME_MAX_LENGTH,
+    NAME_PATTERN,
+    PLURAL,
+    QUANTITY_PATTERN,
+    RESERVED_ENV_NAMES,
+    RESERVED_ENV_PREFIXES,
+    SECRET_ENV_PATTERN,
+    SHORT_NAMES,
+    SINGULAR,
+    URI_MAX_LENGTH,
+    VERSION,
+    ActivationCheckpointing,
+    Backend,
+    FieldErrors,
+    GangScheduling,
+    K8sName,
+    ModelUri,
+    Precision,
+    Quantity,
+    StorageUri,
+    is_hf_uri,
+    is_local_path,
+    is_s3_uri,
+    raise_if,
+)
+from cpt_operator.api.status_models import (
+    TERMINAL_PHASES,
+    AttemptStatus,
+    CheckpointStatus,
+    ChildrenStatus,
+    Condition,
+    ConditionType,
+    ContinualPretrainStatus,
+    ExcludedNode,
+    Phase,
+    PlanSummary,
+    ProgressStatus,
+    StatusModel,
+)
 from cpt_training.config import (
-    HF_URI_PATTERN,
-    S3_URI_PATTERN,
     CamelModel,
     DataSource,
     OptimizerConfig,
@@ -29,131 +77,6 @@ from cpt_training.config import (
     mixture_problems,
 )
 from cpt_training.flops import INSTANCE_TYPES, InstanceTypeName, instance_type
-
-GROUP = "cpt.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "ContinualPretrain"
-PLURAL = "continualpretrains"
-SINGULAR = "continualpretrain"
-SHORT_NAMES = ["cpt"]
-CATEGORIES = ["ml", "cpt"]
-
-MAX_NAME_LENGTH = 40
-"""Run names are short because child names (``<run>-train-<n>``, the PyTorchJob's pods and
-Services ``<run>-train-<n>-worker-<i>``) derive from them and must stay within 63 characters."""
-NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-
-URI_MAX_LENGTH = 1024
-NAME_MAX_LENGTH = 253
-QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-
-RESERVED_ENV_NAMES = (
-    "CPT_STAGE_CONFIG",
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
-"""Set by the operator / torchrun / the training operator; a user value would break the run."""
-RESERVED_ENV_PREFIXES = ("PET_",)
-SECRET_ENV_PATTERN = (
-    r"(?i)(token|secret|password|passwd|credential|api_?key|access_?key|private_?key)"
-)
-"""Env names that look like credentials must come from a Secret (valueFrom.secretKeyRef)."""
-
-MSG_GBS_MULTIPLE = "globalBatchSize must be a multiple of microBatchSize"
-MSG_MP_DIVIDES_WORLD = "tensorParallel x pipelineParallel must divide nodes x processesPerNode"
-"""Messages shared with the CRD's CEL rules; Python appends the numbers after a colon."""
-
-DEFAULT_MAX_EXCLUDED_NODES = 8
-MAX_EXCLUDED_NODES_LIMIT = 256
-"""spec.resiliency.maxExcludedNodes: its default and upper bound (the node affinity's NotIn list
-is copied into every training pod, so it stays short)."""
-
-DEFAULT_IMAGE_TAG = "0.1.0"
-DEFAULT_IMAGES = {
-    "trainer_neuron": f"ghcr.io/cpt-dev/cpt-trainer-neuron:{DEFAULT_IMAGE_TAG}",
-    "trainer_torchneuron": f"ghcr.io/cpt-dev/cpt-trainer-torchneuron:{DEFAULT_IMAGE_TAG}",
-    "trainer_cuda": f"ghcr.io/cpt-dev/cpt-trainer-cuda:{DEFAULT_IMAGE_TAG}",
-    "trainer_cpu": f"ghcr.io/cpt-dev/cpt-trainer-cpu:{DEFAULT_IMAGE_TAG}",
-    "tools": f"ghcr.io/cpt-dev/cpt-tools:{DEFAULT_IMAGE_TAG}",
-}
-"""Pinned images. trainer-neuron (nxd on trn1) is built FROM
-public.ecr.aws/neuron/pytorch-training-neuronx:2.9.0-neuronx-py312-sdk2.28.0-ubuntu24.04;
-trainer-torchneuron (native on trn2/trn3) installs TorchNeuron 2.33 (torch-neuronx 2.14.3)."""
-
-
-class FieldErrors(ValueError):
-    """Several problems found by one model validator, each with the sub-field it is about.
-
-    Pydantic keeps the exception in the error's ``ctx``; the planner expands it into one
-    ``spec.<path>.<field>: message`` line per problem. ``str()`` is the joined text."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{f}: {m}" if f else m for f, m in problems))
-
-
-def _raise_if(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise FieldErrors(problems)
-
-
-# ---------------------------------------------------------------------------------------------
-# URI helpers: used by validators here, by the planner, and by the builders.
-# ---------------------------------------------------------------------------------------------
-
-
-def is_s3_uri(value: str) -> bool:
-    return re.fullmatch(S3_URI_PATTERN, value) is not None
-
-
-def is_hf_uri(value: str) -> bool:
-    return re.fullmatch(HF_URI_PATTERN, value) is not None
-
-
-def is_local_path(value: str) -> bool:
-    """A filesystem path (absolute, relative, or file://): valid only under ``cpt local``."""
-    return value.startswith("file://") or ("://" not in value and value != "")
-
-
-def _storage_uri(value: str) -> str:
-    if is_s3_uri(value) or is_local_path(value):
-        return value
-    raise ValueError(
-        f"{value!r} is not a storage URI: use s3://bucket/prefix/ (or a local path with cpt local)"
-    )
-
-
-def _model_uri(value: str) -> str:
-    if is_hf_uri(value) or is_s3_uri(value) or is_local_path(value):
-        return value
-    raise ValueError(
-        f"{value!r} is not a model source: use hf://org/name[@revision], s3://bucket/prefix/ "
-        "(or a local path with cpt local)"
-    )
-
-
-StorageUri = Annotated[
-    str, Field(min_length=1, max_length=URI_MAX_LENGTH), AfterValidator(_storage_uri)
-]
-ModelUri = Annotated[
-    str, Field(min_length=1, max_length=URI_MAX_LENGTH), AfterValidator(_model_uri)
-]
-K8sName = Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH)]
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
-
-Backend = Literal["auto", "nxd", "native"]
-Precision = Literal["bf16", "fp32"]
-ActivationCheckpointing = Literal["none", "full", "selective"]
-GangScheduling = Literal["none", "volcano", "scheduler-plugins"]
-
 
 # ---------------------------------------------------------------------------------------------
 # Spec
@@ -258,7 +181,7 @@ class EnvVar(CamelModel):
                     "never a literal value",
                 )
             )
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
 
@@ -336,7 +259,7 @@ class TrainingSpec(ParallelismConfig):
                     "use native or auto",
                 )
             )
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
     def resolved_processes_per_node(self) -> int:
@@ -380,7 +303,7 @@ class ScratchSpec(CamelModel):
             problems.append(("path", "scratch path is only used with type hostPath"))
         if self.type != "pvc" and self.claim_name is not None:
             problems.append(("claimName", "scratch claimName is only used with type pvc"))
-        _raise_if(problems)
+        raise_if(problems)
         return self
 
 
@@ -586,186 +509,6 @@ class ObjectMeta(CamelModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Status
-# ---------------------------------------------------------------------------------------------
-
-
-class Phase(StrEnum):
-    PENDING = "Pending"
-    PLANNING = "Planning"
-    PREFLIGHT = "Preflight"
-    TOKENIZING = "Tokenizing"
-    PREPARING_WEIGHTS = "PreparingWeights"
-    TRAINING = "Training"
-    CONVERTING = "Converting"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
-
-
-TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
-
-
-class ConditionType(StrEnum):
-    """Condition types the operator sets (metav1.Condition semantics)."""
-
-    PLANNED = "Planned"
-    PREFLIGHT_PASSED = "PreflightPassed"
-    DATA_READY = "DataReady"
-    WEIGHTS_READY = "WeightsReady"
-    TRAINING = "Training"
-    EXPORTED = "Exported"
-    SUSPENDED = "Suspended"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    READY = "Ready"
-    """The summary: True once the run succeeded; False, with the reason, before that."""
-
-
-class StatusModel(CamelModel):
-    """Status is written by the operator and read back; tolerate fields a newer operator
-    added instead of failing the reconcile."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class Condition(StatusModel):
-    """metav1.Condition: reason, message and lastTransitionTime always set."""
-
-    type: str = Field(max_length=316)
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(min_length=1, max_length=1024)
-    message: str = Field(max_length=32768)
-    last_transition_time: datetime
-    observed_generation: int | None = Field(default=None, ge=0)
-
-
-class PlanSummary(StatusModel):
-    """What the planner decided and estimated (``cpt plan`` prints the same)."""
-
-    backend: Literal["nxd", "native"]
-    instance_type: str
-    nodes: int
-    processes_per_node: int
-    world_size: int
-    data_parallel: int
-    tensor_parallel: int
-    pipeline_parallel: int
-    kv_size_multiplier: int = 1
-    micro_batch_size: int
-    grad_accum_steps: int = Field(description="Micro-batches per replica per step.")
-    pipeline_microbatches: int | None = Field(default=None, description="When PP > 1.")
-    tokens_per_step: int
-    max_steps: int
-    total_tokens: int
-    params: int
-    memory_per_device_gib: float
-    device_memory_gib: float | None = None
-    est_step_seconds: float | None = None
-    est_tokens_per_sec: float | None = None
-    est_mfu_percent: float | None = None
-    est_wall_hours: float | None = None
-    instance_hours: float | None = None
-    est_cost_usd: float | None = None
-    checkpoint_size_gib: float | None = None
-    warnings: list[str] = Field(default_factory=list)
-
-
-class CheckpointStatus(StatusModel):
-    step: int
-    uri: str
-    time: datetime | None = None
-
-
-class ProgressStatus(StatusModel):
-    step: int = 0
-    max_steps: int = 0
-    step_of_max: str = Field(default="", description="'step/maxSteps' for kubectl get.")
-    loss: float | None = None
-    tokens_per_sec: float | None = None
-    mfu_percent: float | None = None
-    lr: float | None = None
-    eta: datetime | None = None
-    updated_at: datetime | None = None
-
-
-class ChildrenStatus(StatusModel):
-    tokenize: str | None = None
-    weights: str | None = None
-    preflight: str | None = None
-    train: str | None = None
-    export: str | None = None
-
-
-class AttemptStatus(StatusModel):
-    """One training attempt as the operator saw it (the history survives child deletion: the
-    attempt counter lives on the run, never only on a child)."""
-
-    attempt: int = Field(ge=1)
-    start_time: datetime | None = None
-    running_since: datetime | None = Field(
-        default=None, description="When every training pod of the attempt was first Running."
-    )
-    last_step: int | None = Field(default=None, description="Newest step seen in progress.json.")
-    last_step_time: datetime | None = Field(
-        default=None, description="When lastStep was first seen (the hang clock)."
-    )
-    end_time: datetime | None = None
-    reason: str = Field(default="", max_length=1024, description="Why the attempt ended.")
-    message: str = Field(default="", max_length=32768)
-    resume_from_step: int | None = Field(
-        default=None, description="The committed checkpoint step the attempt should resume from."
-    )
-
-
-class ExcludedNode(StatusModel):
-    """A node the run's later training attempts avoid (spec.resiliency.excludeFailedNodes)."""
-
-    node: str = Field(max_length=NAME_MAX_LENGTH, description="The node's name (its hostname).")
-    reason: str = Field(
-        max_length=1024,
-        description="NodeNotReady (NotReady past nodeNotReadySeconds), NodeGone (deleted) or "
-        "DeviceUnhealthy (the kubelet refused a training pod: unhealthy accelerator devices).",
-    )
-    attempt: int = Field(ge=1, description="The attempt that failed on the node.")
-    since: datetime | None = Field(default=None, description="When the exclusion was recorded.")
-
-
-class ContinualPretrainStatus(StatusModel):
-    phase: Phase = Phase.PENDING
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
-    attempt: int = Field(default=0, ge=0)
-    plan: PlanSummary | None = None
-    checkpoint: CheckpointStatus | None = None
-    progress: ProgressStatus | None = None
-    tensorboard_uri: str | None = None
-    output_uri: str | None = None
-    children: ChildrenStatus = Field(default_factory=ChildrenStatus)
-    start_time: datetime | None = None
-    completion_time: datetime | None = None
-    message: str = Field(default="", max_length=32768)
-    attempts: list[AttemptStatus] = Field(
-        default_factory=list, description="Training attempts, oldest first."
-    )
-    resume_from: CheckpointStatus | None = Field(
-        default=None, description="The checkpoint the current attempt is expected to resume from."
-    )
-    suspended_phase: Phase | None = Field(
-        default=None, description="The phase to continue with when spec.suspend is cleared."
-    )
-    excluded_nodes: list[ExcludedNode] = Field(
-        default_factory=list,
-        max_length=MAX_EXCLUDED_NODES_LIMIT,
-        description="Nodes later training attempts avoid (spec.resiliency.excludeFailedNodes), "
-        "oldest first.",
-    )
-    kopf: dict[str, Any] | None = Field(
-        default=None, description="kopf's own bookkeeping (progress storage); opaque."
-    )
 
 
 class ContinualPretrain(CamelModel):
@@ -782,12 +525,33 @@ class ContinualPretrain(CamelModel):
 
 __all__ = [
     "API_VERSION",
+    "CATEGORIES",
+    "DEFAULT_IMAGES",
+    "DEFAULT_IMAGE_TAG",
+    "DEFAULT_MAX_EXCLUDED_NODES",
+    "ENV_NAME_PATTERN",
     "GROUP",
     "INSTANCE_TYPES",
     "KIND",
+    "MAX_EXCLUDED_NODES_LIMIT",
+    "MAX_NAME_LENGTH",
+    "MSG_GBS_MULTIPLE",
+    "MSG_MP_DIVIDES_WORLD",
+    "NAME_MAX_LENGTH",
+    "NAME_PATTERN",
     "PLURAL",
+    "QUANTITY_PATTERN",
+    "RESERVED_ENV_NAMES",
+    "RESERVED_ENV_PREFIXES",
+    "SECRET_ENV_PATTERN",
+    "SHORT_NAMES",
     "SINGULAR",
+    "TERMINAL_PHASES",
+    "URI_MAX_LENGTH",
     "VERSION",
+    "ActivationCheckpointing",
+    "AttemptStatus",
+    "Backend",
     "CheckpointStatus",
     "CheckpointsSpec",
     "ChildrenStatus",
@@ -799,10 +563,22 @@ __all__ = [
     "DataSpec",
     "EnvVar",
     "ExcludedNode",
+    "FieldErrors",
+    "GangScheduling",
+    "K8sName",
     "ModelSpec",
+    "ModelUri",
     "Phase",
     "PlanSummary",
+    "Precision",
     "ProgressStatus",
+    "Quantity",
     "RuntimeSpec",
+    "StatusModel",
+    "StorageUri",
     "TrainingSpec",
+    "is_hf_uri",
+    "is_local_path",
+    "is_s3_uri",
+    "raise_if",
 ]

@@ -1,0 +1,194 @@
+"""ContinualPretrain status models (phase, conditions, plan summary, progress, attempts).
+
+Split from models.py, which re-exports every name here; the CRD's status schema is generated
+from these (``cpt_operator.api.crd``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from cpt_operator.api.fields import MAX_EXCLUDED_NODES_LIMIT, NAME_MAX_LENGTH
+from cpt_training.config import CamelModel
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PLANNING = "Planning"
+    PREFLIGHT = "Preflight"
+    TOKENIZING = "Tokenizing"
+    PREPARING_WEIGHTS = "PreparingWeights"
+    TRAINING = "Training"
+    CONVERTING = "Converting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class ConditionType(StrEnum):
+    """Condition types the operator sets (metav1.Condition semantics)."""
+
+    PLANNED = "Planned"
+    PREFLIGHT_PASSED = "PreflightPassed"
+    DATA_READY = "DataReady"
+    WEIGHTS_READY = "WeightsReady"
+    TRAINING = "Training"
+    EXPORTED = "Exported"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    READY = "Ready"
+    """The summary: True once the run succeeded; False, with the reason, before that."""
+
+
+class StatusModel(CamelModel):
+    """Status is written by the operator and read back; tolerate fields a newer operator
+    added instead of failing the reconcile."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Condition(StatusModel):
+    """metav1.Condition: reason, message and lastTransitionTime always set."""
+
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(min_length=1, max_length=1024)
+    message: str = Field(max_length=32768)
+    last_transition_time: datetime
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class PlanSummary(StatusModel):
+    """What the planner decided and estimated (``cpt plan`` prints the same)."""
+
+    backend: Literal["nxd", "native"]
+    instance_type: str
+    nodes: int
+    processes_per_node: int
+    world_size: int
+    data_parallel: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    kv_size_multiplier: int = 1
+    micro_batch_size: int
+    grad_accum_steps: int = Field(description="Micro-batches per replica per step.")
+    pipeline_microbatches: int | None = Field(default=None, description="When PP > 1.")
+    tokens_per_step: int
+    max_steps: int
+    total_tokens: int
+    params: int
+    memory_per_device_gib: float
+    device_memory_gib: float | None = None
+    est_step_seconds: float | None = None
+    est_tokens_per_sec: float | None = None
+    est_mfu_percent: float | None = None
+    est_wall_hours: float | None = None
+    instance_hours: float | None = None
+    est_cost_usd: float | None = None
+    checkpoint_size_gib: float | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class CheckpointStatus(StatusModel):
+    step: int
+    uri: str
+    time: datetime | None = None
+
+
+class ProgressStatus(StatusModel):
+    step: int = 0
+    max_steps: int = 0
+    step_of_max: str = Field(default="", description="'step/maxSteps' for kubectl get.")
+    loss: float | None = None
+    tokens_per_sec: float | None = None
+    mfu_percent: float | None = None
+    lr: float | None = None
+    eta: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class ChildrenStatus(StatusModel):
+    tokenize: str | None = None
+    weights: str | None = None
+    preflight: str | None = None
+    train: str | None = None
+    export: str | None = None
+
+
+class AttemptStatus(StatusModel):
+    """One training attempt as the operator saw it (the history survives child deletion: the
+    attempt counter lives on the run, never only on a child)."""
+
+    attempt: int = Field(ge=1)
+    start_time: datetime | None = None
+    running_since: datetime | None = Field(
+        default=None, description="When every training pod of the attempt was first Running."
+    )
+    last_step: int | None = Field(default=None, description="Newest step seen in progress.json.")
+    last_step_time: datetime | None = Field(
+        default=None, description="When lastStep was first seen (the hang clock)."
+    )
+    end_time: datetime | None = None
+    reason: str = Field(default="", max_length=1024, description="Why the attempt ended.")
+    message: str = Field(default="", max_length=32768)
+    resume_from_step: int | None = Field(
+        default=None, description="The committed checkpoint step the attempt should resume from."
+    )
+
+
+class ExcludedNode(StatusModel):
+    """A node the run's later training attempts avoid (spec.resiliency.excludeFailedNodes)."""
+
+    node: str = Field(max_length=NAME_MAX_LENGTH, description="The node's name (its hostname).")
+    reason: str = Field(
+        max_length=1024,
+        description="NodeNotReady (NotReady past nodeNotReadySeconds), NodeGone (deleted) or "
+        "DeviceUnhealthy (the kubelet refused a training pod: unhealthy accelerator devices).",
+    )
+    attempt: int = Field(ge=1, description="The attempt that failed on the node.")
+    since: datetime | None = Field(default=None, description="When the exclusion was recorded.")
+
+
+class ContinualPretrainStatus(StatusModel):
+    phase: Phase = Phase.PENDING
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    attempt: int = Field(default=0, ge=0)
+    plan: PlanSummary | None = None
+    checkpoint: CheckpointStatus | None = None
+    progress: ProgressStatus | None = None
+    tensorboard_uri: str | None = None
+    output_uri: str | None = None
+    children: ChildrenStatus = Field(default_factory=ChildrenStatus)
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    message: str = Field(default="", max_length=32768)
+    attempts: list[AttemptStatus] = Field(
+        default_factory=list, description="Training attempts, oldest first."
+    )
+    resume_from: CheckpointStatus | None = Field(
+        default=None, description="The checkpoint the current attempt is expected to resume from."
+    )
+    suspended_phase: Phase | None = Field(
+        default=None, description="The phase to continue with when spec.suspend is cleared."
+    )
+    excluded_nodes: list[ExcludedNode] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDED_NODES_LIMIT,
+        description="Nodes later training attempts avoid (spec.resiliency.excludeFailedNodes), "
+        "oldest first.",
+    )
+    kopf: dict[str, Any] | None = Field(
+        default=None, description="kopf's own bookkeeping (progress storage); opaque."
+    )
