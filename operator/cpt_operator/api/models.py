@@ -8,6 +8,9 @@ arithmetic over the model shape (memory, heads vs TP) live in the planner.
 
 Storage fields are named ``s3Uri`` because in a cluster they must be S3 (the CRD enforces it);
 the Python models also accept a local path so the same file runs under ``cpt local``.
+
+The names, limits and field types live in ``fields.py``, the status models in
+``status_models.py``; both are re-exported here.
 """
 
 from __future__ import annotations
