@@ -21,6 +21,21 @@ import torch
 from cpt_training.data import TokenBlocks
 
 
+def eval_loss(model: Any, blocks: list[torch.Tensor], batch_size: int = 4) -> tuple[float, int]:
+    """Mean next-token cross entropy over ``blocks`` (each [seq] input ids) and the number of
+    predicted tokens: HF's own loss (``labels=input_ids``), weighted by tokens."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = torch.stack(blocks[i : i + batch_size]).to(torch.long)
+        out = model(input_ids=ids, labels=ids)
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(out.loss) * n
+        tokens += n
+    if tokens == 0:
+        return float("nan"), 0
+    return total / tokens, tokens
+
+
 @dataclass(frozen=True)
 class SourceBlocks:
     name: str
@@ -53,8 +68,6 @@ def compare(
     before: Any, after: Any, sources: list[SourceBlocks], batch_size: int = 4
 ) -> dict[str, Any]:
     """``{"sources": {name: ...}, "totals": ...}`` for the ``before`` and ``after`` models."""
-    from cpt_training.export import eval_loss
-
     per: dict[str, Any] = {}
     sums = {"before": 0.0, "after": 0.0}
     total_tokens = 0

@@ -37,6 +37,7 @@ import torch
 from cpt_training import podenv, storage
 from cpt_training.checkpoint import CommittedCheckpoint, restore
 from cpt_training.config import ConfigError, ExportHfStage
+from cpt_training.evaluation import eval_loss
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +134,6 @@ def save_tokenizer(src: Path, out: Path) -> None:
 
 
 @torch.no_grad()
-def eval_loss(model: Any, blocks: list[torch.Tensor], batch_size: int = 4) -> tuple[float, int]:
-    """Mean next-token cross entropy over ``blocks`` (each [seq] input ids) and the number of
-    predicted tokens: HF's own loss (``labels=input_ids``), weighted by tokens."""
-    total, tokens = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = torch.stack(blocks[i : i + batch_size]).to(torch.long)
-        out = model(input_ids=ids, labels=ids)
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        total += float(out.loss) * n
-        tokens += n
-    if tokens == 0:
-        return float("nan"), 0
-    return total / tokens, tokens
-
-
 def _checkpoint(cfg: ExportHfStage, work: Path) -> CommittedCheckpoint:
     ckpt = restore(cfg.checkpoint_uri, work / "ckpt", prune_local_dir=False)
     if ckpt is None or ckpt.local_path is None:
