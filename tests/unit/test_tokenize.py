@@ -17,6 +17,9 @@ import pytest
 from cpt_training import piece_cache as pc
 from cpt_training import tokenize as tk
 from cpt_training.config import TokenizeStage
+from cpt_training.tokenize import packing as tk_packing
+from cpt_training.tokenize import reading as tk_reading
+from cpt_training.tokenize import shard as tk_shard
 from fixtures.textgen import make_corpus, make_texts, train_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -255,16 +258,16 @@ def test_file_slices_worker_processes_and_file_cuts_do_not_change_the_blocks(
 ) -> None:
     import multiprocessing as mp
 
-    monkeypatch.setattr(tk, "_pool_context", lambda: mp.get_context(start))
+    monkeypatch.setattr(tk_shard, "_pool_context", lambda: mp.get_context(start))
     make_corpus(tmp_path / "c", 150, seed=4, files=2)
     with (tmp_path / "c" / "part-002.jsonl").open("w") as f:  # rows without text, mid-file
         for i, t in enumerate(make_texts(40, seed=5)):
             f.write(json.dumps({"text": t} if i % 7 else {"other": i}) + "\n")
     kw: dict[str, Any] = {"shard_index": 0, "held_out_fraction": 0.2}
     whole = tk.run_tokenize(cfg_for(tmp_path / "c", tok_dir, tmp_path / "o1", **kw))
-    monkeypatch.setattr(tk, "TASK_BYTES", 700)  # many slices per file
-    monkeypatch.setattr(tk, "FILE_BYTES", 9 * BLOCK * 5)  # 5 blocks per Arrow file
-    spans = tk._jsonl_spans(tmp_path / "c" / "part-000.jsonl")
+    monkeypatch.setattr(tk_reading, "TASK_BYTES", 700)  # many slices per file
+    monkeypatch.setattr(tk_packing, "FILE_BYTES", 9 * BLOCK * 5)  # 5 blocks per Arrow file
+    spans = tk_reading._jsonl_spans(tmp_path / "c" / "part-000.jsonl")
     data = (tmp_path / "c" / "part-000.jsonl").read_bytes()
     assert len(spans) > 5 and spans[0][0] == 0 and spans[-1][1] == len(data)
     assert all(
@@ -300,19 +303,31 @@ def test_a_local_hf_dataset_is_read_by_id_and_split_by_node(
     assert sum(r.docs for r in run_all(cfg)) == len(docs)
 
 
-def test_txt_paragraph_mode_splits_on_blank_lines(
-    tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_txt_paragraph_mode_splits_on_blank_lines_in_the_reader_and_in_the_stage(
+    tmp_path: Path, tok_dir: Path
 ) -> None:
     src = tmp_path / "c"
     src.mkdir()
     (src / "a.txt").write_text("First para.\nStill first.\n\nSecond para.\n\n\n  Third.  \n")
     cfg = cfg_for(src, tok_dir, tmp_path / "o")
+    assert cfg.txt_split == "file"
     assert shard_docs(cfg, 0) == ["First para.\nStill first.\n\nSecond para.\n\n\n  Third."]
-    monkeypatch.setenv("CPT_TXT_SPLIT", "paragraph")
-    assert shard_docs(cfg, 0) == ["First para.\nStill first.", "Second para.", "Third."]
-    monkeypatch.setenv("CPT_TXT_SPLIT", "sentence")
-    with pytest.raises(tk.TokenizeError, match="CPT_TXT_SPLIT must be one of file, paragraph"):
-        shard_docs(cfg, 0)
+    para = cfg_for(src, tok_dir, tmp_path / "p", txt_split="paragraph")
+    assert shard_docs(para, 0) == ["First para.\nStill first.", "Second para.", "Third."]
+    assert tk.run_tokenize(cfg).docs == 1
+    assert tk.run_tokenize(para).docs == 3, "the stage's tasks read with the same mode"
+    with pytest.raises(ValueError, match=r"txtSplit\s+Input should be 'file' or 'paragraph'"):
+        cfg_for(src, tok_dir, tmp_path / "o", txtSplit="sentence")
+
+
+def test_txt_split_and_storage_tuning_keep_the_config_hash_of_earlier_datasets(
+    tmp_path: Path, tok_dir: Path
+) -> None:
+    base = cfg_for(tmp_path / "c", tok_dir, tmp_path / "o")
+    tuned = cfg_for(tmp_path / "c", tok_dir, tmp_path / "o", storage={"max_concurrency": 3})
+    para = cfg_for(tmp_path / "c", tok_dir, tmp_path / "o", txt_split="paragraph")
+    assert tk.config_hash(tuned, "d") == tk.config_hash(base, "d")
+    assert tk.config_hash(para, "d") != tk.config_hash(base, "d"), "other bytes, other hash"
 
 
 def test_bad_inputs_fail_with_messages_naming_the_field(tmp_path: Path, tok_dir: Path) -> None:
@@ -477,7 +492,7 @@ def test_the_fast_encoder_equals_the_tokenizers_encode_on_varied_text(
     flat = [i for ids in expected for i in [*ids, eos]]
     for _ in range(2):  # cold, then served from the caches
         assert cache.encode(docs) == expected
-        assert tk._encode(cache, eos, docs).tolist() == flat
+        assert tk_shard._encode(cache, eos, docs).tolist() == flat
         assert cache.enabled
     assert cache.ids and cache.heads and cache.pieces
     # Batch by batch as the stage calls it, in another order: the same ids per document.
@@ -559,8 +574,8 @@ def _batch_rows(path: Path) -> list[int]:
 def test_the_block_writer_packs_any_sequence_of_adds_into_the_same_blocks_and_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tk, "FLUSH_BLOCKS", 3)
-    monkeypatch.setattr(tk, "FILE_BYTES", 9 * BLOCK * 4)  # 4 blocks per Arrow file
+    monkeypatch.setattr(tk_packing, "FLUSH_BLOCKS", 3)
+    monkeypatch.setattr(tk_packing, "FILE_BYTES", 9 * BLOCK * 4)  # 4 blocks per Arrow file
     rng = np.random.default_rng(3)
     stream = rng.integers(0, 1000, size=40 * BLOCK + 7, dtype=np.int32)
     sizes = [0, 5, BLOCK - 5, 1, 7 * BLOCK + 3, 0, 2 * BLOCK, 11, 13 * BLOCK]
@@ -622,9 +637,9 @@ def test_with_a_pool_every_task_is_encoded_in_a_worker_and_the_main_process_pack
     tmp_path: Path, tok_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_corpus(tmp_path / "c", 90, seed=13, files=3)
-    monkeypatch.setattr(tk, "TASK_BYTES", 2000)
+    monkeypatch.setattr(tk_reading, "TASK_BYTES", 2000)
     log = tmp_path / "pids"
-    real = tk._run_task
+    real = tk_shard._run_task
 
     def run(tok: Any, eos: int, opts: Any, task: Any) -> Any:
         with log.open("a") as f:
@@ -633,8 +648,8 @@ def test_with_a_pool_every_task_is_encoded_in_a_worker_and_the_main_process_pack
 
     import multiprocessing as mp
 
-    monkeypatch.setattr(tk, "_run_task", run)  # forked workers inherit it
-    monkeypatch.setattr(tk, "_pool_context", lambda: mp.get_context("fork"))
+    monkeypatch.setattr(tk_shard, "_run_task", run)  # forked workers inherit it
+    monkeypatch.setattr(tk_shard, "_pool_context", lambda: mp.get_context("fork"))
     one = tk.run_tokenize(cfg_for(tmp_path / "c", tok_dir, tmp_path / "o1"))
     assert set(log.read_text().split()) == {str(os.getpid())}, "one worker: in process"
     log.unlink()

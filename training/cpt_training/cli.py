@@ -104,8 +104,8 @@ def dispatch(stage: str, cfg: Any) -> int:
     """Run one stage; heavy modules (torch, NxD) are imported only for the stage that needs them.
 
     The stage's typed ``storage`` tuning becomes this process's storage settings first, so
-    every storage the stage opens (data, checkpoints, progress) transfers with it (tokenize
-    has none yet: the defaults)."""
+    every storage the stage opens (data, checkpoints, progress) transfers with it (a stage
+    config without one runs with the defaults)."""
     from cpt_training.config import StorageTuning
     from cpt_training.storage.settings import configure
 

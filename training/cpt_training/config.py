@@ -307,8 +307,12 @@ class TokenizeStage(CamelModel):
     workers: PositiveInt = Field(default=1, description="Tokenizer processes within a shard.")
     held_out_fraction: float = Field(default=0.0, ge=0, lt=0.5)
     seed: int = 1234
-    # No ``storage`` tuning here yet: tokenize.config_hash hashes this whole model, so a new
-    # field would change every existing dataset's hash; it comes with that module's split.
+    txt_split: Literal["file", "paragraph"] = Field(
+        default="file",
+        description="A .txt file is one document (file) or one per blank-line-separated "
+        "paragraph (paragraph).",
+    )
+    storage: StorageTuning = Field(default_factory=StorageTuning)
 
     @model_validator(mode="after")
     def _mixture(self) -> TokenizeStage:

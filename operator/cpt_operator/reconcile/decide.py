@@ -13,190 +13,66 @@ Terminal phases are sticky. The attempt counter lives in the run's status; attem
 created once nothing of attempt n is left (its pods could otherwise still hold the nodes or,
 on a real cluster, still write to the checkpoint root). The new attempt resumes from the newest
 committed checkpoint: the trainer finds it; the operator only records what it expects.
+
+The phase rules read top to bottom in ``_Reconcile`` below; the state and helpers they share
+are in base.py, the training phase's recovery helpers in recovery.py, and the status's wire
+form with the run's metadata in status.py (all re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
 from cpt_operator.api import planner as api_planner
 from cpt_operator.api.models import (
     TERMINAL_PHASES,
-    AttemptStatus,
     CheckpointStatus,
     ConditionType,
     ContinualPretrainSpec,
     ContinualPretrainStatus,
-    ExcludedNode,
     Phase,
     PlanSummary,
     ProgressStatus,
 )
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
-from cpt_operator.builders.jobs import RunRef
 from cpt_operator.reconcile import conditions as cond
-from cpt_operator.reconcile.actions import Action, CreateChild, DeleteChild, EmitEvent
-from cpt_operator.reconcile.observe import (
-    Checkpoint,
-    JobState,
-    Observed,
-    PodState,
-    PyTorchJobState,
+from cpt_operator.reconcile.actions import Action, EmitEvent
+from cpt_operator.reconcile.observe import Observed
+from cpt_operator.reconcile.recovery import DEVICE_FAULT_MARKER, Recovery
+from cpt_operator.reconcile.status import (
+    Decision,
+    Planner,
+    RunMeta,
+    dump_status,
+    format_validation_error,
+    load_status,
 )
 
-Planner = Callable[[ContinualPretrainSpec], PlanSummary]
+__all__ = [
+    "DEVICE_FAULT_MARKER",
+    "MAX_TRANSITIONS",
+    "Decision",
+    "Planner",
+    "RunMeta",
+    "cluster_planner",
+    "decide",
+    "dump_status",
+    "format_validation_error",
+    "load_status",
+]
 
 MAX_TRANSITIONS = 10
 """Instant transitions chained in one reconcile (Pending → Planning → first stage)."""
 
-DEVICE_FAULT_MARKER = "cannot allocate unhealthy devices"
-"""The kubelet's device manager refusing a pod because the node's device plugin reports its
-accelerator devices (aws.amazon.com/neuron, vpc.amazonaws.com/efa, nvidia.com/gpu) unhealthy:
-the pod fails with reason UnexpectedAdmissionError and this text in its message. Neuron
-runtime and EFA errors (NRT/libfabric) only reach the container log, never the pod status, so
-they are no signal here."""
 
-
-@dataclass(frozen=True)
-class RunMeta:
-    name: str
-    namespace: str
-    uid: str
-    generation: int | None = None
-
-    @property
-    def ref(self) -> RunRef:
-        return RunRef(self.name, self.namespace, self.uid)
-
-    @staticmethod
-    def of(body: Mapping[str, Any]) -> RunMeta:
-        m = body.get("metadata") or {}
-        return RunMeta(
-            name=str(m.get("name", "")),
-            namespace=str(m.get("namespace", "")),
-            uid=str(m.get("uid", "")),
-            generation=m.get("generation"),
-        )
-
-
-@dataclass
-class Decision:
-    status: dict[str, Any]
-    actions: list[Action] = field(default_factory=list)
-    changed: bool = False
-
-
-def dump_status(status: ContinualPretrainStatus) -> dict[str, Any]:
-    """The wire form, without nulls (the CRD does not declare fields nullable)."""
-    out = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return out
-
-
-def load_status(raw: Mapping[str, Any] | None) -> ContinualPretrainStatus:
-    """Our own status, read back. An unreadable one (hand-edited) restarts bookkeeping rather
-    than wedging the run; the phase is kept when it is at least a known phase."""
-    if not raw:
-        return ContinualPretrainStatus()
-    try:
-        return ContinualPretrainStatus.model_validate(dict(raw))
-    except ValidationError:
-        phase = raw.get("phase")
-        fresh = ContinualPretrainStatus()
-        if phase in {p.value for p in Phase}:
-            fresh.phase = Phase(phase)
-        return fresh
-
-
-def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
-    """One `spec.<path>: message` per problem, e.g. `spec.training.maxSteps: ...`."""
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
-        where = f"{prefix}.{path}" if path else prefix
-        ctx_err = (e.get("ctx") or {}).get("error")
-        problems = getattr(ctx_err, "problems", None)
-        if problems:
-            for sub, msg in problems:
-                lines.append(f"{where}.{sub}: {msg}" if sub else f"{where}: {msg}")
-            continue
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}")
-    return "; ".join(lines)
-
-
-def _seconds(td: timedelta) -> float:
-    return td.total_seconds()
-
-
-class _Reconcile:
-    """One decision in progress: a mutable copy of the status plus the actions so far."""
-
-    def __init__(
-        self,
-        run: RunMeta,
-        spec: ContinualPretrainSpec,
-        status: ContinualPretrainStatus,
-        observed: Observed,
-        now: datetime,
-        planner: Planner,
-    ) -> None:
-        self.run = run
-        self.spec = spec
-        self.status = status
-        self.obs = observed
-        self.now = now.replace(microsecond=0)
-        self.planner = planner
-        self.actions: list[Action] = []
-        self.created = False
-
-    # -- small helpers ---------------------------------------------------------------------
-
-    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.actions.append(EmitEvent(type_, reason, message))
-
-    def condition(
-        self, type_: ConditionType | str, value: cond.Status, reason: str, msg: str
-    ) -> None:
-        cond.set_condition(
-            self.status, type_, value, reason, msg, now=self.now, generation=self.run.generation
-        )
-
-    def transition(self, phase: Phase, message: str, *, warning: bool = False) -> None:
-        old = self.status.phase
-        if old == phase:
-            return
-        self.status.phase = phase
-        self.status.message = message
-        self.event(
-            "Warning" if warning else "Normal",
-            cond.transition_reason(old.value, phase.value),
-            f"{old.value} → {phase.value}: {message}",
-        )
-
-    def create(self, manifest: dict[str, Any]) -> None:
-        self.actions.append(CreateChild.of(manifest))
-        self.created = True
-
-    def delete(self, api_version: str, kind: str, name: str, *, grace: int | None = None) -> None:
-        action = DeleteChild(api_version, kind, name, "Background", grace)
-        if action not in self.actions:  # chained transitions may ask twice
-            self.actions.append(action)
-
-    def fail(self, reason: str, message: str) -> None:
-        self.condition(ConditionType.FAILED, "True", reason, message)
-        self.condition(ConditionType.SUCCEEDED, "False", reason, message)
-        self.status.completion_time = self.now
-        self.transition(Phase.FAILED, f"{reason}: {message}", warning=True)
-
-    @property
-    def paths(self) -> stages.RunPaths:
-        return stages.paths(self.spec, self.run.name, self.run.namespace)
+class _Reconcile(Recovery):
+    """One decision in progress: the phase rules, top to bottom (the shared state and helpers
+    are ReconcileBase's in base.py, the training recovery helpers Recovery's in recovery.py)."""
 
     # -- the state machine -----------------------------------------------------------------
 
@@ -373,299 +249,7 @@ class _Reconcile:
             self.condition(ConditionType.SUCCEEDED, "True", "Succeeded", cfg.output_uri)
             self.condition(ConditionType.FAILED, "False", "Succeeded", "")
 
-    # -- training and recovery -------------------------------------------------------------
-
-    def _attempt_record(self) -> AttemptStatus:
-        n = self.status.attempt
-        if self.status.attempts and self.status.attempts[-1].attempt == n:
-            return self.status.attempts[-1]
-        rec = AttemptStatus(attempt=n)
-        self.status.attempts.append(rec)
-        return rec
-
-    def _pending_too_long(self, pods: list[PodState]) -> PodState | None:
-        limit = self.spec.resiliency.pending_timeout_seconds
-        if not limit:
-            return None
-        for pod in pods:
-            waiting = pod.phase == "Pending" and not pod.deleting and pod.created is not None
-            if waiting and pod.created and _seconds(self.now - pod.created) > limit:
-                return pod
-        return None
-
-    def _tool_job_not_started(self, job: JobState) -> str:
-        """Why a tool Job (tokenize, weights, export) never got going within
-        pendingTimeoutSeconds, or "": a pod still Pending (unschedulable, or a container that
-        cannot be created, e.g. a missing Secret), or no pod at all (the Job controller was
-        refused: a ResourceQuota, a missing PriorityClass, Pod Security admission)."""
-        limit = self.spec.resiliency.pending_timeout_seconds
-        if not limit or job.created is None:
-            return ""
-        pods = self.obs.pods_of(job.name)
-        stuck = self._pending_too_long(pods)
-        if stuck is not None:
-            why = ": ".join(x for x in (stuck.reason, stuck.message) if x) or "not started"
-            return f"Job {job.name}: pod {stuck.name} Pending for more than {limit}s: {why}"
-        started = pods or job.active or job.succeeded or job.failed_pods
-        if not started and _seconds(self.now - job.created) > limit:
-            return (
-                f"Job {job.name} has no pods after {limit}s: the Job controller could not "
-                "create them (a ResourceQuota, a missing PriorityClass, Pod Security admission, "
-                f"...; see kubectl describe job {job.name})"
-            )
-        return ""
-
-    def _bad_node(self, pods: list[PodState]) -> tuple[PodState, str] | None:
-        """A pod whose node is NotReady past the grace period, or gone."""
-        grace = self.spec.resiliency.node_not_ready_seconds
-        for pod in pods:
-            if not pod.node_name or pod.phase in ("Succeeded", "Failed"):
-                continue
-            node = self.obs.nodes.get(pod.node_name)
-            if node is None:
-                return pod, f"node {pod.node_name} of pod {pod.name} no longer exists"
-            if not node.ready:
-                since = node.since or self.now
-                if _seconds(self.now - since) >= grace:
-                    return pod, (
-                        f"node {pod.node_name} of pod {pod.name} NotReady since "
-                        f"{since.isoformat()} ({node.reason or 'no reason'})"
-                    )
-        return None
-
-    def _failed_nodes(self, pods: list[PodState]) -> list[tuple[str, str, str]]:
-        """(node, exclusion reason, why) for every node of `pods` that failed the attempt:
-        gone, NotReady past the grace period, or refusing a pod for unhealthy devices."""
-        grace = self.spec.resiliency.node_not_ready_seconds
-        found: dict[str, tuple[str, str]] = {}
-        for pod in pods:
-            if not pod.node_name or pod.node_name in found:
-                continue
-            node = self.obs.nodes.get(pod.node_name)
-            if node is None:
-                found[pod.node_name] = (cond.EXCLUDED_GONE, "the node no longer exists")
-            elif not node.ready and _seconds(self.now - (node.since or self.now)) >= grace:
-                found[pod.node_name] = (
-                    cond.EXCLUDED_NOT_READY,
-                    f"NotReady for {grace}s or more ({node.reason or 'no reason'})",
-                )
-            elif pod.phase == "Failed" and DEVICE_FAULT_MARKER in pod.message:
-                found[pod.node_name] = (
-                    cond.EXCLUDED_DEVICE_UNHEALTHY,
-                    f"the kubelet refused pod {pod.name}: {pod.message}",
-                )
-        return [(node, reason, why) for node, (reason, why) in found.items()]
-
-    def _exclusions_on(self) -> bool:
-        return self.spec.resiliency.exclude_failed_nodes
-
-    def _exclude_failed_nodes(self, name: str, attempt: int) -> None:
-        """Record the nodes attempt `attempt` failed on, so later attempts avoid them even
-        once they are Ready again (a NotReady taint goes away with the condition)."""
-        if not self._exclusions_on():
-            return
-        known = {e.node for e in self.status.excluded_nodes}
-        for node, reason, why in self._failed_nodes(self.obs.pods_of(name)):
-            if node in known:
-                continue
-            known.add(node)
-            self.status.excluded_nodes.append(
-                ExcludedNode(node=node, reason=reason, attempt=attempt, since=self.now)
-            )
-            self.event(
-                "Warning",
-                cond.NODE_EXCLUDED,
-                f"node {node} is excluded from the later attempts of this run: {reason} in "
-                f"attempt {attempt}: {why}",
-            )
-        self._bound_exclusions()
-
-    def _bound_exclusions(self) -> None:
-        """At most maxExcludedNodes: the oldest exclusions drop out (their nodes may be used
-        again), so a run on a small or churning node group cannot exclude itself off it."""
-        limit = self.spec.resiliency.max_excluded_nodes
-        while len(self.status.excluded_nodes) > limit:
-            old = self.status.excluded_nodes.pop(0)
-            self.event(
-                "Normal",
-                cond.NODE_EXCLUSION_DROPPED,
-                f"node {old.node} (excluded after attempt {old.attempt}: {old.reason}) may be "
-                f"used again: at most {limit} nodes are excluded "
-                "(spec.resiliency.maxExcludedNodes)",
-            )
-
-    def _excluded_nodes(self) -> list[ExcludedNode]:
-        """The exclusions the current attempt was built with (recorded by earlier attempts)."""
-        if not self._exclusions_on():
-            return []
-        n = self.status.attempt
-        return [e for e in self.status.excluded_nodes if e.attempt < n]
-
-    def _node_gone_or_not_ready(self, node_name: str) -> bool:
-        node = self.obs.nodes.get(node_name)
-        return node is None or not node.ready
-
-    def _failure_of(self, name: str, ptj: PyTorchJobState) -> tuple[str, str] | None:
-        if ptj.deleting:
-            return cond.JOB_DELETED, f"PyTorchJob {name} is being deleted outside the operator"
-        pods = self.obs.pods_of(name)
-        # A failed pod says more (which replica, exit code) than the job's generic "backoff
-        # limit reached", and the job keeps failed pods: report the pod whichever came first.
-        for pod in pods:
-            if pod.phase == "Failed":
-                code = "" if pod.exit_code is None else f" (exit code {pod.exit_code})"
-                why = f": {pod.reason} {pod.message}".rstrip() if pod.reason or pod.message else ""
-                return cond.POD_FAILED, f"pod {pod.name} failed{code}{why}"
-        if ptj.condition == "Failed":
-            return cond.JOB_FAILED, f"PyTorchJob {name} failed: {ptj.reason} {ptj.message}".strip()
-        if ptj.condition == "Restarting":
-            return cond.JOB_RESTARTING, f"PyTorchJob {name} is restarting pods: {ptj.message}"
-        bad = self._bad_node(pods)
-        if bad is not None:
-            return cond.NODE_NOT_READY, bad[1]
-        stuck = self._pending_too_long(pods)
-        if stuck is not None:
-            limit = self.spec.resiliency.pending_timeout_seconds
-            excluded = self._excluded_nodes()
-            note = ""
-            if excluded:
-                # The scheduler only says "didn't match Pod's node affinity/selector".
-                names = ", ".join(f"{e.node} ({e.reason} in attempt {e.attempt})" for e in excluded)
-                nodes = "1 node is" if len(excluded) == 1 else f"{len(excluded)} nodes are"
-                note = (
-                    f"; {nodes} excluded by this run after failing an earlier attempt: {names} "
-                    "(status.excludedNodes; spec.resiliency.excludeFailedNodes, maxExcludedNodes)"
-                )
-            return cond.PENDING_TIMEOUT, (
-                f"pod {stuck.name} Pending for more than {limit}s: "
-                f"{stuck.message or stuck.reason or 'not scheduled'}{note}"
-            )
-        limit = self.spec.resiliency.pending_timeout_seconds
-        live = [p for p in pods if not p.deleting]
-        expected = self.spec.training.nodes
-        created = ptj.created
-        if limit and created and len(live) < expected and _seconds(self.now - created) > limit:
-            # Pods the training operator cannot create never show up as Pending.
-            return cond.PENDING_TIMEOUT, (
-                f"PyTorchJob {name} has {len(live)} of {expected} pods after {limit}s: "
-                "the training operator could not create the others (Pod Security "
-                f"admission, a ResourceQuota, ...; see kubectl describe pytorchjob {name})"
-            )
-        return None
-
-    def _track_progress(self, name: str, rec: AttemptStatus) -> tuple[str, str] | None:
-        """Update the hang clock; a failure when the attempt made no step progress for
-        hangTimeoutSeconds after all its pods were Running."""
-        pods = [p for p in self.obs.pods_of(name) if not p.deleting]
-        expected = self.spec.training.nodes
-        if rec.running_since is None:
-            if len(pods) >= expected and all(p.phase == "Running" for p in pods):
-                rec.running_since = self.now
-            return None
-        prog = self.obs.progress
-        ours = prog is not None and (prog.attempt is None or prog.attempt == rec.attempt)
-        if prog is not None and ours and (rec.last_step is None or prog.step != rec.last_step):
-            rec.last_step = prog.step
-            rec.last_step_time = self.now
-        limit = self.spec.resiliency.hang_timeout_seconds
-        if self.obs.storage_error:
-            # Without progress.json we cannot tell a hang from an unreachable S3; the trainer
-            # could not report either, so it gets a whole timeout again once S3 is back.
-            rec.last_step_time = self.now
-            return None
-        if not limit:
-            return None
-        clock = max(rec.running_since, rec.last_step_time or rec.running_since)
-        if _seconds(self.now - clock) > limit:
-            step = "no step yet" if rec.last_step is None else f"still at step {rec.last_step}"
-            return cond.HANG, f"no training progress for more than {limit}s ({step})"
-        return None
-
-    def _end_attempt(self, name: str, reason: str, message: str) -> None:
-        n = self.status.attempt
-        max_attempts = self.spec.resiliency.max_attempts
-        rec = self._attempt_record()
-        rec.end_time = self.now
-        rec.reason, rec.message = reason, message
-        self.event(
-            "Warning", "AttemptFailed", f"attempt {n} of {max_attempts}: {reason}: {message}"
-        )
-        self._exclude_failed_nodes(name, n)
-        self._teardown(keep=None)
-        if n >= max_attempts:
-            msg = f"all {max_attempts} training attempts failed; the last one: {reason}: {message}"
-            self.condition(ConditionType.TRAINING, "False", cond.MAX_ATTEMPTS_EXCEEDED, msg)
-            self.fail(cond.MAX_ATTEMPTS_EXCEEDED, msg)
-            return
-        self.status.attempt = n + 1
-        self.status.children.train = None
-        self._attempt_record()
-        msg = f"attempt {n} failed ({reason}); starting attempt {n + 1} of {max_attempts}"
-        self.condition(ConditionType.TRAINING, "False", reason, msg)
-        self.status.message = msg
-        self.event("Normal", "Restarting", msg)
-
-    def _teardown(self, keep: str | None) -> bool:
-        """Delete every training PyTorchJob except `keep`, force-delete their pods stuck on
-        NotReady or vanished nodes. True when nothing of them is left."""
-        clean = True
-        for name, ptj in sorted(self.obs.pytorchjobs.items()):
-            if name == keep or ptj.attempt is None:
-                continue
-            clean = False
-            if not ptj.deleting:
-                self.delete("kubeflow.org/v1", "PyTorchJob", name)
-        for pod in self.obs.training_pods():
-            if keep is not None and pod.owner_name == keep:
-                continue
-            clean = False
-            if pod.node_name and self._node_gone_or_not_ready(pod.node_name):
-                self.delete("v1", "Pod", pod.name, grace=0)
-            elif not pod.deleting and pod.owner_name not in self.obs.pytorchjobs:
-                # An orphan (its job is already gone): the GC would get it, we are quicker.
-                self.delete("v1", "Pod", pod.name)
-        return clean
-
-    def _start_attempt(self, name: str, rec: AttemptStatus) -> None:
-        ckpt = self.obs.checkpoint
-        if ckpt is None and self.obs.storage_error and self.status.checkpoint is not None:
-            # S3 unreadable right now: record the newest commit we know of, not "none" (the
-            # trainer finds the real one itself when it starts).
-            known = self.status.checkpoint
-            ckpt = Checkpoint(step=known.step, uri=known.uri)
-        if ckpt is not None:
-            self.status.resume_from = CheckpointStatus(step=ckpt.step, uri=ckpt.uri)
-            rec.resume_from_step = ckpt.step
-        else:
-            self.status.resume_from = None
-            rec.resume_from_step = None
-        cfg = stages.train_stage(self.spec, self.run.name, self.status.attempt, self.run.namespace)
-        if self._exclusions_on():
-            self._bound_exclusions()  # maxExcludedNodes may have been lowered since
-        avoid = [e.node for e in self._excluded_nodes()]
-        self.create(
-            pytorchjob.training_job(
-                self.spec,
-                self.run.ref,
-                cfg,
-                resume_step=ckpt.step if ckpt else None,
-                resume_uri=ckpt.uri if ckpt else None,
-                exclude_nodes=avoid,
-            )
-        )
-        rec.start_time = self.now
-        rec.running_since = rec.last_step = rec.last_step_time = None
-        self.status.children.train = name
-        frm = (
-            f"resuming from step {ckpt.step} ({ckpt.uri})"
-            if ckpt
-            else "starting from the base model"
-        )
-        msg = f"attempt {self.status.attempt} of {self.spec.resiliency.max_attempts}: {frm}"
-        self.status.message = msg
-        self.condition(ConditionType.TRAINING, "True", "AttemptRunning", msg)
-        avoiding = f"; avoiding node(s) {', '.join(avoid)} (status.excludedNodes)" if avoid else ""
-        self.event("Normal", "AttemptStarted", f"created PyTorchJob {name}; {frm}{avoiding}")
+    # -- training -------------------------------------------------------------------------
 
     def training(self) -> None:
         if self.status.attempt < 1:

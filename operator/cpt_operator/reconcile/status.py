@@ -1,0 +1,89 @@
+"""What goes into and comes out of a decision: the run's metadata, the decision itself, and
+the status in its wire form and back (an unreadable status restarts bookkeeping), plus the
+one-line form of validation errors used in conditions and events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from cpt_operator.api.models import (
+    ContinualPretrainSpec,
+    ContinualPretrainStatus,
+    Phase,
+    PlanSummary,
+)
+from cpt_operator.builders.jobs import RunRef
+from cpt_operator.reconcile.actions import Action
+
+Planner = Callable[[ContinualPretrainSpec], PlanSummary]
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    name: str
+    namespace: str
+    uid: str
+    generation: int | None = None
+
+    @property
+    def ref(self) -> RunRef:
+        return RunRef(self.name, self.namespace, self.uid)
+
+    @staticmethod
+    def of(body: Mapping[str, Any]) -> RunMeta:
+        m = body.get("metadata") or {}
+        return RunMeta(
+            name=str(m.get("name", "")),
+            namespace=str(m.get("namespace", "")),
+            uid=str(m.get("uid", "")),
+            generation=m.get("generation"),
+        )
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    actions: list[Action] = field(default_factory=list)
+    changed: bool = False
+
+
+def dump_status(status: ContinualPretrainStatus) -> dict[str, Any]:
+    """The wire form, without nulls (the CRD does not declare fields nullable)."""
+    out = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return out
+
+
+def load_status(raw: Mapping[str, Any] | None) -> ContinualPretrainStatus:
+    """Our own status, read back. An unreadable one (hand-edited) restarts bookkeeping rather
+    than wedging the run; the phase is kept when it is at least a known phase."""
+    if not raw:
+        return ContinualPretrainStatus()
+    try:
+        return ContinualPretrainStatus.model_validate(dict(raw))
+    except ValidationError:
+        phase = raw.get("phase")
+        fresh = ContinualPretrainStatus()
+        if phase in {p.value for p in Phase}:
+            fresh.phase = Phase(phase)
+        return fresh
+
+
+def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
+    """One `spec.<path>: message` per problem, e.g. `spec.training.maxSteps: ...`."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
+        where = f"{prefix}.{path}" if path else prefix
+        ctx_err = (e.get("ctx") or {}).get("error")
+        problems = getattr(ctx_err, "problems", None)
+        if problems:
+            for sub, msg in problems:
+                lines.append(f"{where}.{sub}: {msg}" if sub else f"{where}: {msg}")
+            continue
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
