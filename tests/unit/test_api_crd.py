@@ -128,8 +128,8 @@ def test_cel_rules_sit_on_their_fields() -> None:
     assert "self.globalBatchSize % self.microBatchSize == 0" in training
     assert any("'trn1.32xlarge': 32" in r and "self.tensorParallel" in r for r in training)
     assert _rules(spec["training"]["properties"]["optimizer"]) == [
-        "self.minLr <= self.lr",
-        "!has(self.warmupStartLr) || self.warmupStartLr <= self.lr",
+        "self.lr <= 0.0 || self.minLr <= self.lr",
+        "self.lr <= 0.0 || !has(self.warmupStartLr) || self.warmupStartLr <= self.lr",
     ]
     assert any("exists_one" in r for r in _rules(spec["data"]))  # unique roles
     assert any("s3://" in r for r in _rules(spec["checkpoints"]["properties"]["s3Uri"]))

@@ -163,15 +163,17 @@ CEL_RULES: tuple[Rule, ...] = (
         "use native or auto'",
         ".backend",
     ),
+    # Both comparisons hold off while lr itself is invalid (lr's own rule names it): a
+    # negative lr would otherwise also be reported as every bound it undercuts.
     Rule(
         "spec.training.optimizer",
-        "self.minLr <= self.lr",
+        "self.lr <= 0.0 || self.minLr <= self.lr",
         "minLr must not exceed lr",
         field_path=".minLr",
     ),
     Rule(
         "spec.training.optimizer",
-        "!has(self.warmupStartLr) || self.warmupStartLr <= self.lr",
+        "self.lr <= 0.0 || !has(self.warmupStartLr) || self.warmupStartLr <= self.lr",
         "warmupStartLr must not exceed lr",
         field_path=".warmupStartLr",
     ),
