@@ -70,6 +70,17 @@ def test_runs_created_in_the_same_second_are_ordered_by_namespace_and_name() -> 
     assert shared_roots(a, [a, b]) == [] and len(shared_roots(b, [a, b])) == 1
 
 
+def test_a_run_that_already_writes_keeps_its_prefix_over_one_created_in_the_same_second() -> None:
+    # "newer" sorts before "older" by name; the older one has children (it is tokenizing).
+    older_body = run_body("older", "s3://bkt/runs/x/", "s3://bkt/models/older/")
+    older_body["status"] = {"phase": "Tokenizing", "children": {"tokenize": "older-tokenize"}}
+    older = roots(older_body)
+    newer = roots(run_body("newer", "s3://bkt/runs/x/", "s3://bkt/models/newer/"))
+    assert shared_roots(older, [older, newer]) == []
+    (blocker,) = shared_roots(newer, [older, newer])
+    assert "older" in blocker.message
+
+
 def test_a_run_with_an_invalid_spec_owns_nothing() -> None:
     body = run_body("bad", "s3://bkt/runs/old/", "s3://bkt/models/bad/")
     body["spec"]["training"]["nodes"] = -1

@@ -126,12 +126,15 @@ ROOT_IN_USE = "StorageRootInUse"
 @dataclass(frozen=True)
 class RunRoots:
     """The S3 prefixes a run owns: it resumes from, prunes and overwrites what is under them.
-    `order` ranks runs by age (creationTimestamp, then namespace/name): the older run keeps
-    its prefixes, the newer one is blocked."""
+    `order` ranks runs: one that has created children (it writes there already) before one
+    that has not, then by age (creationTimestamp, then namespace/name). The earlier run keeps
+    its prefixes, the later one is blocked. creationTimestamp has whole seconds, so two runs
+    created in one second would otherwise be ranked by name alone, and a new run could block
+    one that is already tokenizing into the prefix."""
 
     namespace: str
     name: str
-    order: tuple[str, str]
+    order: tuple[str, str, str]
     roots: tuple[tuple[str, str], ...]  # (spec field, URI)
     version: tuple[str, str] = ("", "")
     """(uid, generation) of the spec these prefixes come from: a status write does not
@@ -157,7 +160,11 @@ class RunRoots:
         return cls(
             ns,
             name,
-            (str(meta.get("creationTimestamp") or ""), f"{ns}/{name}"),
+            (
+                "0" if (body.get("status") or {}).get("children") else "1",
+                str(meta.get("creationTimestamp") or ""),
+                f"{ns}/{name}",
+            ),
             (
                 ("spec.checkpoints.s3Uri", spec.checkpoints.s3_uri),
                 ("spec.output.s3Uri", spec.output.s3_uri),
