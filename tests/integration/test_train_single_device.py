@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cpt_training.metrics import parse_metrics_lines
-from cpt_training.testing import TinyAssets, make_tiny_assets
+from cpt_training.testing import TinyAssets, make_tiny_assets, native_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -29,20 +29,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
 
 
 def train(assets: TinyAssets, ckpt: Path, **kw: Any) -> dict[int, dict[str, Any]]:
-    cfg: dict[str, Any] = {
-        "stage": "train",
-        "device": "cpu",
-        "modelUri": str(assets.model),
-        "dataUri": str(assets.data),
-        "seqLen": assets.block_size,
-        "globalBatchSize": 8,
-        "microBatchSize": 2,  # 4 accumulation steps on one process
-        "maxSteps": STEPS,
-        "precision": "bf16",
-        "activationCheckpointing": "none",
-        "optimizer": {"lr": 3e-3, "minLr": 3e-4, "warmupSteps": 2},
-        "checkpoint": {"uri": str(ckpt), "everySteps": 4, "keep": 2, "localDir": str(ckpt)},
-    }
+    # 4 accumulation steps on one process (micro 2 of global 8), bf16, a commit every 4 steps
+    cfg = native_train_config(assets, str(ckpt), ckpt, STEPS, precision="bf16")
+    cfg["checkpoint"]["everySteps"] = 4
     cfg.update(kw)
     proc = subprocess.run(
         [*TORCHRUN, "-m", "cpt_training.cli", "train"],
