@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -321,23 +322,38 @@ class FakeTrainer:
     def __init__(self, checkpoint_uri: str) -> None:
         self.root = checkpoint_uri.rstrip("/") + "/"
 
-    def progress(self, *, attempt: int, step: int, max_steps: int, committed: int | None) -> None:
+    def progress(
+        self,
+        *,
+        attempt: int,
+        step: int,
+        max_steps: int,
+        committed: int | None,
+        held_out: dict[str, float] | None = None,
+    ) -> None:
+        """``held_out``: the loss per source of an evaluation at ``step``."""
         from cpt_training import storage
 
-        storage.write_json(
-            self.root + "progress.json",
-            {
-                "attempt": attempt,
+        doc: dict[str, Any] = {
+            "attempt": attempt,
+            "step": step,
+            "maxSteps": max_steps,
+            "loss": 2.5 - step / 100,
+            "tokensPerSec": 50000.0,
+            "mfu": 0.31,
+            "lr": 1e-4,
+            "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "lastCommittedStep": committed,
+        }
+        if held_out is not None:
+            doc["eval"] = {
                 "step": step,
-                "maxSteps": max_steps,
-                "loss": 2.5 - step / 100,
-                "tokensPerSec": 50000.0,
-                "mfu": 0.31,
-                "lr": 1e-4,
-                "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "lastCommittedStep": committed,
-            },
-        )
+                "sources": {
+                    name: {"loss": loss, "perplexity": math.exp(loss)}
+                    for name, loss in held_out.items()
+                },
+            }
+        storage.write_json(self.root + "progress.json", doc)
 
     def commit(self, step: int) -> str:
         from cpt_training.checkpoint import tag_for_step, upload_and_commit

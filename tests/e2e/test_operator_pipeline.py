@@ -83,7 +83,8 @@ def test_a_seed_shaped_trn1_run_goes_through_every_phase_and_shows_printer_colum
 
     trainer = FakeTrainer(body["spec"]["checkpoints"]["s3Uri"])
     trainer.commit(20)
-    trainer.progress(attempt=1, step=25, max_steps=40, committed=20)
+    held_out = {"domain": 2.3456, "replay": 3.05}
+    trainer.progress(attempt=1, step=25, max_steps=40, committed=20, held_out=held_out)
     status = runs.wait(
         "seed",
         lambda s: (s.get("progress") or {}).get("stepOfMax") == "25/40",
@@ -92,11 +93,18 @@ def test_a_seed_shaped_trn1_run_goes_through_every_phase_and_shows_printer_colum
     )
     assert status["checkpoint"]["step"] == 20
     assert status["progress"]["mfuPercent"] == 31.0 and status["progress"]["eta"]
+    assert status["eval"]["step"] == 25
+    assert [(s["name"], s["loss"]) for s in status["eval"]["sources"]] == list(held_out.items())
+    assert status["eval"]["summary"] == "domain=2.346,replay=3.050@25"
 
     table = runs.cluster.kubectl("get", "cpt", "-n", runs.ns).stdout
     header, row = table.splitlines()[:2]
     assert header.split()[:7] == ["NAME", "PHASE", "STEP", "ATTEMPT", "LOSS", "TOKENS/S", "MFU%"]
     assert row.split()[:4] == ["seed", "Training", "25/40", "1"]
+    wide = runs.cluster.kubectl("get", "cpt", "-n", runs.ns, "-o", "wide").stdout
+    header, row = wide.splitlines()[:2]
+    assert header.split()[8:11] == ["BACKEND", "NODES", "EVAL"]
+    assert row.split()[8:11] == ["nxd", "2", "domain=2.346,replay=3.050@25"]
 
     trainer.commit(40)
     trainer.progress(attempt=1, step=40, max_steps=40, committed=40)

@@ -276,6 +276,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Backend", "type": "string", "jsonPath": ".status.plan.backend", "priority": 1},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.training.nodes", "priority": 1},
+    {"name": "Eval", "type": "string", "jsonPath": ".status.eval.summary", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 

@@ -59,6 +59,7 @@ from cpt_operator.api.fields import (
     raise_if,
 )
 from cpt_operator.api.status_models import (
+    EVAL_SUMMARY_MAX,
     TERMINAL_PHASES,
     AttemptStatus,
     CheckpointStatus,
@@ -66,10 +67,12 @@ from cpt_operator.api.status_models import (
     Condition,
     ConditionType,
     ContinualPretrainStatus,
+    EvalStatus,
     ExcludedNode,
     Phase,
     PlanSummary,
     ProgressStatus,
+    SourceEvalStatus,
     StatusModel,
 )
 from cpt_training.config import (
@@ -533,6 +536,7 @@ __all__ = [
     "DEFAULT_IMAGE_TAG",
     "DEFAULT_MAX_EXCLUDED_NODES",
     "ENV_NAME_PATTERN",
+    "EVAL_SUMMARY_MAX",
     "GROUP",
     "INSTANCE_TYPES",
     "KIND",
@@ -565,6 +569,7 @@ __all__ = [
     "ContinualPretrainStatus",
     "DataSpec",
     "EnvVar",
+    "EvalStatus",
     "ExcludedNode",
     "FieldErrors",
     "GangScheduling",
@@ -577,6 +582,7 @@ __all__ = [
     "ProgressStatus",
     "Quantity",
     "RuntimeSpec",
+    "SourceEvalStatus",
     "StatusModel",
     "StorageUri",
     "TrainingSpec",

@@ -115,6 +115,67 @@ class ProgressStatus(StatusModel):
     updated_at: datetime | None = None
 
 
+EVAL_SUMMARY_MAX = 200
+"""Characters of ``status.eval.summary`` (the Eval column of ``kubectl get cpt -o wide``)."""
+
+
+class SourceEvalStatus(StatusModel):
+    """One data source's held-out loss at the latest in-training evaluation."""
+
+    name: str = Field(max_length=NAME_MAX_LENGTH, description="The source's name.")
+    loss: float | None = Field(default=None, description="Mean next-token loss (nats).")
+    perplexity: float | None = None
+
+
+class EvalStatus(StatusModel):
+    """The latest held-out evaluation per data source (training.evalEverySteps), from
+    progress.json; the export's before/after comparison is in the output's eval.json."""
+
+    step: int = Field(ge=0, description="The training step the evaluation ran after.")
+    sources: list[SourceEvalStatus] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    summary: str = Field(
+        default="",
+        max_length=EVAL_SUMMARY_MAX,
+        description="'name=loss,...@step' for kubectl get -o wide.",
+    )
+
+    @staticmethod
+    def make(step: int, losses: list[tuple[str, float | None, float | None]]) -> EvalStatus:
+        """From (name, loss, perplexity) per source, losses rounded to 4 places."""
+        sources: list[SourceEvalStatus] = []
+        for name, loss, ppl in losses:
+            key = name[:NAME_MAX_LENGTH]
+            if len(sources) == 64 or any(s.name == key for s in sources):
+                continue  # a list map: the API server refuses repeated keys
+            sources.append(
+                SourceEvalStatus(
+                    name=key,
+                    loss=None if loss is None else round(loss, 4),
+                    perplexity=None if ppl is None else round(ppl, 3),
+                )
+            )
+        return EvalStatus(step=step, sources=sources, summary=eval_summary(step, sources))
+
+
+def eval_summary(step: int, sources: list[SourceEvalStatus]) -> str:
+    """``domain=2.314,replay=3.050@40``: no spaces, so the wide table keeps its columns; the
+    sources that do not fit are counted instead (``domain=2.314,+3@40``)."""
+    parts = [f"{s.name}={'-' if s.loss is None else f'{s.loss:.3f}'}" for s in sources]
+
+    def text(shown: int) -> str:
+        rest = [f"+{len(parts) - shown}"] if shown < len(parts) else []
+        return ",".join(parts[:shown] + rest) + f"@{step}"
+
+    shown = len(parts)
+    while shown and len(text(shown)) > EVAL_SUMMARY_MAX:
+        shown -= 1
+    return text(shown)
+
+
 class ChildrenStatus(StatusModel):
     tokenize: str | None = None
     weights: str | None = None
@@ -168,6 +229,11 @@ class ContinualPretrainStatus(StatusModel):
     plan: PlanSummary | None = None
     checkpoint: CheckpointStatus | None = None
     progress: ProgressStatus | None = None
+    eval: EvalStatus | None = Field(
+        default=None,
+        description="The latest held-out loss per data source during training "
+        "(training.evalEverySteps).",
+    )
     tensorboard_uri: str | None = None
     output_uri: str | None = None
     children: ChildrenStatus = Field(default_factory=ChildrenStatus)

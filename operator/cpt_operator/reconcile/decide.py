@@ -35,6 +35,7 @@ from cpt_operator.api.models import (
     ConditionType,
     ContinualPretrainSpec,
     ContinualPretrainStatus,
+    EvalStatus,
     Phase,
     PlanSummary,
     ProgressStatus,
@@ -314,6 +315,8 @@ class _Reconcile(Recovery):
             eta=eta,
             updated_at=prog.updated_at.replace(microsecond=0) if prog.updated_at else None,
         )
+        if prog.eval is not None:  # a new attempt's file has none until its first eval
+            self.status.eval = EvalStatus.make(prog.eval.step, list(prog.eval.sources))
 
     # -- suspend / resume ------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ can be tested from hand-written dicts, and the decision never depends on a clien
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -125,6 +126,16 @@ class Progress:
     lr: float | None = None
     updated_at: datetime | None = None
     last_committed_step: int | None = None
+    eval: HeldOut | None = None
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """progress.json's ``eval``: the latest held-out loss per source and the step it ran at."""
+
+    step: int
+    sources: tuple[tuple[str, float | None, float | None], ...]
+    """(name, loss, perplexity) per source, in the trainer's order."""
 
 
 @dataclass(frozen=True)
@@ -277,17 +288,38 @@ def observe_node(obj: Mapping[str, Any]) -> NodeState:
     )
 
 
+def _num(data: Mapping[str, Any], key: str) -> float | None:
+    """A finite number, or None (missing, null, not a number, NaN or infinite)."""
+    value = data.get(key)
+    try:
+        out = None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out is not None and math.isfinite(out) else None
+
+
+def observe_held_out(data: Any) -> HeldOut | None:
+    """``{"step": N, "sources": {name: {"loss", "perplexity"}}}``; None when malformed."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("sources"), Mapping):
+        return None
+    step = _int(data.get("step"))
+    if step is None or step < 0:
+        return None
+    sources = tuple(
+        (str(name), _num(v, "loss"), _num(v, "perplexity"))
+        for name, v in data["sources"].items()
+        if isinstance(v, Mapping)
+    )
+    return HeldOut(step=step, sources=sources)
+
+
 def observe_progress(data: Mapping[str, Any] | None) -> Progress | None:
     """Tolerant of missing keys: an older trainer may write fewer fields."""
     if not data:
         return None
 
     def num(key: str) -> float | None:
-        value = data.get(key)
-        try:
-            return None if value is None else float(value)
-        except (TypeError, ValueError):
-            return None
+        return _num(data, key)
 
     return Progress(
         attempt=_int(data.get("attempt")),
@@ -299,6 +331,7 @@ def observe_progress(data: Mapping[str, Any] | None) -> Progress | None:
         lr=num("lr"),
         updated_at=parse_time(data.get("updatedAt")),
         last_committed_step=_int(data.get("lastCommittedStep")),
+        eval=observe_held_out(data.get("eval")),
     )
 
 
