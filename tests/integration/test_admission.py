@@ -87,6 +87,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         edit(spec__data__sources=[DOMAIN | {"weight": -1}, REPLAY | {"weight": 1}]),
         "spec.data.sources[0].weight: Invalid value",
     ),
+    (
+        "an evaluation every 0 steps",
+        edit(spec__training__evalEverySteps=0),
+        "spec.training.evalEverySteps: Invalid value: 0: spec.training.evalEverySteps in body "
+        "should be greater than or equal to 1",
+    ),
     # schema
     (
         "zero nodes",

@@ -7,7 +7,10 @@ We test these aspects:
 - A second attempt restores the newest committed tag and continues: its step-4 loss equals the
   first attempt's step-4 loss exactly (same weights, optimizer state, LR and data).
 - The final tag exports to HF names, holds the trained (changed) weights, and the run reports
-  done. ``neuron_parallel_compile`` mode writes nothing.
+  done. ``neuron_parallel_compile`` mode writes nothing (and traces the evaluation).
+- On a two-source mixture the trainer draws each source's exact quota and evaluates the
+  held-out loss per source through the model wrapper: metrics lines, progress.json and
+  TensorBoard get it, and it equals transformers' loss of the exported model on the same blocks.
 
 STAND-IN: torch_xla and neuronx_distributed cannot be installed here. The training
 subprocesses get stand-in packages on PYTHONPATH (written by this test, nowhere else): TP=PP=1
@@ -385,11 +388,95 @@ def test_precompile_mode_traces_a_few_steps_and_writes_nothing(world, monkeypatc
         world,
         3,
         checkpoint={"uri": str(root), "everySteps": 1, "localDir": str(world / "scratch-pc")},
+        evalEverySteps=100,
     )
     out, err = _train(world, cfg, NEURON_EXTRACT_GRAPHS_ONLY="1")
     assert "stopping after 3 steps in this process (step 3)" in err
+    assert "traced the held-out evaluation" in err  # its graph is compiled ahead too
     assert parse_metrics_lines(out) == []  # no metrics from a graph-extraction run
     assert sorted(p.name for p in root.iterdir()) == before
     now = (root / "progress.json").read_text() if (root / "progress.json").exists() else None
     assert now == progress
     assert not list((world / "scratch-pc").glob("step_*"))
+
+
+def test_nxd_evaluates_every_source_through_the_model_wrapper_and_matches_transformers(
+    world, monkeypatch, tmp_path
+):
+    """A 0.75/0.25 mixture on the nxd trainer: tokens per source follow the weights, the
+    held-out loss per source goes to the metrics lines, progress.json and TensorBoard, and its
+    final value is what transformers computes for the exported model on the same blocks."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import LlamaForCausalLM
+
+    from cpt_training.config import MixtureSource
+    from cpt_training.data import TokenBlocks
+    from cpt_training.evaluation import eval_loss, held_out_by_source
+    from cpt_training.metrics import MetricsSink
+    from cpt_training.testing import make_tiny_assets, sample_texts, tokenize_sources
+
+    for k, v in _env(world).items():
+        monkeypatch.setenv(k, v)
+    assets = make_tiny_assets(tmp_path / "assets", block_size=SEQ, vocab_size=320, n_docs=60)
+    texts = sample_texts(160)
+    weights = {"domain": 0.75, "replay": 0.25}
+    data = tokenize_sources(
+        tmp_path / "mixed", assets, {"domain": texts[:100], "replay": texts[100:]}, weights
+    )
+    mixture = [{"name": n, "weight": w} for n, w in weights.items()]
+    root = tmp_path / "ckpt"
+    conv = ConvertToNxdStage(
+        model_uri=str(assets.model), output_uri=str(root / "pretrained_weight"), tensor_parallel=1
+    )
+    assert convert.run(conv) == 0
+    cfg = _stage(
+        world,
+        1,
+        modelUri=str(assets.model),
+        dataUri=str(data),
+        mixture=mixture,
+        maxSteps=4,
+        evalEverySteps=2,
+        evalBlocks=3,
+        checkpoint={"uri": str(root), "everySteps": 4, "localDir": str(tmp_path / "scratch")},
+    )
+    out, err = _train(world, cfg)
+
+    evals = parse_metrics_lines(out, MetricsSink.EVAL_PREFIX)
+    assert [e["step"] for e in evals] == [2, 4], err[-3000:]
+    progress = json.loads((root / "progress.json").read_text())
+    assert progress["eval"]["step"] == 4 and progress["done"] is True
+    final = progress["eval"]["sources"]
+    assert set(final) == {"domain", "replay"}
+    blocks = TokenBlocks(str(data), mixture=[MixtureSource(**m) for m in mixture])
+    assert progress["tokensPerSource"] == blocks.tokens_seen(4, 4)  # 4 blocks a step
+    assert progress["tokensPerSource"]["replay"] == 4 * SEQ  # the exact quota: 1 in 4
+    acc = EventAccumulator(str(root / "tensorboard" / "attempt-1"))
+    acc.Reload()
+    for name in weights:
+        points = acc.Scalars(f"eval/{name}/loss")
+        assert [p.step for p in points] == [2, 4]
+        assert points[-1].value == pytest.approx(final[name]["loss"], rel=1e-5)
+        assert evals[-1]["eval"][name] == pytest.approx(final[name]["loss"])
+
+    # The trained weights (step 4), exported to HF names, scored by transformers.
+    local = restore(str(root), tmp_path / "export-local")
+    assert local is not None and local.local_path is not None and local.step == 4
+    ecfg = ExportHfStage(
+        backend="nxd",
+        model_uri=str(assets.model),
+        checkpoint_uri=str(root),
+        output_uri=str(tmp_path / "out"),
+        dtype="float32",
+    )
+    hf = LlamaForCausalLM.from_pretrained(str(assets.model), torch_dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(str(assets.model), torch_dtype=torch.float32)
+    loaded = hf.load_state_dict(export.to_hf_state_dict(local.local_path, ecfg), strict=False)
+    assert not loaded.missing_keys
+    with torch.no_grad():
+        for src in held_out_by_source(str(data), 3):
+            assert len(src.blocks) == 3
+            loss, _ = eval_loss(hf.eval(), src.blocks)
+            assert final[src.name]["loss"] == pytest.approx(loss, rel=1e-5), src.name
+            before, _ = eval_loss(base.eval(), src.blocks)
+            assert abs(before - loss) > 1e-3  # 4 steps moved it: the check can tell

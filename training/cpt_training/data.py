@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from cpt_training import podenv
 from cpt_training.config import MixtureSource
 from cpt_training.mixture import Mixture, MixtureError
 from cpt_training.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -286,3 +289,15 @@ class TokenBlocks:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._train = self._held = None
+
+
+def log_mixture(blocks: TokenBlocks, max_steps: int, global_blocks: int) -> None:
+    """Say what the run will draw from every source, and warn about sources it repeats."""
+    mix = blocks.mixture
+    seen = mix.seen(max_steps * global_blocks)
+    for name, n, drawn, epochs in zip(
+        blocks.source_names, mix.sizes, seen, mix.epochs(max_steps * global_blocks), strict=False
+    ):
+        log.info("data source %s: %d blocks, %d drawn (%.2f epochs)", name, n, drawn, epochs)
+        if mix.weighted and epochs > 1:
+            log.warning("data source %s is repeated: %.1f epochs over its blocks", name, epochs)

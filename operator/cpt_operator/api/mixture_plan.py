@@ -132,8 +132,6 @@ def eval_warnings(spec: ContinualPretrainSpec, max_steps: int) -> list[tuple[str
     if every is None:
         return []
     path = "spec.training.evalEverySteps"
-    if spec.training.resolved_backend() == "nxd":
-        return [(path, "not run by the nxd backend yet (the export stage still evaluates)")]
     if spec.data.held_out_fraction <= 0:
         return [(path, "no held-out data (data.heldOutFraction is 0): nothing to evaluate")]
     if max_steps and every > max_steps:

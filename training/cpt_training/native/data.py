@@ -110,18 +110,6 @@ def open_blocks(cfg: TrainStage) -> TokenBlocks:
     return blocks
 
 
-def log_mixture(blocks: TokenBlocks, max_steps: int, global_blocks: int) -> None:
-    """Say what the run will draw from every source, and warn about sources it repeats."""
-    mix = blocks.mixture
-    seen = mix.seen(max_steps * global_blocks)
-    for name, n, drawn, epochs in zip(
-        blocks.source_names, mix.sizes, seen, mix.epochs(max_steps * global_blocks), strict=False
-    ):
-        log.info("data source %s: %d blocks, %d drawn (%.2f epochs)", name, n, drawn, epochs)
-        if mix.weighted and epochs > 1:
-            log.warning("data source %s is repeated: %.1f epochs over its blocks", name, epochs)
-
-
 def open_batches(
     blocks: TokenBlocks,
     *,

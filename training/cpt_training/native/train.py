@@ -31,11 +31,13 @@ from cpt_training.checkpoint import (
     restore_distributed,
 )
 from cpt_training.config import ConfigError, TrainStage
+from cpt_training.data import log_mixture
+from cpt_training.held_out import eval_due
 from cpt_training.metrics import MetricsSink, Throughput, peak_flops_per_device
 from cpt_training.model_dir import fetch_model_dir_per_node, load_hf_config
 from cpt_training.native import distributed as nd
 from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state
-from cpt_training.native.data import MicroBatches, log_mixture, open_batches, open_blocks
+from cpt_training.native.data import MicroBatches, open_batches, open_blocks
 from cpt_training.native.evaluate import HeldOutEval
 from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
 from cpt_training.native.optim import build_adamw, clip_grads, set_lr
@@ -347,8 +349,7 @@ class Trainer:
             )
 
     def _eval_due(self, step: int) -> bool:
-        n = self.cfg.eval_every_steps
-        return n is not None and (step % n == 0 or step == self.cfg.max_steps)
+        return eval_due(step, self.cfg.eval_every_steps, self.cfg.max_steps)
 
     def _evaluate(self, step: int) -> None:
         """Held-out loss per source on all ranks (sharded), reported by rank 0."""

@@ -164,12 +164,18 @@ class CptCoreAttention(nn.Module):
 
 
 class CptLossHead(nn.Module):
-    """Next-token loss from vocab-parallel logits; labels of -100 are ignored."""
+    """Next-token loss from vocab-parallel logits; labels of -100 are ignored.
+
+    ``reduction`` is "mean" (training) or "sum": the held-out evaluation sums, because NxD's
+    pipeline averages per-micro-batch losses, which loses the target counts when padding
+    rows leave micro-batches partly empty; sums stay exact (:func:`set_loss_reduction`).
+    """
 
     def __init__(self, kit: LayerKit, upcast: torch.dtype):
         super().__init__()
         self._kit = [kit]  # not a submodule
         self.upcast = upcast
+        self.reduction = "mean"
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shift_logits = logits[:, :-1, :].to(self.upcast).contiguous()
@@ -178,7 +184,22 @@ class CptLossHead(nn.Module):
         flat_labels = shift_labels.view(-1)
         per_token = self._kit[0].cross_entropy(flat_logits, flat_labels)
         valid = (flat_labels != -100).to(per_token.dtype)
-        return (per_token * valid).sum() / valid.sum().clamp_min(1.0)
+        summed = (per_token * valid).sum()
+        if self.reduction == "sum":
+            return summed
+        return summed / valid.sum().clamp_min(1.0)
+
+
+def set_loss_reduction(model: nn.Module, reduction: str) -> int:
+    """Set every :class:`CptLossHead` of ``model`` (NxD's wrapper lists only this rank's
+    pipeline stages: ranks without the last stage have none) to "mean" or "sum"; returns how
+    many it set. A Python attribute of a leaf module, so the traced pipeline follows it."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    heads = [m for m in model.modules() if isinstance(m, CptLossHead)]
+    for head in heads:
+        head.reduction = reduction
+    return len(heads)
 
 
 # ---------------------------------------------------------------------------------------------

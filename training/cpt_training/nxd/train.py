@@ -48,6 +48,7 @@ from typing import Any
 
 from cpt_training import storage
 from cpt_training.config import ConfigError, TrainStage
+from cpt_training.held_out import eval_due
 from cpt_training.nxd import env as nxd_env
 from cpt_training.nxd.convert import apply_overrides
 from cpt_training.nxd.layout import LlamaShape, RankCoords
@@ -138,6 +139,7 @@ class _Trainer:
         self.precompile = is_precompile(os.environ)
         self.local_root = Path(cfg.checkpoint.local_dir)
         self.local_root.mkdir(parents=True, exist_ok=True)
+        self.held_out: Any = None  # built at the first evaluation
         torch.manual_seed(cfg.seed)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -318,8 +320,35 @@ class _Trainer:
             self.sink.write(m)
         if self.progress is not None:
             self.progress.update(
-                step=step, loss=loss_f, tokens_per_sec=m.tokens_per_sec, mfu=m.mfu, lr=lr
+                step=step,
+                loss=loss_f,
+                tokens_per_sec=m.tokens_per_sec,
+                mfu=m.mfu,
+                lr=lr,
+                tokens_per_source=self.blocks.tokens_seen(step, self.global_blocks),
             )
+
+    @property
+    def global_blocks(self) -> int:
+        """Blocks (sample positions) per optimizer step over all DP ranks."""
+        return self.plan.tokens_per_step // self.plan.seq_len
+
+    def _evaluate(self, step: int) -> None:
+        """Held-out loss per source on every rank (sharded by DP rank), reported by rank 0."""
+        from neuronx_distributed.parallel_layers import parallel_state
+
+        from cpt_training.nxd.evaluate import NxdHeldOutEval
+
+        if self.held_out is None:
+            dp_rank = int(parallel_state.get_data_parallel_rank())
+            self.held_out = NxdHeldOutEval(self.blocks, self.cfg.eval_blocks, self.plan, dp_rank)
+        groups = parallel_state.get_data_parallel_replica_groups()
+        losses = self.held_out.run(self.model, self.device, self.xm, groups)
+        log.info("step %d held-out loss: %s", step, losses)
+        if self.sink is not None:
+            self.sink.write_eval(step, losses)
+        if self.progress is not None:
+            self.progress.evaluated(step, losses)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -387,7 +416,7 @@ class _Trainer:
 
     def train(self) -> int:
         from cpt_training.checkpoint import MANIFEST_NAME, collective_for
-        from cpt_training.data import TokenBlocks
+        from cpt_training.data import TokenBlocks, log_mixture
         from cpt_training.schedule import LrSchedule
 
         cfg, plan = self.cfg, self.plan
@@ -414,7 +443,12 @@ class _Trainer:
                 self.progress.committed(ckpt.step)
         from neuronx_distributed.parallel_layers import parallel_state
 
-        blocks = TokenBlocks(cfg.data_uri, seed=cfg.seed, mixture=cfg.mixture)
+        self.blocks = blocks = TokenBlocks(cfg.data_uri, seed=cfg.seed, mixture=cfg.mixture)
+        log_mixture(blocks, cfg.max_steps, self.global_blocks)
+        if self.progress is not None:
+            self.progress.update(  # attempt n has started
+                step=start, tokens_per_source=blocks.tokens_seen(start, self.global_blocks)
+            )
         data = blocks.batches(
             parallel_state.get_data_parallel_rank(),
             plan.dp,
@@ -424,6 +458,9 @@ class _Trainer:
             max_steps=cfg.max_steps,
         )
         step = self._loop(start, data)
+        if self.precompile and cfg.eval_every_steps is not None:
+            self._evaluate(step)  # trace the evaluation's graph too
+            log.info("traced the held-out evaluation")
         if cfg.checkpoint.async_save and not self.precompile:
             import neuronx_distributed as nxd
 
@@ -473,6 +510,8 @@ class _Trainer:
                 if step == start + 1:  # the first step pays for graph compilation
                     log.info("first step took %.1fs", time.perf_counter() - t0)
                     self.throughput.reset(step)
+            if eval_due(step, cfg.eval_every_steps, cfg.max_steps) and not self.precompile:
+                self._evaluate(step)
             if save_due(step, cfg) and not self.precompile:
                 self._save(step)
             self.syncer.poll()
