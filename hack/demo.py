@@ -29,16 +29,16 @@ REPLAY_DOCS = 200
 """The first documents of Python's docs (reference-manual topics) form the replay source."""
 
 
-def prepare_inputs(n_docs: int = 800) -> None:
+def prepare_inputs(demo: Path = DEMO, n_docs: int = 800) -> None:
     from cpt_training.corpus import python_docs, train_bpe_tokenizer
     from cpt_training.testing import make_tiny_llama
 
-    base = DEMO / "base-model"
-    dirs = {"replay": DEMO / "replay", "domain": DEMO / "domain"}
+    base = demo / "base-model"
+    dirs = {"replay": demo / "replay", "domain": demo / "domain"}
     if (base / "config.json").exists() and all(d.exists() for d in dirs.values()):
-        print(f"inputs already prepared under {DEMO}")
+        print(f"inputs already prepared under {demo}")
         return
-    shutil.rmtree(DEMO, ignore_errors=True)
+    shutil.rmtree(demo, ignore_errors=True)
     for d in dirs.values():
         d.mkdir(parents=True)
     docs = []
@@ -52,7 +52,7 @@ def prepare_inputs(n_docs: int = 800) -> None:
         f"wrote {len(docs) - REPLAY_DOCS} documents to {dirs['domain']} and {REPLAY_DOCS} "
         f"to {dirs['replay']}"
     )
-    tok_dir = train_bpe_tokenizer(docs, DEMO / "tokenizer", vocab_size=1024)
+    tok_dir = train_bpe_tokenizer(docs, demo / "tokenizer", vocab_size=1024)
     make_tiny_llama(
         base, 1024, hidden=128, layers=4, heads=4, kv_heads=2, seq=256, tokenizer_dir=tok_dir
     )
@@ -108,20 +108,42 @@ def sample(model_dir: Path, prompt: str = "The list") -> str:
     return str(tok.decode(out[0], skip_special_tokens=True))
 
 
+def run_yaml(workdir: Path, max_steps: int | None) -> Path:
+    """The example, or (``max_steps``: a quick check of the whole path, used by its test) a
+    copy with fewer steps, evaluations and checkpoints halfway and at the end."""
+    if max_steps is None:
+        return RUN_YAML
+    import yaml
+
+    doc = yaml.safe_load(RUN_YAML.read_text())
+    half = max(1, max_steps // 2)
+    doc["spec"]["training"].update(maxSteps=max_steps, evalEverySteps=half)
+    doc["spec"]["checkpoints"]["everySteps"] = half
+    out = workdir / ".demo" / "run.yaml"
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep-run", action="store_true", help="do not wipe .demo/run first")
+    ap.add_argument(
+        "--workdir", type=Path, default=ROOT, help="where .demo/ goes (default: the checkout)"
+    )
+    ap.add_argument("--max-steps", type=int, help="fewer steps than the example's (a quick check)")
     args = ap.parse_args()
-    prepare_inputs()
+    demo = args.workdir.resolve() / ".demo"
+    prepare_inputs(demo)
     if not args.keep_run:
-        shutil.rmtree(DEMO / "run", ignore_errors=True)
+        shutil.rmtree(demo / "run", ignore_errors=True)
     cpt = Path(sys.executable).with_name("cpt")
-    rc = subprocess.call([str(cpt), "local", str(RUN_YAML.relative_to(ROOT))], cwd=ROOT)
+    spec = run_yaml(args.workdir.resolve(), args.max_steps)
+    rc = subprocess.call([str(cpt), "local", str(spec)], cwd=args.workdir)
     if rc != 0:
         print(f"cpt local failed with exit code {rc}", file=sys.stderr)
         return rc
-    model_dir = DEMO / "run" / "hf-model"
-    print("\n" + report(DEMO / "run"))
+    model_dir = demo / "run" / "hf-model"
+    print("\n" + report(demo / "run"))
     print("\nsample from the continually pretrained model:")
     print("  " + sample(model_dir).replace("\n", "\n  "))
     return 0
