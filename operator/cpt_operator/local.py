@@ -32,9 +32,10 @@ from typing import IO, Any
 from pydantic import BaseModel, ValidationError
 
 from cpt_operator.api import planner
-from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.api.models import ContinualPretrainSpec, EvalStatus
 from cpt_operator.builders import pods, stages
 from cpt_operator.reconcile.decide import format_validation_error
+from cpt_operator.reconcile.observe import observe_held_out
 from cpt_training.config import STAGE_CONFIG_ENV, TrainStage
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SPEC = 0, 1, 2
@@ -197,15 +198,24 @@ def _progress_ticker(run: LocalRun) -> Callable[[], None]:
         seen[0] = data.get("updatedAt")
         step = int(data.get("step") or 0)
         bar.n = min(step, bar.total or step)
-        post: dict[str, Any] = {"attempt": data.get("attempt")}
-        if data.get("loss") is not None:
-            post["loss"] = f"{data['loss']:.3f}"
-        if data.get("tokensPerSec"):
-            post["tok/s"] = f"{data['tokensPerSec']:.0f}"
-        bar.set_postfix(post, refresh=False)
+        bar.set_postfix(progress_postfix(data), refresh=False)
         bar.refresh()
 
     return tick
+
+
+def progress_postfix(data: dict[str, Any]) -> dict[str, Any]:
+    """The bar's postfix from progress.json: attempt, loss, tokens/s and, once the trainer
+    has evaluated, the held-out loss per source in the form of the EVAL column of kubectl."""
+    post: dict[str, Any] = {"attempt": data.get("attempt")}
+    if data.get("loss") is not None:
+        post["loss"] = f"{data['loss']:.3f}"
+    if data.get("tokensPerSec"):
+        post["tok/s"] = f"{data['tokensPerSec']:.0f}"
+    held_out = observe_held_out(data.get("eval"))
+    if held_out is not None:
+        post["eval"] = EvalStatus.make(held_out.step, list(held_out.sources)).summary
+    return post
 
 
 def _preflight(run: LocalRun) -> None:

@@ -10,6 +10,7 @@ from test_reconcile import T0, body_of, gang, node, ptj, run, training_status, t
 
 from cpt_operator.api.crd import PRINTER_COLUMNS
 from cpt_operator.api.models import EVAL_SUMMARY_MAX, EvalStatus
+from cpt_operator.local import progress_postfix
 from cpt_operator.reconcile.status import dump_status, load_status
 
 pytestmark = pytest.mark.unit
@@ -128,3 +129,13 @@ def test_kubectl_get_wide_has_an_eval_column_from_the_summary() -> None:
         "jsonPath": ".status.eval.summary",
         "priority": 1,
     }
+
+
+def test_cpt_local_shows_the_same_summary_next_to_its_progress_bar() -> None:
+    assert progress_postfix(progress(42, EVAL_40)) == {
+        "attempt": 1,
+        "loss": "2.500",
+        "tok/s": "1000",
+        "eval": "domain=2.346,replay=3.100@40",
+    }
+    assert "eval" not in progress_postfix(progress(3))
