@@ -20,9 +20,12 @@ import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cpt_training import storage
+
+if TYPE_CHECKING:
+    from cpt_training.metrics import StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,17 @@ class ProgressWriter:
             lr=_finite(lr),
         )
         return self._maybe_write(force)
+
+    def measured(self, m: StepMetrics, tokens_per_source: dict[str, int] | None = None) -> bool:
+        """A logged step's metrics (both trainers): :meth:`update` with its numbers."""
+        return self.update(
+            step=m.step,
+            loss=m.loss,
+            tokens_per_sec=m.tokens_per_sec,
+            mfu=m.mfu,
+            lr=m.lr,
+            tokens_per_source=tokens_per_source,
+        )
 
     def evaluated(self, step: int, losses: dict[str, float | None]) -> None:
         """Held-out loss per source at ``step``: always written."""

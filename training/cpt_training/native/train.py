@@ -339,14 +339,7 @@ class Trainer:
         if self.sink is not None:
             self.sink.write(m)
         if self.progress is not None:
-            self.progress.update(
-                step=step,
-                loss=loss,
-                tokens_per_sec=m.tokens_per_sec,
-                mfu=m.mfu,
-                lr=lr,
-                tokens_per_source=self.blocks.tokens_seen(step, self.global_blocks),
-            )
+            self.progress.measured(m, self.blocks.tokens_seen(step, self.global_blocks))
 
     def _eval_due(self, step: int) -> bool:
         return eval_due(step, self.cfg.eval_every_steps, self.cfg.max_steps)

@@ -319,14 +319,7 @@ class _Trainer:
         if self.sink is not None:
             self.sink.write(m)
         if self.progress is not None:
-            self.progress.update(
-                step=step,
-                loss=loss_f,
-                tokens_per_sec=m.tokens_per_sec,
-                mfu=m.mfu,
-                lr=lr,
-                tokens_per_source=self.blocks.tokens_seen(step, self.global_blocks),
-            )
+            self.progress.measured(m, self.blocks.tokens_seen(step, self.global_blocks))
 
     @property
     def global_blocks(self) -> int:
