@@ -407,11 +407,9 @@ def test_nxd_evaluates_every_source_through_the_model_wrapper_and_matches_transf
     held-out loss per source goes to the metrics lines, progress.json and TensorBoard, and its
     final value is what transformers computes for the exported model on the same blocks."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from transformers import LlamaForCausalLM
 
     from cpt_training.config import MixtureSource
     from cpt_training.data import TokenBlocks
-    from cpt_training.evaluation import eval_loss, held_out_by_source
     from cpt_training.metrics import MetricsSink
     from cpt_training.testing import make_tiny_assets, sample_texts, tokenize_sources
 
@@ -459,24 +457,29 @@ def test_nxd_evaluates_every_source_through_the_model_wrapper_and_matches_transf
         assert points[-1].value == pytest.approx(final[name]["loss"], rel=1e-5)
         assert evals[-1]["eval"][name] == pytest.approx(final[name]["loss"])
 
-    # The trained weights (step 4), exported to HF names, scored by transformers.
-    local = restore(str(root), tmp_path / "export-local")
-    assert local is not None and local.local_path is not None and local.step == 4
+    # The export stage on the nxd tag (step 4): transformers scores the base and the trained
+    # model on the same blocks; "after" is what the trainer measured in its last evaluation.
+    from huggingface_hub import ModelCard
+
+    from cpt_training.export import run as export_run
+
+    out_dir = tmp_path / "out"
     ecfg = ExportHfStage(
         backend="nxd",
         model_uri=str(assets.model),
         checkpoint_uri=str(root),
-        output_uri=str(tmp_path / "out"),
+        output_uri=str(out_dir),
+        data_uri=str(data),
+        eval_blocks=3,
         dtype="float32",
+        mixture=[MixtureSource(**m) for m in mixture],
     )
-    hf = LlamaForCausalLM.from_pretrained(str(assets.model), torch_dtype=torch.float32)
-    base = LlamaForCausalLM.from_pretrained(str(assets.model), torch_dtype=torch.float32)
-    loaded = hf.load_state_dict(export.to_hf_state_dict(local.local_path, ecfg), strict=False)
-    assert not loaded.missing_keys
-    with torch.no_grad():
-        for src in held_out_by_source(str(data), 3):
-            assert len(src.blocks) == 3
-            loss, _ = eval_loss(hf.eval(), src.blocks)
-            assert final[src.name]["loss"] == pytest.approx(loss, rel=1e-5), src.name
-            before, _ = eval_loss(base.eval(), src.blocks)
-            assert abs(before - loss) > 1e-3  # 4 steps moved it: the check can tell
+    assert export_run(ecfg) == 0
+    result = json.loads((out_dir / "eval.json").read_text())
+    assert result["step"] == 4 and set(result["sources"]) == set(weights)
+    for name, e in result["sources"].items():
+        assert e["blocks"] == 3
+        assert e["after"]["loss"] == pytest.approx(final[name]["loss"], rel=1e-5), name
+        assert abs(e["lossChange"]) > 1e-3  # 4 steps moved it: the comparison can tell
+    card = ModelCard.load(out_dir / "README.md")
+    assert "replay" in card.text and "| domain |" in card.text

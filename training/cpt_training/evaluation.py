@@ -21,9 +21,12 @@ import torch
 from cpt_training.data import TokenBlocks
 
 
+@torch.no_grad()
 def eval_loss(model: Any, blocks: list[torch.Tensor], batch_size: int = 4) -> tuple[float, int]:
     """Mean next-token cross entropy over ``blocks`` (each [seq] input ids) and the number of
-    predicted tokens: HF's own loss (``labels=input_ids``), weighted by tokens."""
+    predicted tokens: HF's own loss (``labels=input_ids``), weighted by tokens. Without
+    autograd: the export evaluates whole models on CPU, where saved activations would cost
+    as much memory as a training step's."""
     total, tokens = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         ids = torch.stack(blocks[i : i + batch_size]).to(torch.long)
