@@ -179,3 +179,18 @@ def test_a_port_in_use_is_logged_and_the_operator_goes_on(
         first.close()
         second.close()
     assert f"cannot serve metrics on :{port}" in caplog.text
+
+
+def test_without_a_commit_time_the_age_counts_from_when_the_step_was_first_seen() -> None:
+    m = OperatorMetrics()
+    body = run_body()
+    del body["status"]["checkpoint"]["time"]  # the operator's status has step and uri only
+    m.runs.update(body)
+    ts = "cpt_run_last_commit_timestamp_seconds"
+    first = value(m, ts, namespace="ns", run="r1")
+    m.runs.update(body)  # the same checkpoint again: the same commit time
+    assert value(m, ts, namespace="ns", run="r1") == first
+    body["status"]["checkpoint"]["step"] = 110
+    m.runs.update(body)
+    assert (value(m, ts, namespace="ns", run="r1") or 0) >= (first or 0)
+    assert value(m, "cpt_run_last_committed_step", namespace="ns", run="r1") == 110

@@ -13,44 +13,9 @@ import numpy as np
 import pytest
 
 from cpt_operator import cli, plot
-from cpt_training.metrics import MetricsSink, StepMetrics
+from fixtures.tb_events import write_attempt
 
 pytestmark = pytest.mark.unit
-
-
-def _metrics(step: int, loss: float) -> StepMetrics:
-    return StepMetrics(
-        step=step,
-        loss=loss,
-        lr=1e-3 * min(1.0, step / 10),
-        grad_norm=1.0,
-        tokens_per_sec=1000.0 + step,
-        tflops=0.1,
-        mfu=None,
-        step_time_s=0.01,
-        tokens=1000,
-    )
-
-
-def write_attempt(
-    root: Path, attempt: int, start: int, last: int, *, evals: bool, start_tag: bool = True
-) -> None:
-    sink = MetricsSink(max_steps=50, tensorboard_dir=root / f"attempt-{attempt}", stream=_Null())
-    if start_tag:
-        sink.write_start(start)
-    for step in range(start + 1, last + 1):
-        sink.write(_metrics(step, 5.0 - 0.05 * step))
-        if evals and step % 25 == 0:
-            sink.write_eval(step, {"domain": 4.0 - step / 50, "replay": 4.5 - step / 100})
-    sink.close()
-
-
-class _Null:
-    def write(self, _text: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
 
 
 @pytest.fixture
