@@ -251,6 +251,7 @@ class OperatorMetrics:
             registry=self.registry,
         )
         self._filter: _WatchRestarts | None = None
+        self._level = logging.NOTSET
         self._server: Any = None
 
     def observe_pass(self, seconds: float, *, failed: bool) -> None:
@@ -296,6 +297,7 @@ class OperatorMetrics:
     def count_watch_restarts(self, *, debug: bool) -> None:
         logger = logging.getLogger(WATCH_LOGGER)
         self._filter = _WatchRestarts(self.watch_restarts, show=debug)
+        self._level = logger.level
         logger.addFilter(self._filter)
         logger.setLevel(logging.DEBUG)
 
@@ -307,7 +309,9 @@ class OperatorMetrics:
 
     def close(self) -> None:
         if self._filter is not None:
-            logging.getLogger(WATCH_LOGGER).removeFilter(self._filter)
+            logger = logging.getLogger(WATCH_LOGGER)
+            logger.removeFilter(self._filter)
+            logger.setLevel(self._level)
             self._filter = None
         if self._server is not None:
             self._server.shutdown()

@@ -172,12 +172,15 @@ def resolve_source(run: str, namespace: str | None) -> tuple[str, str]:
     from cpt_operator.doctor import KubeReader
     from cpt_operator.kube import Kube, api_client
 
-    ns = namespace or KubeReader().default_namespace
-    kube = Kube(api_client(pool_size=2))
     try:
-        obj = kube.get_run(ns, run)
-    finally:
-        kube.close()
+        ns = namespace or KubeReader().default_namespace
+        kube = Kube(api_client(pool_size=2))
+        try:
+            obj = kube.get_run(ns, run)
+        finally:
+            kube.close()
+    except Exception as err:  # no kubeconfig, no access: say so, not a traceback
+        raise PlotError(f"cannot read ContinualPretrain {run!r} from the cluster: {err}") from err
     if obj is None:
         raise PlotError(f"no ContinualPretrain {ns}/{run}, and no folder named {run!r} here")
     uri = (obj.get("status") or {}).get("tensorboardUri")

@@ -131,3 +131,13 @@ def test_cpt_plot_of_an_unknown_folder_says_where_it_looked(
 ) -> None:
     assert cli.main(["plot", str(tmp_path), "--terminal"]) == 1
     assert "no TensorBoard event files" in capsys.readouterr().err
+
+
+def test_a_run_name_without_a_reachable_cluster_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # "llama" is no folder here: it names a run
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert cli.main(["plot", "llama", "-n", "team"]) == 1
+    assert "cannot read ContinualPretrain 'llama' from the cluster" in capsys.readouterr().err
