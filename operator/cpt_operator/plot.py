@@ -230,12 +230,12 @@ def render_png(curves: Curves, path: Path, title: str = "") -> Any:
             ax.legend(loc="upper right", fontsize=8)
         if tag == "train/lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    for attempt, colour in zip(curves.attempts, colours, strict=True):
-        axes[0].annotate(
-            f"attempt {attempt.number} @ {attempt.resume_step}",
+    for i, (attempt, colour) in enumerate(zip(curves.attempts, colours, strict=True)):
+        axes[0].annotate(  # one line lower per attempt: close resume steps stay readable
+            f"attempt {attempt.number} from step {attempt.resume_step}",
             xy=(attempt.resume_step, 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
+            xytext=(3, -12 - 11 * (i % 4)),
             textcoords="offset points",
             color=colour,
             fontsize=8,
