@@ -64,6 +64,7 @@ RUN_GAUGES: dict[str, str] = {
     "by the preflight check.",
 }
 PHASE_HELP = "1 for the run's phase, 0 for the others."
+EVAL_HELP = "Held-out loss per data source at the newest evaluation (status.eval)."
 
 
 def _seconds(value: Any) -> float | None:
@@ -94,6 +95,7 @@ class RunSample:
     values: dict[str, float] = field(default_factory=dict)
     commit_time: float | None = None
     eta: float | None = None
+    eval_loss: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> RunSample:
@@ -122,7 +124,23 @@ class RunSample:
             values={k: v for k, v in raw.items() if v is not None},
             commit_time=raw["cpt_run_last_commit_timestamp_seconds"],
             eta=_seconds(progress.get("eta")),
+            eval_loss=_eval_losses(status.get("eval")),
         )
+
+
+def _eval_losses(section: Any) -> dict[str, float]:
+    """{source: loss} from ``status.eval`` when the status has one (``{step, sources: {name:
+    {loss, ...}}}``, the shape of progress.json's ``eval``); anything else reads as none. The
+    sources are the spec's data sources, so the ``source`` label stays bounded."""
+    sources = section.get("sources") if isinstance(section, Mapping) else None
+    if not isinstance(sources, Mapping):
+        return {}
+    out = {}
+    for name, entry in sources.items():
+        loss = _number(entry.get("loss") if isinstance(entry, Mapping) else entry)
+        if loss is not None:
+            out[str(name)] = loss
+    return out
 
 
 class RunCollector(Collector):
@@ -177,6 +195,7 @@ class RunCollector(Collector):
             runs = dict(self._runs)
             bandwidth = dict(self._bandwidth)
         phase = GaugeMetricFamily("cpt_run_phase", PHASE_HELP, labels=[*LABELS, "phase"])
+        evals = GaugeMetricFamily("cpt_run_eval_loss", EVAL_HELP, labels=[*LABELS, "source"])
         gauges = {
             name: GaugeMetricFamily(name, text, labels=list(LABELS))
             for name, text in RUN_GAUGES.items()
@@ -193,7 +212,10 @@ class RunCollector(Collector):
                 values["cpt_run_preflight_bus_bandwidth_bytes_per_second"] = bus
             for name, value in values.items():
                 gauges[name].add_metric(list(key), value)
+            for source, loss in sorted(sample.eval_loss.items()):
+                evals.add_metric([*key, source], loss)
         yield phase
+        yield evals
         yield from gauges.values()
 
 

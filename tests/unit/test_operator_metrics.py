@@ -194,3 +194,19 @@ def test_without_a_commit_time_the_age_counts_from_when_the_step_was_first_seen(
     m.runs.update(body)
     assert (value(m, ts, namespace="ns", run="r1") or 0) >= (first or 0)
     assert value(m, "cpt_run_last_committed_step", namespace="ns", run="r1") == 110
+
+
+def test_held_out_loss_per_source_is_a_series_per_source_when_the_status_has_it() -> None:
+    m = OperatorMetrics()
+    body = run_body()
+    m.runs.update(body)
+    assert not [k for k in samples(m) if k[0] == "cpt_run_eval_loss"]
+    body["status"]["eval"] = {
+        "step": 100,
+        "sources": {"domain": {"loss": 3.25, "perplexity": 25.8}, "replay": {"loss": None}},
+    }
+    m.runs.update(body)
+    assert value(m, "cpt_run_eval_loss", namespace="ns", run="r1", source="domain") == 3.25
+    assert [k for k in samples(m) if k[0] == "cpt_run_eval_loss"] == [
+        ("cpt_run_eval_loss", (("namespace", "ns"), ("run", "r1"), ("source", "domain")))
+    ]
