@@ -1,11 +1,12 @@
 """The operator's Prometheus metrics, served on ``/metrics`` by the operator process.
 
-Per run (labels ``namespace`` and ``run`` only; ``phase`` on ``cpt_run_phase`` takes the ten
-values of the Phase enum): what ``kubectl get cpt`` shows, as numbers a dashboard can draw
-over time. They come from the run's stored status as the watch delivers it (every status
-patch the operator makes comes back as a watch event), so they show what the API server
-holds, and a deleted run's series go with its DELETED event. Values that depend on the clock
-(checkpoint age, ETA) are computed when Prometheus scrapes.
+Per run (labels ``namespace`` and ``run``; ``phase`` on ``cpt_run_phase`` takes the ten values
+of the Phase enum, ``source`` on ``cpt_run_eval_loss`` the run's data source names): what
+``kubectl get cpt`` shows, as numbers a dashboard can draw over time. They come from the run's
+stored status as the watch delivers it (every status patch the operator makes comes back as a
+watch event), so they show what the API server holds, and a deleted run's series go with its
+DELETED event. Values that depend on the clock (checkpoint age, ETA) are computed when
+Prometheus scrapes.
 
 Operator health: reconcile passes (count, duration histogram, failures) and restarts of kopf's
 watch streams (counted from kopf's own "Starting the watch-stream" log record: kopf has no
