@@ -210,3 +210,13 @@ def test_held_out_loss_per_source_is_a_series_per_source_when_the_status_has_it(
     assert [k for k in samples(m) if k[0] == "cpt_run_eval_loss"] == [
         ("cpt_run_eval_loss", (("namespace", "ns"), ("run", "r1"), ("source", "domain")))
     ]
+
+
+def test_the_watch_log_record_counted_is_the_one_kopf_writes() -> None:
+    """Guards a kopf upgrade: the logger and the message the restart count relies on."""
+    import inspect
+
+    from kopf._cogs.clients import watching
+
+    assert watching.logger.name == WATCH_LOGGER
+    assert "Starting the watch-stream for {resource}" in inspect.getsource(watching)
