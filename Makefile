@@ -9,7 +9,7 @@ PYTEST := $(PY) -m pytest
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 ##@ Setup
-.PHONY: help install cluster-build s3server-build node-build host-setup
+.PHONY: help install cluster-build s3server-build node-build host-setup prometheus
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"} /^##@/ {printf "\n\033[1m%s\033[0m\n", substr($$0, 5)} /^[a-zA-Z0-9_-]+:.*##/ {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -27,6 +27,9 @@ s3server-build: ## Build the compiled loopback S3 server (versitygw; cached by g
 node-build: ## Build the real node's kubelet and pause binary (cached by their own go.sum hash)
 	@hack/node/build.sh >/dev/null
 
+prometheus: ## Unpack Debian's Prometheus server under the cpt cache (the e2e metrics test)
+	@hack/prometheus/install.sh >/dev/null
+
 # Debian packages for images and the real node (runc, containerd, buildah, mmdebstrap, CNI
 # plugins); a no-op when present. Not fatal here: without root the containers tier says
 # what is missing (and fails under CI=true).
@@ -40,13 +43,13 @@ demo: install ## Run the tiny end-to-end job in local mode (tokenize -> train ->
 
 ##@ Test
 .PHONY: test test-unit test-integration test-e2e test-faults test-parity test-containers
-test: install cluster-build s3server-build host-setup ## The whole suite (unit, integration, parity, e2e, containers)
+test: install cluster-build s3server-build host-setup prometheus ## The whole suite (unit, integration, parity, e2e, containers)
 	$(PYTEST) tests
 test-unit: install ## Fast pure tests only
 	$(PYTEST) -m unit tests
 test-integration: install cluster-build s3server-build ## Control plane and S3 server tests
 	$(PYTEST) -m integration tests
-test-e2e: install cluster-build ## Whole pipeline through the operator on the local control plane
+test-e2e: install cluster-build prometheus ## Whole pipeline through the operator on the local control plane
 	$(PYTEST) -m e2e tests
 test-faults: install cluster-build ## Fault-injection matrix
 	$(PYTEST) -m faults tests

@@ -10,6 +10,7 @@
    loss per source every 50 steps) -> export to Hugging Face with eval.json and a model card.
 3. Print the mixture (tokens drawn per source) and the before/after table per source, then load
    the exported model with transformers and generate a sample.
+4. Draw the loss curve (terminal) and write .demo/run/curves.png (`cpt plot`).
 """
 
 from __future__ import annotations
@@ -124,6 +125,16 @@ def run_yaml(workdir: Path, max_steps: int | None) -> Path:
     return out
 
 
+def curves(run: Path) -> str:
+    """The run's loss curve across attempts, drawn here and written as a PNG (`cpt plot`)."""
+    from cpt_operator import plot
+
+    data = plot.read_curves(str(run / "checkpoints"))
+    png = run / "curves.png"
+    plot.render_png(data, png, title="tiny-local (make demo)")
+    return f"{plot.render_text(data)}curves: {png} (also: cpt plot {run / 'checkpoints'})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep-run", action="store_true", help="do not wipe .demo/run first")
@@ -146,6 +157,7 @@ def main() -> int:
     print("\n" + report(demo / "run"))
     print("\nsample from the continually pretrained model:")
     print("  " + sample(model_dir).replace("\n", "\n  "))
+    print("\n" + curves(demo / "run"))
     return 0
 
 

@@ -1,7 +1,7 @@
 """`python -m cpt_operator`: the operator, as the image runs it.
 
 The same handlers as `kopf run -m cpt_operator.handlers --standalone`, with the settings read
-once here (cpt_operator/settings.py: the six CPT_* variables the chart sets) and handed to
+once here (cpt_operator/settings.py: the CPT_* variables the chart sets) and handed to
 the handlers through kopf's memo. Kubernetes access: in-cluster service account, or
 KUBECONFIG. S3: the standard AWS environment.
 """

@@ -5,6 +5,7 @@ cpt plan run.yaml [--json] [--local]
 cpt doctor run.yaml [--namespace NS]
 cpt crds [--root DIR] [--check]
 cpt local run.yaml [--workdir DIR] ...
+cpt plot RUN [--output PNG] [--terminal] [--json]
 cpt --version
 """
 
@@ -103,6 +104,31 @@ def _cmd_local(args: argparse.Namespace) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        from cpt_operator import plot
+
+        uri, name = plot.resolve_source(args.run, args.namespace)
+        curves = plot.read_curves(uri)
+        if args.json:
+            print(json.dumps(curves.to_json()))
+        if args.terminal:
+            sys.stdout.write(plot.render_text(curves))
+        if not args.terminal or args.output:
+            out = Path(args.output or f"{name}-curves.png")
+            plot.render_png(curves, out, title=f"{name} ({uri})")
+            print(f"wrote {out}", file=sys.stderr)
+    except ModuleNotFoundError as exc:
+        print(f"cpt plot: needs {exc.name}: pip install 'cpt[plot]'", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"cpt plot: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpt", description="ContinualPretrain: continual pretraining on Kubernetes."
@@ -140,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--nproc", type=int, default=None, help="override processesPerNode")
     loc.add_argument("--stage", default=None, help="run only this stage")
     loc.set_defaults(func=_cmd_local)
+
+    pl = sub.add_parser(
+        "plot", help="loss, lr, tokens/s and held-out loss across a run's attempts (PNG)"
+    )
+    pl.add_argument(
+        "run", help="a run's name (its status.tensorboardUri), or a TensorBoard/checkpoint URI"
+    )
+    pl.add_argument("--namespace", "-n", default=None, help="the run's namespace")
+    pl.add_argument("--output", "-o", default=None, help="the PNG (default: RUN-curves.png)")
+    pl.add_argument("--terminal", action="store_true", help="draw the loss in the terminal")
+    pl.add_argument("--json", action="store_true", help="print the plotted data as JSON")
+    pl.set_defaults(func=_cmd_plot)
     return parser
 
 

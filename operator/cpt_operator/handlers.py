@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from cpt_operator.api.models import (
 from cpt_operator.builders import stages
 from cpt_operator.builders.meta import RUN_LABEL, STAGE_LABEL
 from cpt_operator.kube import ApiException, Kube, KubeApi, api_client, error_message
+from cpt_operator.metrics import OperatorMetrics
 from cpt_operator.progress import StorageView, read_storage
 from cpt_operator.reconcile import admission, conditions
 from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
@@ -242,6 +244,7 @@ class Controller:
     loops: dict[RunKey, RunLoop] = field(default_factory=dict)
     roots: dict[RunKey, RunRoots] = field(default_factory=dict)
     passes: int = 0
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     def wake(self, key: RunKey, *, start: bool = False) -> None:
         """Wake the run's loop; `start`: start one if the run has none."""
@@ -273,11 +276,13 @@ async def run_loop(ctl: Controller, key: RunKey, me: RunLoop) -> None:
         me.wake.clear()
         others = tuple(ctl.roots.values())  # a snapshot: the thread must not see it change
         ctl.passes += 1
+        started = time.perf_counter()
         try:
             phase = await loop.run_in_executor(ctl.executor, reconcile, ctl.kube, *key, others)
         except Exception as err:  # the next wake-up or resync tries again
             log.warning("reconcile of %s/%s failed: %s", key[0], key[1], error_message(err))
             phase = ""
+        ctl.metrics.observe_pass(time.perf_counter() - started, failed=phase == "")
         if phase is None or phase in TERMINAL:
             if ctl.loops.get(key) is me:
                 del ctl.loops[key]
@@ -312,6 +317,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     planner.warm()  # not during the first run's pass
     kube = memo.get("kube") or Kube(api_client(cfg.workers))
     ctl = Controller(cfg, kube, ThreadPoolExecutor(cfg.workers, thread_name_prefix="reconcile"))
+    ctl.metrics.start(cfg)
     for scope in cfg.namespaces or (None,):
         try:
             runs = await asyncio.get_running_loop().run_in_executor(
@@ -334,6 +340,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     for key in list(ctl.loops):
         ctl.stop(key)
     ctl.executor.shutdown(wait=False, cancel_futures=True)
+    ctl.metrics.close()
 
 
 @kopf.on.probe(id="runs")
@@ -365,6 +372,7 @@ async def run_event(
     if namespace is None:
         return
     ctl, key = controller(memo), (namespace, name)
+    ctl.metrics.track(body, type, ctl.executor)
     if type == "DELETED":
         ctl.stop(key)
         ctl.roots.pop(key, None)

@@ -265,6 +265,20 @@ def _failure(stage: str, failed: list[tuple[int, Path]]) -> str:
     return f"{stage} exited with {code}; see {log}:\n{_tail(log)}"
 
 
+def _plot(run: LocalRun) -> None:
+    """The loss curves across attempts as ``<workdir>/curves.png`` (what ``cpt plot`` draws);
+    a run is never failed over its picture."""
+    try:
+        from cpt_operator import plot
+
+        curves = plot.read_curves(stages.paths(run.spec, run.name).tensorboard)
+        out = run.workdir / "curves.png"
+        plot.render_png(curves, out, title=f"{run.name} (local)")
+        run.say(f"curves: {out} ({len(curves.attempts)} attempt(s); `cpt plot` redraws them)")
+    except Exception as err:  # missing plot extra, no event files: say so, keep the result
+        run.say(f"curves: not drawn ({type(err).__name__}: {err})")
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -357,6 +371,8 @@ def run_local(
             run.say(f"[{step_name}] FAILED: {err}")
             return EXIT_FAILED
         run.say(f"[{step_name}] done in {time.monotonic() - t0:.0f}s")
+    if stage in (None, "train", "export"):
+        _plot(run)
     if stage in (None, "export"):
         run.say(
             f"Hugging Face model: {spec.output.s3_uri} "

@@ -1,4 +1,4 @@
-"""The operator's configuration: six knobs, read once at start-up and passed in.
+"""The operator's configuration: seven knobs, read once at start-up and passed in.
 
 Each field is one environment variable that the chart sets from one value
 (charts/cpt/values.yaml, `operator.*` and `watchNamespace`); tests/unit/test_settings.py fails
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+DEFAULT_METRICS_PORT = 8081
 LOG_LEVELS = ("DEBUG", "INFO")
 POSTING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -38,12 +39,17 @@ class OperatorSettings:
     posted."""
     liveness_endpoint: str | None = DEFAULT_LIVENESS
     """CPT_LIVENESS_ENDPOINT (operator.healthPort): kopf's liveness URL; "" turns it off."""
+    metrics_port: int = DEFAULT_METRICS_PORT
+    """CPT_METRICS_PORT (metrics.port; metrics.enabled false sets 0): the port of the
+    Prometheus ``/metrics`` endpoint (cpt_operator/metrics.py); 0 turns it off."""
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
             raise ValueError(f"CPT_RESYNC_SECONDS must be > 0, got {self.resync_seconds}")
         if self.workers < 1:
             raise ValueError(f"CPT_WORKER_LIMIT must be >= 1, got {self.workers}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"CPT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"CPT_LOG_LEVEL must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.posting_level not in POSTING_LEVELS:
@@ -74,6 +80,7 @@ class OperatorSettings:
             log_level=env.get("CPT_LOG_LEVEL", cls.log_level).upper(),
             posting_level=env.get("CPT_POSTING_LEVEL", cls.posting_level).upper(),
             liveness_endpoint=env.get("CPT_LIVENESS_ENDPOINT", DEFAULT_LIVENESS) or None,
+            metrics_port=number("CPT_METRICS_PORT", int, cls.metrics_port),
         )
 
 
@@ -84,5 +91,6 @@ ENV_NAMES = (
     "CPT_LOG_LEVEL",
     "CPT_POSTING_LEVEL",
     "CPT_LIVENESS_ENDPOINT",
+    "CPT_METRICS_PORT",
 )
 """Every variable `from_env` reads, in field order (the chart sets each)."""

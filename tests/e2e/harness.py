@@ -53,9 +53,17 @@ class OperatorProcess:
     """The operator as it runs in its image, one per test namespace."""
 
     def __init__(
-        self, cluster: Cluster, namespace: str, s3: S3Server, *, resync: float = 1.0
+        self,
+        cluster: Cluster,
+        namespace: str,
+        s3: S3Server,
+        *,
+        resync: float = 1.0,
+        metrics_port: int = 0,
     ) -> None:
         self.cluster = cluster
+        self.metrics_port = metrics_port
+        """The /metrics port; 0 (the default) serves none, so operators never collide."""
         self.namespace = namespace
         self.s3 = s3
         self.resync = resync
@@ -75,6 +83,7 @@ class OperatorProcess:
                 "CPT_WATCH_NAMESPACES": self.namespace,
                 "CPT_LIVENESS_ENDPOINT": "",
                 "CPT_RESYNC_SECONDS": str(self.resync),
+                "CPT_METRICS_PORT": str(self.metrics_port),
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -11,6 +11,8 @@ behalf.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -132,3 +134,25 @@ def test_the_operator_runs_the_real_workload_through_a_worker_failure_to_a_loada
         assert logits.shape[-1] == VOCAB
     reasons = runs.event_reasons(RUN)
     assert reasons.count("AttemptFailed") == 1 and "Succeeded" in reasons
+
+    # `cpt plot RUN`: both attempts' curves from the run's TensorBoard files in S3, attempt 2
+    # marked at the step it resumed from; the PNG stays in the cluster logs for a person.
+    png = runs.cluster.logs_dir / f"{RUN}-curves.png"
+    argv = ["plot", RUN, "--namespace", runs.ns, "--output", str(png), "--json"]
+    plotted = subprocess.run(
+        [sys.executable, "-m", "cpt_operator.cli", *argv],
+        env={**runs.cluster.env(), **s3.env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert plotted.returncode == 0, plotted.stderr
+    curves = json.loads(plotted.stdout)
+    assert [(a["attempt"], a["resumeStep"]) for a in curves["attempts"]] == [
+        (1, 0),
+        (2, resumed_from),
+    ]
+    second = curves["attempts"][1]["series"]["train/loss"]
+    assert second[0][0] == resumed_from + 1 and second[-1][0] == MAX_STEPS
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -68,3 +68,31 @@ def test_an_unknown_stage_is_refused_with_the_allowed_names(tmp_path: Path) -> N
     code = local.run_local(SPECS / "local-cpu.yaml", workdir=tmp_path, stage="nap", out=out)
     assert code == local.EXIT_BAD_SPEC
     assert "allowed: preflight, tokenize, weights, train, export" in out.getvalue()
+
+
+def _local_run(tmp_path: Path) -> local.LocalRun:
+    spec = spec_of("local-cpu")
+    ckpt = spec.checkpoints.model_copy(update={"s3_uri": str(tmp_path / "ckpt") + "/"})
+    spec = spec.model_copy(update={"checkpoints": ckpt})
+    return local.LocalRun("tiny", spec, tmp_path / "work", io.StringIO())
+
+
+def test_local_mode_ends_by_drawing_the_curves_of_every_attempt(tmp_path: Path) -> None:
+    from fixtures.tb_events import write_attempt
+
+    run = _local_run(tmp_path)
+    tb = Path(stages.paths(run.spec, run.name).tensorboard)
+    write_attempt(tb, 1, 0, 12, evals=False)
+    write_attempt(tb, 2, 10, 20, evals=False)
+    local._plot(run)
+    assert (run.workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"curves: {run.workdir / 'curves.png'} (2 attempt(s)" in run.out.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_run_without_tensorboard_files_still_ends_and_says_why_there_is_no_picture(
+    tmp_path: Path,
+) -> None:
+    run = _local_run(tmp_path)
+    local._plot(run)
+    assert "curves: not drawn (PlotError: no TensorBoard event files" in run.out.getvalue()  # type: ignore[attr-defined]
+    assert not (run.workdir / "curves.png").exists()

@@ -172,6 +172,12 @@ CASES: dict[str, list[str]] = {
         "--set", f"serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn={IRSA_ARN}",
         "--set", "s3.region=us-west-2",
     ],
+    # The Prometheus Operator's CRDs installed: the ServiceMonitor renders too.
+    "servicemonitor": [
+        "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor",
+        "--set", "metrics.serviceMonitor.labels.release=kube-prometheus-stack",
+    ],
+    "metrics-off": ["--set", "metrics.enabled=false"],
 }  # fmt: skip
 
 
@@ -225,7 +231,7 @@ def test_a_writable_tmp_is_mounted_because_the_root_filesystem_is_read_only() ->
 def test_liveness_probes_kopfs_healthz_on_the_port_kopf_serves() -> None:
     c = container(objects("--set", "operator.healthPort=9090"))
     assert env_of(c)["CPT_LIVENESS_ENDPOINT"] == "http://0.0.0.0:9090/healthz"
-    assert c["ports"] == [{"name": "healthz", "containerPort": 9090, "protocol": "TCP"}]
+    assert c["ports"][0] == {"name": "healthz", "containerPort": 9090, "protocol": "TCP"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert "readinessProbe" not in c
 
@@ -454,7 +460,7 @@ def test_no_rule_touches_secrets_or_uses_wildcards_or_escalation_verbs(case: str
 
 def test_rbac_can_be_left_to_the_user() -> None:
     kinds = {o["kind"] for o in objects("--set", "rbac.create=false")}
-    assert kinds == {"ServiceAccount", "Deployment"}
+    assert kinds == {"ServiceAccount", "Deployment", "Service", "ConfigMap"}  # + metrics
 
 
 def test_cluster_scoped_rbac_names_include_the_release_namespace() -> None:

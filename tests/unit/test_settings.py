@@ -24,6 +24,7 @@ CHART_VALUES: dict[str, tuple[str, str, str]] = {
     "log_level": ("CPT_LOG_LEVEL", "operator.logLevel", "DEBUG"),
     "posting_level": ("CPT_POSTING_LEVEL", "operator.postingLevel", "ERROR"),
     "liveness_endpoint": ("CPT_LIVENESS_ENDPOINT", "operator.healthPort", "9090"),
+    "metrics_port": ("CPT_METRICS_PORT", "metrics.port", "9300"),
 }
 
 
@@ -61,6 +62,7 @@ def test_each_chart_value_reaches_its_setting() -> None:
         log_level="DEBUG",
         posting_level="ERROR",
         liveness_endpoint="http://0.0.0.0:9090/healthz",
+        metrics_port=9300,
     )
 
 

@@ -174,6 +174,12 @@ class MetricsSink:
             if m.mfu is not None:
                 w.add_scalar("perf/mfu", m.mfu, m.step)
 
+    def write_start(self, step: int) -> None:
+        """The step this attempt starts from (0, or the restored checkpoint's): ``cpt plot``
+        marks where each attempt resumed with it."""
+        if self._writer is not None:
+            self._writer.add_scalar("attempt/start_step", step, step)
+
     def write_eval(self, step: int, losses: dict[str, float | None]) -> None:
         """Held-out loss per source: a metrics line and ``eval/<source>/loss`` scalars."""
         record = {"step": step, "eval": losses}

@@ -389,6 +389,8 @@ class Trainer:
         cfg = self.cfg
         start = self.restore_or_init()
         self.counters.step = start
+        if self.sink is not None:
+            self.sink.write_start(start)
         log_mixture(self.blocks, self.cfg.max_steps, self.global_blocks)
         if self.progress is not None:
             self.progress.update(  # attempt n has started

@@ -430,6 +430,8 @@ class _Trainer:
         self.syncer = self._syncer(collective)
         self.schedule = LrSchedule.from_config(cfg.optimizer, cfg.max_steps)
         self._reporting()
+        if self.sink is not None:
+            self.sink.write_start(start)
         if ckpt is not None and ckpt.tag != PRETRAINED:
             self.syncer.last_committed = ckpt
             if self.progress is not None:
