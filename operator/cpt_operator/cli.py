@@ -42,13 +42,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cpt_operator import doctor
-    from cpt_operator.api.models import ContinualPretrainSpec
+    from cpt_operator.api.models import parse_spec
     from cpt_operator.api.planner import load_run, validation_issues
 
     path = Path(args.file)
     try:
         obj = load_run(path)
-        spec = ContinualPretrainSpec.model_validate(obj.get("spec") or {})
+        spec = parse_spec(obj.get("spec") or {})
     except ValidationError as exc:
         print(f"cpt doctor: {path}: {'; '.join(map(str, validation_issues(exc)))}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The operator's configuration: six knobs, read once at start-up and passed in.
+"""The operator's configuration: eight knobs, read once at start-up and passed in.
 
 Each field is one environment variable that the chart sets from one value
 (charts/cpt/values.yaml, `operator.*` and `watchNamespace`); tests/unit/test_settings.py fails
@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from cpt_operator.reconcile.admission import Policy
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 LOG_LEVELS = ("DEBUG", "INFO")
@@ -38,6 +40,12 @@ class OperatorSettings:
     posted."""
     liveness_endpoint: str | None = DEFAULT_LIVENESS
     """CPT_LIVENESS_ENDPOINT (operator.healthPort): kopf's liveness URL; "" turns it off."""
+    allow_system_priority_classes: bool = False
+    """CPT_ALLOW_SYSTEM_PRIORITY_CLASSES (operator.allowSystemPriorityClasses): runs may use
+    the system-* priority classes (reconcile/admission.py, Policy)."""
+    allow_host_path_scratch: bool = True
+    """CPT_ALLOW_HOST_PATH_SCRATCH (operator.allowHostPathScratch): runs may use scratch
+    type hostPath (a node's directory, e.g. instance-store NVMe)."""
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
@@ -50,6 +58,10 @@ class OperatorSettings:
             raise ValueError(
                 f"CPT_POSTING_LEVEL must be one of {POSTING_LEVELS}, got {self.posting_level!r}"
             )
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.allow_system_priority_classes, self.allow_host_path_scratch)
 
     @property
     def posting_level_number(self) -> int:
@@ -66,6 +78,12 @@ class OperatorSettings:
             except ValueError:
                 raise ValueError(f"{name} must be a number, got {env[name]!r}") from None
 
+        def flag(name: str, default: bool) -> bool:
+            value = env.get(name, "").strip().lower()
+            if value in ("", "true", "false"):
+                return default if not value else value == "true"
+            raise ValueError(f"{name} must be true or false, got {env[name]!r}")
+
         names = (n.strip() for n in env.get("CPT_WATCH_NAMESPACES", "").split(","))
         return cls(
             namespaces=tuple(n for n in names if n),
@@ -74,6 +92,12 @@ class OperatorSettings:
             log_level=env.get("CPT_LOG_LEVEL", cls.log_level).upper(),
             posting_level=env.get("CPT_POSTING_LEVEL", cls.posting_level).upper(),
             liveness_endpoint=env.get("CPT_LIVENESS_ENDPOINT", DEFAULT_LIVENESS) or None,
+            allow_system_priority_classes=flag(
+                "CPT_ALLOW_SYSTEM_PRIORITY_CLASSES", cls.allow_system_priority_classes
+            ),
+            allow_host_path_scratch=flag(
+                "CPT_ALLOW_HOST_PATH_SCRATCH", cls.allow_host_path_scratch
+            ),
         )
 
 
@@ -84,5 +108,7 @@ ENV_NAMES = (
     "CPT_LOG_LEVEL",
     "CPT_POSTING_LEVEL",
     "CPT_LIVENESS_ENDPOINT",
+    "CPT_ALLOW_SYSTEM_PRIORITY_CLASSES",
+    "CPT_ALLOW_HOST_PATH_SCRATCH",
 )
 """Every variable `from_env` reads, in field order (the chart sets each)."""

@@ -329,8 +329,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     (
         "an operator-owned env name",
         edit(RUN, spec__training__env=[{"name": "MASTER_ADDR", "value": "x"}]),
-        "spec.training.env[0].name: env MASTER_ADDR is set by the operator and cannot be "
-        "overridden",
+        "spec.training.env[0].name: env MASTER_ADDR is set by the operator, the Job "
+        "controller or torchrun and cannot be overridden (docs/api.md lists the reserved names)",
     ),
     (
         "hostPath scratch without a path",

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
+from cpt_operator.api.wire import check_quantity
 from cpt_training.config import HF_URI_PATTERN, S3_URI_PATTERN
 
 GROUP = "cpt.dev"
@@ -30,22 +31,48 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 URI_MAX_LENGTH = 1024
 NAME_MAX_LENGTH = 253
-QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 RESERVED_ENV_NAMES = (
+    # the operator: the stage config, the pod's identity
     "CPT_STAGE_CONFIG",
+    "CPT_NODE_ID",
+    # the Job controller (Indexed Jobs: the tokenize shard index)
+    "JOB_COMPLETION_INDEX",
+    # the training operator and torchrun (rendezvous, ranks)
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",
     "LOCAL_WORLD_SIZE",
     "NODE_RANK",
     "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
     "MASTER_ADDR",
     "MASTER_PORT",
+    # the operator's device env (cpt_training/nxd/env.py, cpt_training/native/neuron.py)
+    "NEURON_CC_FLAGS",
+    "NEURON_COMPILE_CACHE_URL",
+    "NEURON_FUSE_SOFTMAX",
+    "NEURON_LOGICAL_NC_CONFIG",
+    "TORCH_NEURONX_NEFF_CACHE_DIR",
+    "CCOM_SOCKET_IFNAME",
+    "MALLOC_ARENA_MAX",
 )
-"""Set by the operator / torchrun / the training operator; a user value would break the run."""
-RESERVED_ENV_PREFIXES = ("PET_",)
+"""Set by the operator, the Job controller, the training operator or torchrun: a user value
+would silently break the run (every tokenize shard reading index 0, a compiler without the
+flags the layout needs). tests/unit/test_hostile_table.py fails when a builder sets a name
+that is not reserved here. Extra Neuron compiler flags go in CPT_EXTRA_NEURON_CC_FLAGS, which
+the operator appends to its NEURON_CC_FLAGS (docs/api.md, training.env)."""
+RESERVED_ENV_PREFIXES = ("PET_", "TORCHELASTIC_", "NEURON_RT_", "FI_")
+"""torchrun's PET_* and TORCHELASTIC_*, the Neuron runtime's and libfabric's (EFA) knobs the
+operator sets per instance type."""
+EXTRA_NEURON_CC_FLAGS_ENV = "CPT_EXTRA_NEURON_CC_FLAGS"
+S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+HF_TOKEN_ENV = ("HF_TOKEN",)
+"""Set by the operator from runtime.s3CredentialsSecretRef / runtime.hfTokenSecretRef."""
 SECRET_ENV_PATTERN = (
     r"(?i)(token|secret|password|passwd|credential|api_?key|access_?key|private_?key)"
 )
@@ -53,6 +80,15 @@ SECRET_ENV_PATTERN = (
 
 MSG_GBS_MULTIPLE = "globalBatchSize must be a multiple of microBatchSize"
 MSG_MP_DIVIDES_WORLD = "tensorParallel x pipelineParallel must divide nodes x processesPerNode"
+MSG_RESERVED_ENV = (
+    "is set by the operator, the Job controller or torchrun and cannot be overridden "
+    "(docs/api.md lists the reserved names)"
+)
+MSG_DUPLICATE_ENV = "env names must be unique"
+MSG_CREDENTIAL_ENV = (
+    "is set by the operator from spec.runtime's Secret reference (s3CredentialsSecretRef or "
+    "hfTokenSecretRef): drop one of the two"
+)
 """Messages shared with the CRD's CEL rules; Python appends the numbers after a colon."""
 
 DEFAULT_MAX_EXCLUDED_NODES = 8
@@ -132,7 +168,9 @@ ModelUri = Annotated[
     str, Field(min_length=1, max_length=URI_MAX_LENGTH), AfterValidator(_model_uri)
 ]
 K8sName = Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH)]
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+Quantity = Annotated[str, Field(max_length=64), AfterValidator(check_quantity)]
+"""A Kubernetes resource quantity, parsed with the API server's grammar (api/wire.py); the
+CRD checks it with CEL's isQuantity (api/crd_rules.py)."""
 
 Backend = Literal["auto", "nxd", "native"]
 Precision = Literal["bf16", "fp32"]

@@ -27,18 +27,23 @@ from cpt_operator.api.fields import (
     DEFAULT_IMAGES,
     DEFAULT_MAX_EXCLUDED_NODES,
     ENV_NAME_PATTERN,
+    EXTRA_NEURON_CC_FLAGS_ENV,
     GROUP,
+    HF_TOKEN_ENV,
     KIND,
     MAX_EXCLUDED_NODES_LIMIT,
     MAX_NAME_LENGTH,
+    MSG_CREDENTIAL_ENV,
+    MSG_DUPLICATE_ENV,
     MSG_GBS_MULTIPLE,
     MSG_MP_DIVIDES_WORLD,
+    MSG_RESERVED_ENV,
     NAME_MAX_LENGTH,
     NAME_PATTERN,
     PLURAL,
-    QUANTITY_PATTERN,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
+    S3_CREDENTIAL_ENV,
     SECRET_ENV_PATTERN,
     SHORT_NAMES,
     SINGULAR,
@@ -59,7 +64,10 @@ from cpt_operator.api.fields import (
     raise_if,
 )
 from cpt_operator.api.status_models import (
+    ACCEPTED_SPEC_MAX_BYTES,
+    MAX_ATTEMPTS_LIMIT,
     TERMINAL_PHASES,
+    AcceptedSpec,
     AttemptStatus,
     CheckpointStatus,
     ChildrenStatus,
@@ -173,9 +181,7 @@ class EnvVar(CamelModel):
         if (self.value is None) == (self.value_from is None):
             problems.append(("", f"env {self.name}: set exactly one of value or valueFrom"))
         if self.name in RESERVED_ENV_NAMES or self.name.startswith(RESERVED_ENV_PREFIXES):
-            problems.append(
-                ("name", f"env {self.name} is set by the operator and cannot be overridden")
-            )
+            problems.append(("name", f"env {self.name} {MSG_RESERVED_ENV}"))
         if self.value is not None and re.search(SECRET_ENV_PATTERN, self.name):
             problems.append(
                 (
@@ -252,6 +258,16 @@ class TrainingSpec(ParallelismConfig):
                     f"{self.nodes} x {self.resolved_processes_per_node()} = {world}",
                 )
             )
+        seen: dict[str, int] = {}
+        for i, env in enumerate(self.env):
+            if env.name in seen:
+                problems.append(
+                    (
+                        f"env[{i}].name",
+                        f"{MSG_DUPLICATE_ENV}: {env.name} is also env[{seen[env.name]}]",
+                    )
+                )
+            seen.setdefault(env.name, i)
         if self.sequence_parallel and self.tensor_parallel == 1:
             problems.append(("sequenceParallel", "sequenceParallel needs tensorParallel > 1"))
         if self.backend == "nxd" and not self.instance_type.startswith("trn"):
@@ -406,6 +422,16 @@ class RuntimeSpec(CamelModel):
     )
 
 
+def credential_env_names(runtime: RuntimeSpec) -> tuple[str, ...]:
+    """The env names the operator fills from runtime's Secret references."""
+    names: tuple[str, ...] = ()
+    if runtime.s3_credentials_secret_ref is not None:
+        names += S3_CREDENTIAL_ENV
+    if runtime.hf_token_secret_ref is not None:
+        names += HF_TOKEN_ENV
+    return names
+
+
 class PreflightSpec(CamelModel):
     enabled: bool = Field(default=True, description="Run the all-reduce check before training.")
     min_bus_bandwidth_gbps: float = Field(
@@ -414,7 +440,9 @@ class PreflightSpec(CamelModel):
 
 
 class ResiliencySpec(CamelModel):
-    max_attempts: int = Field(default=3, ge=1, le=100, description="Training attempts in all.")
+    max_attempts: int = Field(
+        default=3, ge=1, le=MAX_ATTEMPTS_LIMIT, description="Training attempts in all."
+    )
     pending_timeout_seconds: int = Field(
         default=1800, ge=0, le=7 * 86400, description="Unschedulable this long → fail; 0 = off."
     )
@@ -455,6 +483,22 @@ class ContinualPretrainSpec(CamelModel):
     resiliency: ResiliencySpec = Field(default_factory=ResiliencySpec)
     suspend: bool = Field(default=False, description="true: stop pods, keep checkpoints.")
 
+    @model_validator(mode="after")
+    def _env_vs_runtime(self) -> ContinualPretrainSpec:
+        """The names the operator sets only when a runtime Secret reference asks for them."""
+        problems: list[tuple[str, str]] = []
+        taken = set(credential_env_names(self.runtime))
+        for i, env in enumerate(self.training.env):
+            if env.name in taken:
+                problems.append(
+                    (
+                        f"training.env[{i}].name",
+                        f"env {env.name} {MSG_CREDENTIAL_ENV}",
+                    )
+                )
+        raise_if(problems)
+        return self
+
     # Derived values the operator, the planner and local mode share.
 
     def tokenizer_uri(self) -> str:
@@ -492,6 +536,13 @@ class ContinualPretrainSpec(CamelModel):
         return -(-self.training.max_tokens // tokens_per_step)
 
 
+def parse_spec(raw: Any) -> ContinualPretrainSpec:
+    """A spec from its wire form with the API server's types: no coercion it refuses ("1"
+    for an integer, "yes" for a boolean, 2.5 for an integer). `cpt plan`, `cpt local` and the
+    operator all parse specs here, so one set of rules applies everywhere."""
+    return ContinualPretrainSpec.model_validate(raw, strict=True)
+
+
 def join_uri(base: str, *parts: str) -> str:
     """Join a URI/path and relative parts with single slashes (keeps a trailing slash)."""
     out = base
@@ -527,31 +578,39 @@ class ContinualPretrain(CamelModel):
 
 
 __all__ = [
+    "ACCEPTED_SPEC_MAX_BYTES",
     "API_VERSION",
     "CATEGORIES",
     "DEFAULT_IMAGES",
     "DEFAULT_IMAGE_TAG",
     "DEFAULT_MAX_EXCLUDED_NODES",
     "ENV_NAME_PATTERN",
+    "EXTRA_NEURON_CC_FLAGS_ENV",
     "GROUP",
+    "HF_TOKEN_ENV",
     "INSTANCE_TYPES",
     "KIND",
+    "MAX_ATTEMPTS_LIMIT",
     "MAX_EXCLUDED_NODES_LIMIT",
     "MAX_NAME_LENGTH",
+    "MSG_CREDENTIAL_ENV",
+    "MSG_DUPLICATE_ENV",
     "MSG_GBS_MULTIPLE",
     "MSG_MP_DIVIDES_WORLD",
+    "MSG_RESERVED_ENV",
     "NAME_MAX_LENGTH",
     "NAME_PATTERN",
     "PLURAL",
-    "QUANTITY_PATTERN",
     "RESERVED_ENV_NAMES",
     "RESERVED_ENV_PREFIXES",
+    "S3_CREDENTIAL_ENV",
     "SECRET_ENV_PATTERN",
     "SHORT_NAMES",
     "SINGULAR",
     "TERMINAL_PHASES",
     "URI_MAX_LENGTH",
     "VERSION",
+    "AcceptedSpec",
     "ActivationCheckpointing",
     "AttemptStatus",
     "Backend",
@@ -583,5 +642,6 @@ __all__ = [
     "is_hf_uri",
     "is_local_path",
     "is_s3_uri",
+    "parse_spec",
     "raise_if",
 ]

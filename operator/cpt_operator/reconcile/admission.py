@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.api.models import ContinualPretrainSpec, parse_spec
 from cpt_operator.api.podsecurity import required_level
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
@@ -153,7 +153,7 @@ class RunRoots:
         meta = body.get("metadata") or {}
         if spec is None:
             try:
-                spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+                spec = parse_spec(body.get("spec") or {})
             except ValueError:
                 return None
         ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
@@ -204,4 +204,48 @@ def shared_roots(run: RunRoots, others: Iterable[RunRoots]) -> list[Blocker]:
                     "prefix, or delete the other run first",
                 )
             )
+    return found
+
+
+SYSTEM_PRIORITY = "SystemPriorityClass"
+HOST_PATH_NOT_ALLOWED = "HostPathNotAllowed"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the cluster's admin allows runs (chart values, cpt_operator/settings.py)."""
+
+    allow_system_priority_classes: bool = False
+    """system-node-critical / system-cluster-critical are for the cluster's own components:
+    a training gang with them would preempt DNS, CNI or the kubelet's helpers."""
+    allow_host_path_scratch: bool = True
+    """scratch type hostPath (an instance-store NVMe mount); off, only emptyDir and pvc."""
+
+
+def policy_problems(spec: ContinualPretrainSpec, policy: Policy) -> list[Blocker]:
+    found: list[Blocker] = []
+    name = spec.runtime.priority_class_name
+    if name and name.startswith("system-") and not policy.allow_system_priority_classes:
+        field = "spec.runtime.priorityClassName"
+        found.append(
+            Blocker(
+                SYSTEM_PRIORITY,
+                field,
+                f"{field}: {name!r} is a system priority class, reserved for the cluster's own "
+                "components (training pods with it would preempt them); use a priority class "
+                "of your own, or have the operator installed with the chart value "
+                "operator.allowSystemPriorityClasses=true",
+            )
+        )
+    scratch = spec.checkpoints.scratch
+    if scratch.type == "hostPath" and not policy.allow_host_path_scratch:
+        field = "spec.checkpoints.scratch.type"
+        found.append(
+            Blocker(
+                HOST_PATH_NOT_ALLOWED,
+                field,
+                f"{field}: hostPath scratch is turned off for this operator (chart value "
+                "operator.allowHostPathScratch); use emptyDir (with sizeLimit) or pvc",
+            )
+        )
     return found

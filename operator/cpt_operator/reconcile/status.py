@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from cpt_operator.api.models import (
     ContinualPretrainSpec,
     ContinualPretrainStatus,
-    Phase,
     PlanSummary,
 )
 from cpt_operator.builders.jobs import RunRef
@@ -58,18 +57,22 @@ def dump_status(status: ContinualPretrainStatus) -> dict[str, Any]:
 
 
 def load_status(raw: Mapping[str, Any] | None) -> ContinualPretrainStatus:
-    """Our own status, read back. An unreadable one (hand-edited) restarts bookkeeping rather
-    than wedging the run; the phase is kept when it is at least a known phase."""
+    """Our own status, read back. A part edited by hand into something unreadable is dropped
+    (that part's bookkeeping restarts), the rest is kept: a bad condition must not reset the
+    attempt counter (reconcile/trust.py); an unknown phase becomes Pending."""
     if not raw:
         return ContinualPretrainStatus()
-    try:
-        return ContinualPretrainStatus.model_validate(dict(raw))
-    except ValidationError:
-        phase = raw.get("phase")
-        fresh = ContinualPretrainStatus()
-        if phase in {p.value for p in Phase}:
-            fresh.phase = Phase(phase)
-        return fresh
+    data = dict(raw)
+    for _ in range(len(data) + 1):
+        try:
+            return ContinualPretrainStatus.model_validate(data)
+        except ValidationError as err:
+            bad = {e["loc"][0] for e in err.errors() if e.get("loc")}
+            if not bad & data.keys():
+                break
+            for key in bad:
+                data.pop(str(key), None)
+    return ContinualPretrainStatus()
 
 
 def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
