@@ -21,7 +21,7 @@ import yaml
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from cpt_operator.api.planner import load_run, plan_object, render_text
+    from cpt_operator.api.planner import PlanIssue, load_run, plan_object, render_text
 
     path = Path(args.file)
     try:
@@ -30,6 +30,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"cpt plan: {exc}", file=sys.stderr)
         return 2
     result = plan_object(obj, mode="local" if args.local else None, base_dir=Path.cwd())
+    cost = result.estimate.cost_usd if result.estimate else None
+    if args.max_cost_usd is not None and cost is not None and cost > args.max_cost_usd:
+        result.warnings.append(
+            PlanIssue(
+                "spec.training",
+                f"the estimated cost, ${cost:,.0f}, exceeds --max-cost-usd {args.max_cost_usd:g}",
+            )
+        )
     if args.json:
         print(result.to_json())
     else:
@@ -115,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--local", action="store_true", help="plan for `cpt local` (local paths allowed)"
+    )
+    p.add_argument(
+        "--max-cost-usd",
+        type=float,
+        default=None,
+        help="warn when the estimated cost exceeds this many dollars",
     )
     p.set_defaults(func=_cmd_plan)
 

@@ -190,7 +190,10 @@ def test_operator_owned_env_names_are_rejected(name: str) -> None:
     with pytest.raises(ValidationError) as exc:
         EnvVar.model_validate({"name": name, "value": "x"})
     assert _problems(exc) == [
-        ("name", f"env {name} is set by the operator, the Job controller or torchrun and cannot be overridden (docs/api.md lists the reserved names)")
+        (
+            "name",
+            f"env {name} is set by the operator, the Job controller or torchrun and cannot be overridden (docs/api.md lists the reserved names)",
+        )
     ]
 
 

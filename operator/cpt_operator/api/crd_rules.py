@@ -85,13 +85,24 @@ def _s3(path: str, label: str) -> Rule:
 
 def _quantity(path: str) -> Rule:
     """The API server's own quantity parser (CEL's Kubernetes quantity library), bounded like
-    api/wire.py: not negative, within an int64."""
+    api/wire.py: not negative, within an int64, and with a digit in its number (the parser
+    takes a bare "." for zero, which no one means)."""
     return Rule(
         path,
-        "isQuantity(self) && quantity(self).sign() >= 0 && "
+        r"self.matches('^[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)') && "
+        "isQuantity(self) && !quantity(self).isLessThan(quantity('0')) && "
         "quantity(self).isLessThan(quantity('9223372036854775807'))",
         f"{path.removeprefix('spec.')} must be a Kubernetes quantity (e.g. 500m, 2, 64Gi), "
         "not negative, at most 2^63-1",
+    )
+
+
+def _dot_segments(path: str) -> Rule:
+    return Rule(
+        path,
+        r"!self.matches('(^|/)[.][.]?(/|$)')",
+        f"{path.removeprefix('spec.')}: '.' and '..' segments are not allowed (write the path "
+        "they lead to)",
     )
 
 
@@ -267,6 +278,8 @@ CEL_RULES: tuple[Rule, ...] = (
         "scratch claimName is only used with type pvc",
         field_path=".claimName",
     ),
+    _dot_segments("spec.checkpoints.scratch.mountPath"),
+    _dot_segments("spec.checkpoints.scratch.path"),
     _s3("spec.output.s3Uri", "output.s3Uri"),
     _s3("spec.runtime.neuronCompileCacheUri", "runtime.neuronCompileCacheUri"),
 )

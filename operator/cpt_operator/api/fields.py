@@ -7,8 +7,10 @@ limits without importing the spec.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -60,6 +62,8 @@ RESERVED_ENV_NAMES = (
     "TORCH_NEURONX_NEFF_CACHE_DIR",
     "CCOM_SOCKET_IFNAME",
     "MALLOC_ARENA_MAX",
+    "XLA_DOWNCAST_BF16",
+    "XLA_DISABLE_FUNCTIONALIZATION",
 )
 """Set by the operator, the Job controller, the training operator or torchrun: a user value
 would silently break the run (every tokenize shard reading index 0, a compiler without the
@@ -107,6 +111,33 @@ DEFAULT_IMAGES = {
 """Pinned images. trainer-neuron (nxd on trn1) is built FROM
 public.ecr.aws/neuron/pytorch-training-neuronx:2.9.0-neuronx-py312-sdk2.28.0-ubuntu24.04;
 trainer-torchneuron (native on trn2/trn3) installs TorchNeuron 2.33 (torch-neuronx 2.14.3)."""
+
+
+_WIRE_TYPES = {
+    "int_type": "integer",
+    "int_from_float": "integer",
+    "bool_type": "boolean",
+    "string_type": "string",
+    "float_type": "number",
+    "dict_type": "object",
+    "list_type": "array",
+    "model_type": "object",
+}
+
+
+def type_message(error: Mapping[str, Any]) -> str | None:
+    """A pydantic type error in the API server's words: the type the field must have and the
+    value given ("1" for an integer, "yes" for a boolean: the API server converts nothing)."""
+    wire = _WIRE_TYPES.get(str(error.get("type")))
+    if wire is None:
+        return None
+    given = error.get("input")
+    shown = (
+        json.dumps(given, default=str)
+        if not isinstance(given, dict | list)
+        else type(given).__name__
+    )
+    return f"must be of type {wire}, got {shown[:80]} (the API server converts no types)"
 
 
 class FieldErrors(ValueError):
@@ -168,6 +199,9 @@ ModelUri = Annotated[
     str, Field(min_length=1, max_length=URI_MAX_LENGTH), AfterValidator(_model_uri)
 ]
 K8sName = Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH)]
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelValue = Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_VALUE_PATTERN)]
+"""A value the operator puts in a label (the Kueue queue name on the training job)."""
 Quantity = Annotated[str, Field(max_length=64), AfterValidator(check_quantity)]
 """A Kubernetes resource quantity, parsed with the API server's grammar (api/wire.py); the
 CRD checks it with CEL's isQuantity (api/crd_rules.py)."""

@@ -54,6 +54,7 @@ from cpt_operator.api.fields import (
     FieldErrors,
     GangScheduling,
     K8sName,
+    LabelValue,
     ModelUri,
     Precision,
     Quantity,
@@ -416,7 +417,9 @@ class RuntimeSpec(CamelModel):
     tools_resources: ResourceRequests = Field(default_factory=ResourceRequests)
     priority_class_name: K8sName | None = None
     gang_scheduling: GangScheduling = "none"
-    kueue_queue_name: K8sName | None = None
+    kueue_queue_name: LabelValue | None = Field(
+        default=None, description="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label)."
+    )
     neuron_compile_cache_uri: StorageUri | None = Field(
         default=None, description="Persistent Neuron compile cache (s3://); trn only."
     )

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cpt_operator.api.fields import type_message
 from cpt_operator.api.models import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
@@ -175,7 +176,7 @@ def validation_issues(exc: ValidationError, prefix: str = "spec") -> list[PlanIs
             for sub, message in cause.problems:
                 issues.append(PlanIssue(f"{path}.{sub}" if sub else path, message))
             continue
-        message = err["msg"]
+        message = type_message(err) or err["msg"]
         for noise in ("Value error, ", "Assertion failed, "):
             message = message.removeprefix(noise)
         if err["type"] == "extra_forbidden":

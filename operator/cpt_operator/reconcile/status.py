@@ -15,6 +15,7 @@ from cpt_operator.api.models import (
     ContinualPretrainStatus,
     PlanSummary,
 )
+from cpt_operator.api.planner import validation_issues
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.reconcile.actions import Action
 
@@ -76,17 +77,6 @@ def load_status(raw: Mapping[str, Any] | None) -> ContinualPretrainStatus:
 
 
 def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
-    """One `spec.<path>: message` per problem, e.g. `spec.training.maxSteps: ...`."""
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
-        where = f"{prefix}.{path}" if path else prefix
-        ctx_err = (e.get("ctx") or {}).get("error")
-        problems = getattr(ctx_err, "problems", None)
-        if problems:
-            for sub, msg in problems:
-                lines.append(f"{where}.{sub}: {msg}" if sub else f"{where}: {msg}")
-            continue
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}")
-    return "; ".join(lines)
+    """One `spec.<path>: message` per problem, e.g. `spec.training.env[0].name: ...`: the
+    same lines `cpt plan` prints (api/planner.py, validation_issues)."""
+    return "; ".join(str(issue) for issue in validation_issues(err, prefix))

@@ -60,7 +60,7 @@ def bound_attempt(
         status.attempt = newest
         return f"status.attempt {n} is behind attempt {newest} of the run's children/progress"
     if n > limit and n not in confirmed:
-        status.attempt = max(limit, newest)
+        status.attempt = newest or limit
         return (
             f"status.attempt {n} exceeds spec.resiliency.maxAttempts ({limit}) and no child "
             f"confirms it; continuing as attempt {status.attempt}"
