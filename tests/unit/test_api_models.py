@@ -192,7 +192,8 @@ def test_operator_owned_env_names_are_rejected(name: str) -> None:
     assert _problems(exc) == [
         (
             "name",
-            f"env {name} is set by the operator, the Job controller or torchrun and cannot be overridden (docs/api.md lists the reserved names)",
+            f"env {name} is set by the operator, the Job controller or torchrun and cannot be "
+            "overridden (docs/api.md lists the reserved names)",
         )
     ]
 

@@ -903,7 +903,8 @@ def test_a_pending_timeout_names_the_nodes_this_run_excludes() -> None:
         (257, "spec.resiliency.maxExcludedNodes: Input should be less than or equal to 256"),
         (
             "many",
-            'spec.resiliency.maxExcludedNodes: must be of type integer, got "many" (the API server converts no types)',
+            'spec.resiliency.maxExcludedNodes: must be of type integer, got "many" (the API '
+            "server converts no types)",
         ),
     ],
 )
