@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpt_operator.api.models import (
+    DOT_SEGMENT_PATTERN,
     HF_TOKEN_ENV,
     MAX_NAME_LENGTH,
     MSG_CREDENTIAL_ENV,
+    MSG_DOT_SEGMENTS,
     MSG_DUPLICATE_ENV,
     MSG_GBS_MULTIPLE,
     MSG_MP_DIVIDES_WORLD,
@@ -100,9 +102,8 @@ def _quantity(path: str) -> Rule:
 def _dot_segments(path: str) -> Rule:
     return Rule(
         path,
-        r"!self.matches('(^|/)[.][.]?(/|$)')",
-        f"{path.removeprefix('spec.')}: '.' and '..' segments are not allowed (write the path "
-        "they lead to)",
+        f"!self.matches({_cel_str(DOT_SEGMENT_PATTERN)})",
+        f"{path.removeprefix('spec.')}: {MSG_DOT_SEGMENTS}",
     )
 
 
@@ -110,7 +111,7 @@ def _credential_env(ref: str, names: tuple[str, ...]) -> Rule:
     listed = "[" + ", ".join(f"'{n}'" for n in names) + "]"
     return Rule(
         "spec",
-        f"!has(self.runtime) || !has(self.runtime.{ref}) || "
+        f"!has(self.runtime) || !has(self.runtime.{ref}) || !has(self.training.env) || "
         f"!self.training.env.exists(e, e.name in {listed})",
         f"training.env: {'/'.join(names)} {MSG_CREDENTIAL_ENV}",
         field_path=".training.env",

@@ -89,6 +89,8 @@ MSG_RESERVED_ENV = (
     "(docs/api.md lists the reserved names)"
 )
 MSG_DUPLICATE_ENV = "env names must be unique"
+MSG_DOT_SEGMENTS = "'.' and '..' segments are not allowed (write the path they lead to)"
+DOT_SEGMENT_PATTERN = r"(^|/)[.][.]?(/|$)"
 MSG_CREDENTIAL_ENV = (
     "is set by the operator from spec.runtime's Secret reference (s3CredentialsSecretRef or "
     "hfTokenSecretRef): drop one of the two"

@@ -10,7 +10,8 @@ Storage fields are named ``s3Uri`` because in a cluster they must be S3 (the CRD
 the Python models also accept a local path so the same file runs under ``cpt local``.
 
 The names, limits and field types live in ``fields.py``, the status models in
-``status_models.py``; both are re-exported here.
+``status_models.py``, the runtime section and Secret references in ``runtime_models.py``; all
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cpt_operator.api.fields import (
     DEFAULT_IMAGE_TAG,
     DEFAULT_IMAGES,
     DEFAULT_MAX_EXCLUDED_NODES,
+    DOT_SEGMENT_PATTERN,
     ENV_NAME_PATTERN,
     EXTRA_NEURON_CC_FLAGS_ENV,
     GROUP,
@@ -34,6 +36,7 @@ from cpt_operator.api.fields import (
     MAX_EXCLUDED_NODES_LIMIT,
     MAX_NAME_LENGTH,
     MSG_CREDENTIAL_ENV,
+    MSG_DOT_SEGMENTS,
     MSG_DUPLICATE_ENV,
     MSG_GBS_MULTIPLE,
     MSG_MP_DIVIDES_WORLD,
@@ -54,7 +57,6 @@ from cpt_operator.api.fields import (
     FieldErrors,
     GangScheduling,
     K8sName,
-    LabelValue,
     ModelUri,
     Precision,
     Quantity,
@@ -63,6 +65,16 @@ from cpt_operator.api.fields import (
     is_local_path,
     is_s3_uri,
     raise_if,
+)
+from cpt_operator.api.runtime_models import (
+    ConfigMapKeySelector,
+    ImagesSpec,
+    ResourceRequests,
+    RuntimeSpec,
+    S3CredentialsSecretRef,
+    SecretKeySelector,
+    Toleration,
+    credential_env_names,
 )
 from cpt_operator.api.status_models import (
     ACCEPTED_SPEC_MAX_BYTES,
@@ -143,18 +155,6 @@ class DataSpec(CamelModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-class SecretKeySelector(CamelModel):
-    name: K8sName
-    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
-    optional: bool | None = None
-
-
-class ConfigMapKeySelector(CamelModel):
-    name: K8sName
-    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
-    optional: bool | None = None
 
 
 class EnvVarSource(CamelModel):
@@ -323,6 +323,9 @@ class ScratchSpec(CamelModel):
             problems.append(("path", "scratch path is only used with type hostPath"))
         if self.type != "pvc" and self.claim_name is not None:
             problems.append(("claimName", "scratch claimName is only used with type pvc"))
+        for key, path in (("mountPath", self.mount_path), ("path", self.path or "")):
+            if re.search(DOT_SEGMENT_PATTERN, path):
+                problems.append((key, MSG_DOT_SEGMENTS))
         raise_if(problems)
         return self
 
@@ -345,94 +348,6 @@ class CheckpointsSpec(CamelModel):
 
 class OutputSpec(CamelModel):
     s3_uri: StorageUri = Field(description="The final Hugging Face model goes here.")
-
-
-class ImagesSpec(CamelModel):
-    trainer_neuron: str = Field(
-        default=DEFAULT_IMAGES["trainer_neuron"],
-        max_length=512,
-        description="backend nxd on trn1 (XLA, NxD).",
-    )
-    trainer_torchneuron: str = Field(
-        default=DEFAULT_IMAGES["trainer_torchneuron"],
-        max_length=512,
-        description="backend native on trn2/trn3 (TorchNeuron).",
-    )
-    trainer_cuda: str = Field(default=DEFAULT_IMAGES["trainer_cuda"], max_length=512)
-    trainer_cpu: str = Field(default=DEFAULT_IMAGES["trainer_cpu"], max_length=512)
-    tools: str = Field(
-        default=DEFAULT_IMAGES["tools"], max_length=512, description="Tokenize/export (CPU)."
-    )
-    pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
-
-
-class S3CredentialsSecretRef(CamelModel):
-    """Static S3 keys from a Secret (prefer IRSA / Pod Identity; this is for non-AWS S3)."""
-
-    name: K8sName
-    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=NAME_MAX_LENGTH)
-    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX_LENGTH)
-    session_token_key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
-
-
-class Toleration(CamelModel):
-    key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
-class ResourceRequests(CamelModel):
-    cpu: Quantity | None = None
-    memory: Quantity | None = None
-
-
-class RuntimeSpec(CamelModel):
-    """How pods are run: images, identity, placement, scheduling. Mutable while running."""
-
-    images: ImagesSpec = Field(default_factory=ImagesSpec)
-    service_account_name: K8sName | None = Field(
-        default=None, description="For IRSA / Pod Identity S3 access."
-    )
-    hf_token_secret_ref: SecretKeySelector | None = Field(
-        default=None, description="Secret key holding HF_TOKEN (gated hf:// models)."
-    )
-    s3_credentials_secret_ref: S3CredentialsSecretRef | None = None
-    node_selector: dict[str, str] = Field(
-        default_factory=dict,
-        description="Training pods; node.kubernetes.io/instance-type is added from instanceType.",
-    )
-    tolerations: list[Toleration] = Field(
-        default_factory=list,
-        max_length=32,
-        description="Training pods; the accelerator taint toleration is added automatically.",
-    )
-    affinity: dict[str, Any] | None = Field(
-        default=None, description="A core/v1 Affinity for training pods, passed through."
-    )
-    tools_node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Tokenize/convert/export Jobs (CPU work)."
-    )
-    tools_resources: ResourceRequests = Field(default_factory=ResourceRequests)
-    priority_class_name: K8sName | None = None
-    gang_scheduling: GangScheduling = "none"
-    kueue_queue_name: LabelValue | None = Field(
-        default=None, description="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label)."
-    )
-    neuron_compile_cache_uri: StorageUri | None = Field(
-        default=None, description="Persistent Neuron compile cache (s3://); trn only."
-    )
-
-
-def credential_env_names(runtime: RuntimeSpec) -> tuple[str, ...]:
-    """The env names the operator fills from runtime's Secret references."""
-    names: tuple[str, ...] = ()
-    if runtime.s3_credentials_secret_ref is not None:
-        names += S3_CREDENTIAL_ENV
-    if runtime.hf_token_secret_ref is not None:
-        names += HF_TOKEN_ENV
-    return names
 
 
 class PreflightSpec(CamelModel):
@@ -587,6 +502,7 @@ __all__ = [
     "DEFAULT_IMAGES",
     "DEFAULT_IMAGE_TAG",
     "DEFAULT_MAX_EXCLUDED_NODES",
+    "DOT_SEGMENT_PATTERN",
     "ENV_NAME_PATTERN",
     "EXTRA_NEURON_CC_FLAGS_ENV",
     "GROUP",
@@ -597,6 +513,7 @@ __all__ = [
     "MAX_EXCLUDED_NODES_LIMIT",
     "MAX_NAME_LENGTH",
     "MSG_CREDENTIAL_ENV",
+    "MSG_DOT_SEGMENTS",
     "MSG_DUPLICATE_ENV",
     "MSG_GBS_MULTIPLE",
     "MSG_MP_DIVIDES_WORLD",
@@ -622,6 +539,7 @@ __all__ = [
     "ChildrenStatus",
     "Condition",
     "ConditionType",
+    "ConfigMapKeySelector",
     "ContinualPretrain",
     "ContinualPretrainSpec",
     "ContinualPretrainStatus",
@@ -630,6 +548,7 @@ __all__ = [
     "ExcludedNode",
     "FieldErrors",
     "GangScheduling",
+    "ImagesSpec",
     "K8sName",
     "ModelSpec",
     "ModelUri",
@@ -638,10 +557,15 @@ __all__ = [
     "Precision",
     "ProgressStatus",
     "Quantity",
+    "ResourceRequests",
     "RuntimeSpec",
+    "S3CredentialsSecretRef",
+    "SecretKeySelector",
     "StatusModel",
     "StorageUri",
+    "Toleration",
     "TrainingSpec",
+    "credential_env_names",
     "is_hf_uri",
     "is_local_path",
     "is_s3_uri",

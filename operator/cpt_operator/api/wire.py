@@ -3,8 +3,11 @@ text itself, so `cpt plan` and `cpt local` accept exactly what `kubectl apply` g
 
 * UTF-8 only (the API server takes JSON, which is UTF-8): other bytes are named with the file
   and the offset of the first bad byte.
-* A key twice in one mapping is an error (`kubectl --validate=strict` refuses "duplicate
-  field"; PyYAML would silently keep the last one).
+* A key twice in one mapping is an error. Stricter than kubectl on purpose: its YAML-to-JSON
+  step silently keeps the last value (even with --validate=strict), as PyYAML would; a file
+  that says two things is refused rather than guessed
+  (tests/integration/test_admission.py).
+* `1e3` is a number, as in kubectl's YAML reader (PyYAML's YAML 1.1 rules make it a string).
 * YAML aliases are bounded: a billion-laughs file is a few hundred bytes, and PyYAML shares the
   aliased objects, so the bomb only goes off later, when the spec is validated, copied or
   dumped. The expanded size is counted once, without expanding, and refused past a limit far
@@ -72,9 +75,14 @@ def check_quantity(text: str) -> str:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and counts aliases."""
+    """SafeLoader that refuses duplicate keys and counts aliases, and reads `1e3` as a number
+    as kubectl's YAML 1.2 reader does (PyYAML's 1.1 rules make it a string: `memory: 1e3`
+    would pass `cpt plan` and be refused by the API server as a number)."""
 
     aliases = 0
+    yaml_implicit_resolvers = {
+        key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -92,11 +100,18 @@ class _StrictLoader(yaml.SafeLoader):
                     line = key_node.start_mark.line + 1
                     raise WireError(
                         f"line {line}: duplicate key {key!r} (first on line {seen[key]}); "
-                        "the API server refuses it too"
+                        "kubectl would silently keep the last one"
                     )
                 if isinstance(key, str | int | float | bool):
                     seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def expanded_size(value: Any, limit: int = MAX_EXPANDED_NODES) -> int:

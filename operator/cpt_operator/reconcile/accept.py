@@ -183,7 +183,7 @@ def report(
     events: list[EmitEvent] = []
     old = cond.get(status, ConditionType.SPEC_ACCEPTED)
     if verdict.first:
-        if status.phase not in (*PLANNING_PHASES, Phase.FAILED):
+        if status.phase not in (*PLANNING_PHASES, Phase.FAILED, Phase.SUSPENDED):
             status.accepted_spec = record_of(spec, generation)
             _mark(status, "True", "Accepted", f"generation {generation} accepted", now, generation)
         return events
