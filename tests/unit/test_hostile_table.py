@@ -426,8 +426,8 @@ def _checker(bad: set[str]) -> Any:
     """Refuses a spec whose output.s3Uri is in `bad`; counts its calls."""
     calls: list[str] = []
 
-    def check(spec: Any) -> list[Blocker]:
-        calls.append(spec["output"]["s3Uri"])
+    def check(spec: Any, cluster: bool) -> list[Blocker]:
+        calls.append(spec["output"]["s3Uri"] + ("" if cluster else " (spec only)"))
         if spec["output"]["s3Uri"] in bad:
             return [Blocker("InvalidSpec", "spec.output.s3Uri", "spec.output.s3Uri: no")]
         return []
@@ -458,7 +458,7 @@ def test_a_refused_generation_leaves_the_accepted_spec_in_force_and_is_reported_
     assert accepted.message == message and accepted.observed_generation == 2
     again = accept.choose(body, memory, check)
     assert accept.report(status, again, 2, T0, BAD) == []  # no second event, no second check
-    assert check.calls == [GOOD["output"]["s3Uri"], "s3://my-bucket/evil/"]
+    assert check.calls == [GOOD["output"]["s3Uri"] + " (spec only)", "s3://my-bucket/evil/"]
 
 
 def test_an_accepted_generation_replaces_the_record() -> None:

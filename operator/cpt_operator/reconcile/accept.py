@@ -24,7 +24,9 @@ resiliency, output, suspend; model, data, training and checkpoints are immutable
 created, so they are the spec's own). Those sections hold no secret value (Secrets are
 referenced by name) and are bounded (ACCEPTED_SPEC_MAX_BYTES). The status can be edited by
 hand, so the copy is not trusted either: it must match its digest, and this operator process
-checks it once itself before acting on it (after a restart too).
+checks it once itself before acting on it, after a restart too (the models, the planner, the
+policy, the shared prefixes; not the cluster facts, so a Secret deleted since does not stop the
+operator from looking after a running attempt).
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ SPEC_ACCEPTED = "SpecAccepted"
 SPEC_TOO_LARGE = "SpecTooLarge"
 PLANNING_PHASES = {Phase.PENDING, Phase.PLANNING}
 
-Checker = Callable[[Mapping[str, Any]], list[Blocker]]
-"""Every problem of a spec (its wire form): the models, the planner, the cluster facts."""
+Checker = Callable[[Mapping[str, Any], bool], list[Blocker]]
+"""Every problem of a spec (its wire form): the models, the planner, the policy, the shared
+prefixes and, when the flag is true, the cluster facts (Secrets, Pod Security, dry run)."""
 
 
 def digest(spec: Mapping[str, Any]) -> str:
@@ -103,20 +106,25 @@ class Memory:
 
     judged: dict[str, tuple[tuple[Blocker, ...], float]] = field(default_factory=dict)
 
-    def problems(self, spec: Mapping[str, Any], check: Checker) -> tuple[Blocker, ...]:
-        key, now = digest(spec), time.monotonic()
+    def problems(
+        self, spec: Mapping[str, Any], check: Checker, *, cluster: bool = True
+    ) -> tuple[Blocker, ...]:
+        """The problems of `spec`, checked at most once per digest (a refused one again after
+        REJUDGE_SECONDS). `cluster`: with the cluster facts."""
+        key, now = digest(spec) + ("" if cluster else ":spec"), time.monotonic()
         known = self.judged.get(key)
         if known is not None and (not known[0] or now - known[1] < REJUDGE_SECONDS):
             return known[0]
         big = too_large(spec)
-        found = (big,) if big else tuple(check(spec))
+        found = (big,) if big else tuple(check(spec, cluster))
         self.judged[key] = (found, now)
         while len(self.judged) > MEMORY_ENTRIES:
             self.judged.pop(next(iter(self.judged)))
         return found
 
     def remember_ok(self, spec: Mapping[str, Any]) -> None:
-        self.judged[digest(spec)] = ((), time.monotonic())
+        now = time.monotonic()
+        self.judged[digest(spec)] = self.judged[digest(spec) + ":spec"] = ((), now)
 
 
 @dataclass(frozen=True)
@@ -151,8 +159,10 @@ def choose(body: Mapping[str, Any], memory: Memory, check: Checker) -> Verdict:
     record = load_record(status)
     if record is not None:
         accepted = view(current, record)
-        if record.digest != digest(accepted) or memory.problems(accepted, check):
-            record = None  # edited by hand, or no longer valid: judged afresh below
+        # Edited by hand: judged afresh below. The cluster facts are left out here: a Secret
+        # deleted since must not stop the operator from looking after a running attempt.
+        if record.digest != digest(accepted) or memory.problems(accepted, check, cluster=False):
+            record = None
     if record is None:
         if status.get("phase") in (None, "", *PLANNING_PHASES):
             return Verdict(current, None, first=True)

@@ -63,8 +63,11 @@ def spec_problems(
     spec_raw: Mapping[str, Any],
     others: Sequence[RunRoots],
     policy: Policy,
+    *,
+    cluster: bool = True,
 ) -> list[Blocker]:
-    """Every problem of `spec_raw` as the spec of `body`'s run (see the module docstring)."""
+    """Every problem of `spec_raw` as the spec of `body`'s run (see the module docstring);
+    without `cluster`, no look at Secrets, Pod Security or dry runs."""
     try:
         spec = parse_spec(dict(spec_raw))
     except ValidationError as err:
@@ -72,7 +75,12 @@ def spec_problems(
     result = planner.plan(spec, mode="cluster")
     if result.errors:
         return [Blocker(conditions.INVALID_SPEC, e.field, str(e)) for e in result.errors]
-    return cluster_blockers(kube, {**body, "spec": dict(spec_raw)}, spec, others, policy)
+    run_body = {**body, "spec": dict(spec_raw)}
+    if not cluster:
+        mine = RunRoots.of(run_body, spec)
+        found = admission.policy_problems(spec, policy)
+        return found + (admission.shared_roots(mine, others) if mine is not None else [])
+    return cluster_blockers(kube, run_body, spec, others, policy)
 
 
 @dataclass
@@ -102,8 +110,8 @@ def begin(
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 1)
 
-    def check(spec_raw: Mapping[str, Any]) -> list[Blocker]:
-        return spec_problems(kube, body, spec_raw, others, policy)
+    def check(spec_raw: Mapping[str, Any], cluster: bool) -> list[Blocker]:
+        return spec_problems(kube, body, spec_raw, others, policy, cluster=cluster)
 
     events: list[EmitEvent] = []
     if status.get("phase") in TERMINAL:
