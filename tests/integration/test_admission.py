@@ -4,7 +4,6 @@ the immutable sections stay immutable, and status fields survive (not pruned).""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from cpt_operator.api.crd import CRD_FILE
+from fixtures import specedit
 from fixtures.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -38,17 +38,7 @@ def crd(cluster: Cluster) -> Cluster:
 
 def edit(**changes: Any) -> dict[str, Any]:
     """run.yaml with ``a__b=value`` set (``...`` deletes)."""
-    doc = copy.deepcopy(RUN)
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = doc
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is ...:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
-    return doc
+    return specedit.edit(RUN, **changes)
 
 
 def apply(cluster: Cluster, namespace: str, doc: dict[str, Any], *, dry_run: bool = True) -> Any:
