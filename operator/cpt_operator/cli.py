@@ -22,7 +22,7 @@ import yaml
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from cpt_operator.api.planner import load_run, plan_object, render_text
+    from cpt_operator.api.planner import PlanIssue, load_run, plan_object, render_text
 
     path = Path(args.file)
     try:
@@ -31,6 +31,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"cpt plan: {exc}", file=sys.stderr)
         return 2
     result = plan_object(obj, mode="local" if args.local else None, base_dir=Path.cwd())
+    cost = result.estimate.cost_usd if result.estimate else None
+    if args.max_cost_usd is not None and cost is not None and cost > args.max_cost_usd:
+        result.warnings.append(
+            PlanIssue(
+                "spec.training",
+                f"the estimated cost, ${cost:,.0f}, exceeds --max-cost-usd {args.max_cost_usd:g}",
+            )
+        )
     if args.json:
         print(result.to_json())
     else:
@@ -43,13 +51,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cpt_operator import doctor
-    from cpt_operator.api.models import ContinualPretrainSpec
+    from cpt_operator.api.models import parse_spec
     from cpt_operator.api.planner import load_run, validation_issues
 
     path = Path(args.file)
     try:
         obj = load_run(path)
-        spec = ContinualPretrainSpec.model_validate(obj.get("spec") or {})
+        spec = parse_spec(obj.get("spec") or {})
     except ValidationError as exc:
         print(f"cpt doctor: {path}: {'; '.join(map(str, validation_issues(exc)))}", file=sys.stderr)
         return 2
@@ -141,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--local", action="store_true", help="plan for `cpt local` (local paths allowed)"
+    )
+    p.add_argument(
+        "--max-cost-usd",
+        type=float,
+        default=None,
+        help="warn when the estimated cost exceeds this many dollars",
     )
     p.set_defaults(func=_cmd_plan)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -48,17 +49,17 @@ from cpt_operator.api.models import (
     PLURAL,
     TERMINAL_PHASES,
     VERSION,
-    ContinualPretrainSpec,
     Phase,
+    parse_spec,
 )
 from cpt_operator.builders import stages
 from cpt_operator.builders.meta import RUN_LABEL, STAGE_LABEL
 from cpt_operator.kube import ApiException, Kube, KubeApi, api_client, error_message
 from cpt_operator.metrics import OperatorMetrics
 from cpt_operator.progress import StorageView, read_storage
-from cpt_operator.reconcile import admission, conditions
+from cpt_operator.reconcile import accept, conditions, guard
 from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
-from cpt_operator.reconcile.admission import Blocker, RunRoots
+from cpt_operator.reconcile.admission import Blocker, Policy, RunRoots
 from cpt_operator.reconcile.decide import RunMeta, decide, dump_status, load_status
 from cpt_operator.reconcile.observe import Observed, observe
 from cpt_operator.reconcile.patch import merge_patch
@@ -67,6 +68,7 @@ from cpt_operator.settings import OperatorSettings
 log = logging.getLogger("cpt_operator")
 
 RunKey = tuple[str, str]
+DEFAULT_POLICY = Policy()
 TERMINAL = {p.value for p in TERMINAL_PHASES}
 PLANNING_PHASES = {None, "", "Pending", "Planning"}
 """Phases before the first child: admission checks run, there are no pods to read."""
@@ -87,22 +89,37 @@ def reconcile(
     name: str,
     others: Sequence[RunRoots] = (),
     now: datetime | None = None,
+    *,
+    memory: accept.Memory | None = None,
+    policy: Policy = DEFAULT_POLICY,
+    verify_terminal: bool = False,
 ) -> str | None:
     """One level-based pass over a run; returns its phase afterwards, None when it is gone
-    or being deleted. Terminal phases are sticky and cost no further reads. `others`: the
-    S3 prefixes of the other runs, for the shared-prefix admission check."""
+    or being deleted. Terminal phases are sticky and cost no further reads, unless a new
+    generation may revive the run or `verify_terminal` (the phase was not the operator's
+    own write) asks to check it against the children. The pass acts on the last accepted
+    spec (reconcile/accept.py, reconcile/guard.py). `others`: the S3 prefixes of the other
+    runs, for the shared-prefix check."""
     body = kube.get_run(namespace, name)
     if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         return None
-    status = body.get("status") or {}
-    if status.get("phase") in TERMINAL:
-        return str(status["phase"])
-    observed = observe_run(kube, body, others)
-    decision = decide(
-        RunMeta.of(body), body.get("spec") or {}, status, observed, now or datetime.now(UTC)
+    now = now or datetime.now(UTC)
+    generation = int(body["metadata"].get("generation") or 1)
+    start = guard.begin(
+        kube, body, others, memory or accept.Memory(), policy, now, verify_terminal=verify_terminal
     )
-    events: list[EmitEvent] = []
-    for action in decision.actions:  # children first: what the user waits for
+    old = body.get("status") or {}
+    if start is None:
+        return str(old["phase"])
+    decided: dict[str, Any] | None = None
+    actions: list[Any] = []
+    if start.spec is not None and start.status.get("phase") not in TERMINAL:
+        body = {**body, "spec": start.spec, "status": start.status}
+        observed = observe_run(kube, body, others, policy)
+        decision = decide(RunMeta.of(body), start.spec, start.status, observed, now)
+        decided, actions = decision.status, decision.actions
+    status, events = guard.finish(start, decided, body.get("spec") or {}, generation, now)
+    for action in actions:  # children first: what the user waits for
         if isinstance(action, CreateChild):
             try:
                 created = kube.create(action.manifest, namespace)
@@ -128,13 +145,17 @@ def reconcile(
         else:
             events.append(action)
     post_events(kube, body, events)  # in their order: the story of the run
-    patch = merge_patch(status, decision.status) if decision.changed else {}
-    if patch:
+    if patch := merge_patch(old, status):
         kube.patch_status(namespace, name, patch)
-    return str(decision.status.get("phase") or "")
+    return str(status.get("phase") or "")
 
 
-def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoots]) -> Observed:
+def observe_run(
+    kube: KubeApi,
+    body: Mapping[str, Any],
+    others: Sequence[RunRoots],
+    policy: Policy = DEFAULT_POLICY,
+) -> Observed:
     """The facts `decide` needs: children by label, pods once children exist, the nodes of
     training pods, S3 in the phases that read it, admission facts before the first child."""
     meta = body.get("metadata") or {}
@@ -157,14 +178,14 @@ def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoot
         progress=view.progress,
         checkpoint=view.checkpoint,
         storage_error=view.error,
-        blockers=admission_blockers(kube, body, others),
+        blockers=admission_blockers(kube, body, others, policy),
     )
 
 
 def storage_view(body: Mapping[str, Any]) -> StorageView:
     meta = body.get("metadata") or {}
     try:
-        spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+        spec = parse_spec(body.get("spec") or {})
     except ValidationError:
         return StorageView()
     paths = stages.paths(spec, str(meta.get("name")), str(meta.get("namespace")))
@@ -172,33 +193,17 @@ def storage_view(body: Mapping[str, Any]) -> StorageView:
 
 
 def admission_blockers(
-    kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoots]
+    kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoots], policy: Policy
 ) -> tuple[Blocker, ...]:
-    """What must hold before a run's first child exists (reconcile/admission.py): its
-    Secrets exist, the namespace's Pod Security level admits its pods, no older run owns its
-    S3 prefixes, and the API server accepts its pod templates (server-side dry run). Facts
-    the operator may not read (no RBAC) block nothing."""
+    """What must hold before a run's first child exists (reconcile/guard.py). Checked only
+    while planning; later generations are checked by reconcile/accept.py."""
     if (body.get("status") or {}).get("phase") not in PLANNING_PHASES:
         return ()
     try:
-        spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+        spec = parse_spec(body.get("spec") or {})
     except ValueError:  # an invalid spec fails in planning with its own message
         return ()
-    run = RunMeta.of(body)
-    ns = run.namespace
-    found = [
-        admission.missing_secret(field_, secret, ns)
-        for field_, secret in admission.secret_refs(spec)
-        if kube.secret_exists(ns, secret) is False
-    ]
-    found += admission.pod_security_problems(spec, kube.pod_security_level(ns))
-    mine = RunRoots.of(body, spec)
-    if mine is not None:
-        found += admission.shared_roots(mine, others)
-    for what, field_, manifest in admission.dry_run_manifests(spec, run.ref):
-        if message := kube.dry_run_create(manifest, ns):
-            found.append(admission.rejected(what, field_, message))
-    return tuple(found)
+    return tuple(guard.cluster_blockers(kube, body, spec, others, policy))
 
 
 def post_events(kube: KubeApi, body: Mapping[str, Any], events: list[EmitEvent]) -> None:
@@ -267,6 +272,10 @@ class RunLoop:
     task: asyncio.Task[None] | None = None
     generation: Any = None
     """The run's metadata.generation last seen by `run_event`."""
+    phase: str | None = None
+    """The phase the loop's last pass left the run in: a terminal phase seen while this is
+    not terminal was written by someone else, and is checked (reconcile/trust.py)."""
+    memory: accept.Memory = field(default_factory=accept.Memory)
 
 
 async def run_loop(ctl: Controller, key: RunKey, me: RunLoop) -> None:
@@ -277,12 +286,20 @@ async def run_loop(ctl: Controller, key: RunKey, me: RunLoop) -> None:
         others = tuple(ctl.roots.values())  # a snapshot: the thread must not see it change
         ctl.passes += 1
         started = time.perf_counter()
+        verify = me.phase is not None and me.phase not in TERMINAL
+        one_pass = functools.partial(
+            reconcile,
+            memory=me.memory,
+            policy=ctl.settings.policy,
+            verify_terminal=verify,
+        )
         try:
-            phase = await loop.run_in_executor(ctl.executor, reconcile, ctl.kube, *key, others)
+            phase = await loop.run_in_executor(ctl.executor, one_pass, ctl.kube, *key, others)
         except Exception as err:  # the next wake-up or resync tries again
             log.warning("reconcile of %s/%s failed: %s", key[0], key[1], error_message(err))
             phase = ""
         ctl.metrics.observe_pass(time.perf_counter() - started, failed=phase == "")
+        me.phase = phase or me.phase
         if phase is None or phase in TERMINAL:
             if ctl.loops.get(key) is me:
                 del ctl.loops[key]
@@ -356,8 +373,12 @@ def passes_probe(memo: kopf.Memo, **_: Any) -> int:
 
 
 def remember_roots(ctl: Controller, body: Mapping[str, Any]) -> None:
+    """The prefixes of the run's accepted spec (a refused edit claims none)."""
     meta = body.get("metadata") or {}
     key = (str(meta.get("namespace")), str(meta.get("name")))
+    record = accept.load_record(body.get("status") or {})
+    if record is not None:
+        body = {**body, "spec": accept.view(body.get("spec") or {}, record)}
     roots = RunRoots.of(body)
     if roots is None:
         ctl.roots.pop(key, None)
@@ -378,11 +399,18 @@ async def run_event(
         ctl.roots.pop(key, None)
         return
     remember_roots(ctl, body)
-    if (body.get("status") or {}).get("phase") in TERMINAL:
-        ctl.stop(key)
-        return
+    status = body.get("status") or {}
     generation = body.get("metadata", {}).get("generation")
     loop = ctl.loops.get(key)
+    if status.get("phase") in TERMINAL:
+        if loop is not None and loop.phase is not None and loop.phase not in TERMINAL:
+            loop.wake.set()  # not the operator's own write: the loop checks it
+        elif status.get("observedGeneration") != generation:
+            ctl.wake(key, start=True)  # an edit that may revive it (reconcile/trust.py)
+            ctl.loops[key].generation = generation
+        else:
+            ctl.stop(key)
+        return
     if loop is None or loop.generation != generation:
         ctl.wake(key, start=True)
         ctl.loops[key].generation = generation

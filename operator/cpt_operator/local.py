@@ -32,7 +32,7 @@ from typing import IO, Any
 from pydantic import BaseModel, ValidationError
 
 from cpt_operator.api import planner
-from cpt_operator.api.models import ContinualPretrainSpec, EvalStatus
+from cpt_operator.api.models import ContinualPretrainSpec, EvalStatus, parse_spec
 from cpt_operator.builders import pods, stages
 from cpt_operator.reconcile.decide import format_validation_error
 from cpt_operator.reconcile.observe import observe_held_out
@@ -324,7 +324,7 @@ def run_local(
         if max_steps is not None:
             raw["training"] = {**raw.get("training", {}), "maxSteps": max_steps, "maxTokens": None}
             raw["training"] = {k: v for k, v in raw["training"].items() if v is not None}
-        spec = ContinualPretrainSpec.model_validate(raw)
+        spec = parse_spec(raw)
     except ValidationError as err:
         print(f"cpt local: invalid spec: {format_validation_error(err)}", file=stream)
         return EXIT_BAD_SPEC

@@ -1,4 +1,4 @@
-"""The operator's configuration: seven knobs, read once at start-up and passed in.
+"""The operator's configuration: nine knobs, read once at start-up and passed in.
 
 Each field is one environment variable that the chart sets from one value
 (charts/cpt/values.yaml, `operator.*` and `watchNamespace`); tests/unit/test_settings.py fails
@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from cpt_operator.reconcile.admission import Policy
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 DEFAULT_METRICS_PORT = 8081
@@ -42,6 +44,12 @@ class OperatorSettings:
     metrics_port: int = DEFAULT_METRICS_PORT
     """CPT_METRICS_PORT (metrics.port; metrics.enabled false sets 0): the port of the
     Prometheus ``/metrics`` endpoint (cpt_operator/metrics.py); 0 turns it off."""
+    allow_system_priority_classes: bool = False
+    """CPT_ALLOW_SYSTEM_PRIORITY_CLASSES (operator.allowSystemPriorityClasses): runs may use
+    the system-* priority classes (reconcile/admission.py, Policy)."""
+    allow_host_path_scratch: bool = True
+    """CPT_ALLOW_HOST_PATH_SCRATCH (operator.allowHostPathScratch): runs may use scratch
+    type hostPath (a node's directory, e.g. instance-store NVMe)."""
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
@@ -58,6 +66,10 @@ class OperatorSettings:
             )
 
     @property
+    def policy(self) -> Policy:
+        return Policy(self.allow_system_priority_classes, self.allow_host_path_scratch)
+
+    @property
     def posting_level_number(self) -> int:
         return int(logging.getLevelName(self.posting_level))
 
@@ -72,6 +84,12 @@ class OperatorSettings:
             except ValueError:
                 raise ValueError(f"{name} must be a number, got {env[name]!r}") from None
 
+        def flag(name: str, default: bool) -> bool:
+            value = env.get(name, "").strip().lower()
+            if value in ("", "true", "false"):
+                return default if not value else value == "true"
+            raise ValueError(f"{name} must be true or false, got {env[name]!r}")
+
         names = (n.strip() for n in env.get("CPT_WATCH_NAMESPACES", "").split(","))
         return cls(
             namespaces=tuple(n for n in names if n),
@@ -81,6 +99,12 @@ class OperatorSettings:
             posting_level=env.get("CPT_POSTING_LEVEL", cls.posting_level).upper(),
             liveness_endpoint=env.get("CPT_LIVENESS_ENDPOINT", DEFAULT_LIVENESS) or None,
             metrics_port=number("CPT_METRICS_PORT", int, cls.metrics_port),
+            allow_system_priority_classes=flag(
+                "CPT_ALLOW_SYSTEM_PRIORITY_CLASSES", cls.allow_system_priority_classes
+            ),
+            allow_host_path_scratch=flag(
+                "CPT_ALLOW_HOST_PATH_SCRATCH", cls.allow_host_path_scratch
+            ),
         )
 
 
@@ -92,5 +116,7 @@ ENV_NAMES = (
     "CPT_POSTING_LEVEL",
     "CPT_LIVENESS_ENDPOINT",
     "CPT_METRICS_PORT",
+    "CPT_ALLOW_SYSTEM_PRIORITY_CLASSES",
+    "CPT_ALLOW_HOST_PATH_SCRATCH",
 )
 """Every variable `from_env` reads, in field order (the chart sets each)."""

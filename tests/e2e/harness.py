@@ -48,6 +48,18 @@ def install_crd(cluster: Cluster) -> None:
 
     wait_for(established, timeout=30, what="ContinualPretrain CRD Established")
 
+    def served() -> bool:
+        # A changed schema re-initialises the resource's storage: lists answer 429 until done.
+        try:
+            cluster.api.get(f"{API}/continualpretrains?limit=1")
+        except ApiError as err:
+            if err.status == 429:
+                return False
+            raise
+        return True
+
+    wait_for(served, timeout=30, what="ContinualPretrain storage ready")
+
 
 class OperatorProcess:
     """The operator as it runs in its image, one per test namespace."""

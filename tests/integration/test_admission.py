@@ -4,7 +4,6 @@ the immutable sections stay immutable, and status fields survive (not pruned).""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from cpt_operator.api.crd import CRD_FILE
+from fixtures import specedit
 from fixtures.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -38,17 +38,7 @@ def crd(cluster: Cluster) -> Cluster:
 
 def edit(**changes: Any) -> dict[str, Any]:
     """run.yaml with ``a__b=value`` set (``...`` deletes)."""
-    doc = copy.deepcopy(RUN)
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = doc
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is ...:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
-    return doc
+    return specedit.edit(RUN, **changes)
 
 
 def apply(cluster: Cluster, namespace: str, doc: dict[str, Any], *, dry_run: bool = True) -> Any:
@@ -166,7 +156,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "an operator-owned env name",
         edit(spec__training__env=[{"name": "MASTER_PORT", "value": "1"}]),
         'spec.training.env[0].name: Invalid value: "object": env MASTER_PORT is set by the '
-        "operator and cannot be overridden",
+        "operator, the Job controller or torchrun and cannot be overridden",
     ),
     (
         "a pvc scratch without a claim",
@@ -408,3 +398,91 @@ def test_status_is_kept_and_feeds_the_printer_columns(crd: Cluster, namespace: s
     header, row = table.splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "STEP", "ATTEMPT", "LOSS", "TOKENS/S", "MFU%", "AGE"]
     assert row.split()[:7] == [name, "Training", "120/1500", "2", "1.87", "52000.5", "24.1"]
+
+
+# -- one parser, one set of rules (issue #18): cpt plan accepts what the API server accepts ----
+
+
+def _plan_accepts(text: str, tmp: Path) -> bool:
+    """Whether `cpt plan`'s reading of the file and its schema validation accept it (planner
+    arithmetic, which the API server does not do, is left out)."""
+    from cpt_operator.api.models import parse_spec
+    from cpt_operator.api.planner import load_run
+
+    path = tmp / "run.yaml"
+    path.write_text(text)
+    try:
+        parse_spec(load_run(path)["spec"])
+    except ValueError:
+        return False
+    return True
+
+
+PARITY = [
+    ("cpu 500m", edit(spec__runtime__toolsResources={"cpu": "500m"}), True),
+    ("memory 64Gi", edit(spec__runtime__toolsResources={"memory": "64Gi"}), True),
+    ("memory 1e3", edit(spec__runtime__toolsResources={"memory": "1e3"}), True),
+    ("cpu .5", edit(spec__runtime__toolsResources={"cpu": ".5"}), True),
+    ("cpu .", edit(spec__runtime__toolsResources={"cpu": "."}), False),
+    ("memory 1e400", edit(spec__runtime__toolsResources={"memory": "1e400"}), False),
+    ("memory -1Gi", edit(spec__runtime__toolsResources={"memory": "-1Gi"}), False),
+    ("memory 4GB", edit(spec__runtime__toolsResources={"memory": "4GB"}), False),
+    ("sizeLimit 8Ei", edit(spec__checkpoints__scratch={"sizeLimit": "8Ei"}), False),
+    ("sizeLimit 7Ei", edit(spec__checkpoints__scratch={"sizeLimit": "7Ei"}), True),
+    ("maxSteps '10'", edit(spec__training__maxSteps="10"), False),
+    ("compile 'yes'", edit(spec__training__compile="yes"), False),
+    ("suspend 1", edit(spec__suspend=1), False),
+    ("nodes 2.5", edit(spec__training__nodes=2.5), False),
+    ("env twice", edit(spec__training__env=[{"name": "A", "value": "1"},
+                                            {"name": "A", "value": "2"}]), False),
+    ("JOB_COMPLETION_INDEX", edit(spec__training__env=[{"name": "JOB_COMPLETION_INDEX",
+                                                        "value": "1"}]), False),
+    ("extra compiler flags", edit(spec__training__env=[{"name": "CPT_EXTRA_NEURON_CC_FLAGS",
+                                                        "value": "-O1"}]), True),
+    ("mountPath ..", edit(spec__checkpoints__scratch={"mountPath": "/a/../b"}), False),
+    ("queue not a label", edit(spec__runtime__kueueQueueName="a b"), False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("doc", "ok"), [c[1:] for c in PARITY], ids=[c[0] for c in PARITY])
+def test_the_api_server_and_cpt_plan_accept_the_same_specs(
+    crd: Cluster, namespace: str, doc: dict[str, Any], ok: bool, tmp_path: Path
+) -> None:
+    text = json.dumps(doc)  # JSON is YAML, and keeps "1e3" a string for both readers
+    proc = crd.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=text,
+                       check=False)  # fmt: skip
+    assert (proc.returncode == 0) is ok, proc.stderr
+    assert _plan_accepts(text, tmp_path) is ok
+
+
+RAW = yaml.safe_dump(edit(spec__suspend=False))
+WITH_MEMORY = yaml.safe_dump(edit(spec__runtime__toolsResources={"memory": "MEMORY"}))
+TEXTS = [
+    ("unquoted 1e3 is a number in both", WITH_MEMORY.replace("MEMORY", "1e3"), False),
+    ("quoted 1e3 is a quantity in both", WITH_MEMORY.replace("MEMORY", "'1e3'"), True),
+    ("unquoted no is a boolean in both", RAW.replace("suspend: false", "suspend: no", 1), True),
+    ("quoted no is a string in both", RAW.replace("suspend: false", "suspend: 'no'", 1), False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "ok"), [c[1:] for c in TEXTS], ids=[c[0] for c in TEXTS])
+def test_the_api_server_and_cpt_plan_read_the_same_yaml(
+    crd: Cluster, namespace: str, text: str, ok: bool, tmp_path: Path
+) -> None:
+    proc = crd.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=text,
+                       check=False)  # fmt: skip
+    assert (proc.returncode == 0) is ok, proc.stderr
+    assert _plan_accepts(text, tmp_path) is ok
+
+
+def test_a_duplicate_key_is_refused_by_cpt_plan_where_kubectl_silently_keeps_one(
+    crd: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Stricter than kubectl on purpose: a file that says two things is refused (kubectl's
+    YAML-to-JSON step keeps the last value, even with --validate=strict)."""
+    text = RAW.replace("spec:\n", "spec:\n  suspend: true\n", 1)
+    assert "suspend: false" in text  # the run's own key comes later in the mapping
+    proc = crd.kubectl("create", "--dry-run=server", "--validate=strict", "-n", namespace,
+                       "-f", "-", "-o", "json", input=text, check=False)  # fmt: skip
+    assert proc.returncode == 0 and json.loads(proc.stdout)["spec"]["suspend"] is False
+    assert not _plan_accepts(text, tmp_path)

@@ -190,12 +190,16 @@ def test_operator_owned_env_names_are_rejected(name: str) -> None:
     with pytest.raises(ValidationError) as exc:
         EnvVar.model_validate({"name": name, "value": "x"})
     assert _problems(exc) == [
-        ("name", f"env {name} is set by the operator and cannot be overridden")
+        (
+            "name",
+            f"env {name} is set by the operator, the Job controller or torchrun and cannot be "
+            "overridden (docs/api.md lists the reserved names)",
+        )
     ]
 
 
 def test_an_ordinary_env_var_is_accepted() -> None:
-    assert EnvVar.model_validate({"name": "NEURON_CC_FLAGS", "value": "-O1"}).value == "-O1"
+    assert EnvVar.model_validate({"name": "XLA_FLAGS", "value": "-O1"}).value == "-O1"
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import yaml
 
 from cpt_operator import handlers
 from cpt_operator.progress import StorageView
+from cpt_operator.reconcile import accept
 from cpt_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
@@ -36,6 +37,7 @@ class FakeKube:
         self.run = run
         self.children: dict[tuple[str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
+        self.memory = accept.Memory()
         self.events: list[tuple[str, str]] = []
         self.fail_patch = False
         self.patches: list[dict[str, Any]] = []
@@ -153,8 +155,9 @@ def new_run(name: str = "p5-native") -> dict[str, Any]:
 
 
 def reconcile(kube: FakeKube, now: datetime = T0) -> Any:
+    """One pass, with the run loop's memory of what it checked (reconcile/accept.py)."""
     m = kube.run["metadata"]
-    return handlers.reconcile(kube, m["namespace"], m["name"], now=now)
+    return handlers.reconcile(kube, m["namespace"], m["name"], now=now, memory=kube.memory)
 
 
 def complete_job(kube: FakeKube, name: str) -> None:
@@ -225,7 +228,7 @@ def test_the_whole_pipeline_runs_through_the_glue_with_one_child_per_stage() -> 
 
 def test_a_finished_run_is_not_even_read_beyond_its_own_object() -> None:
     kube = FakeKube(new_run())
-    kube.run["status"] = {"phase": "Succeeded"}
+    kube.run["status"] = {"phase": "Succeeded", "observedGeneration": 3}
     assert reconcile(kube) == "Succeeded"
     assert kube.calls == [("get_run", "llama-gpu")]
 
@@ -353,7 +356,7 @@ def test_a_finished_or_deleted_run_has_no_loop_left() -> None:
         assert ("team-b", "llama-gpu") in ctl.loops
         await run_event(kube, memo, "DELETED")
         assert ctl.loops == {} and ctl.roots == {}
-        kube.run["status"] = {"phase": "Succeeded"}
+        kube.run["status"] = {"phase": "Succeeded", "observedGeneration": 3}
         await run_event(kube, memo)
         assert ctl.loops == {}
 

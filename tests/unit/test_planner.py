@@ -3,7 +3,6 @@ exact message for every way a spec can be wrong."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from cpt_operator.api.planner import (
     stage_layers,
 )
 from cpt_training.flops import GIB, ModelShape
+from fixtures.specedit import edit
 
 pytestmark = pytest.mark.unit
 
@@ -39,21 +39,6 @@ WARMUP = (
     "spec.training.optimizer.warmupSteps: warmupSteps (2000) exceeds the run's 1500 steps: the "
     "learning rate ends at 0.000112, never reaching lr (0.00015), and never decays to minLr"
 )
-
-
-def edit(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """Copy of ``base`` with ``a__b__c=value`` set (``...`` deletes the key)."""
-    doc = copy.deepcopy(base)
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = doc
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is ...:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
-    return doc
 
 
 def errors_of(doc: dict[str, Any]) -> list[str]:
@@ -329,8 +314,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     (
         "an operator-owned env name",
         edit(RUN, spec__training__env=[{"name": "MASTER_ADDR", "value": "x"}]),
-        "spec.training.env[0].name: env MASTER_ADDR is set by the operator and cannot be "
-        "overridden",
+        "spec.training.env[0].name: env MASTER_ADDR is set by the operator, the Job "
+        "controller or torchrun and cannot be overridden (docs/api.md lists the reserved names)",
     ),
     (
         "hostPath scratch without a path",

@@ -901,7 +901,11 @@ def test_a_pending_timeout_names_the_nodes_this_run_excludes() -> None:
     [
         (0, "spec.resiliency.maxExcludedNodes: Input should be greater than or equal to 1"),
         (257, "spec.resiliency.maxExcludedNodes: Input should be less than or equal to 256"),
-        ("many", "spec.resiliency.maxExcludedNodes: Input should be a valid integer"),
+        (
+            "many",
+            'spec.resiliency.maxExcludedNodes: must be of type integer, got "many" (the API '
+            "server converts no types)",
+        ),
     ],
 )
 def test_an_out_of_range_max_excluded_nodes_is_refused_naming_the_field(

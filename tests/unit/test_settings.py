@@ -25,6 +25,16 @@ CHART_VALUES: dict[str, tuple[str, str, str]] = {
     "posting_level": ("CPT_POSTING_LEVEL", "operator.postingLevel", "ERROR"),
     "liveness_endpoint": ("CPT_LIVENESS_ENDPOINT", "operator.healthPort", "9090"),
     "metrics_port": ("CPT_METRICS_PORT", "metrics.port", "9300"),
+    "allow_system_priority_classes": (
+        "CPT_ALLOW_SYSTEM_PRIORITY_CLASSES",
+        "operator.allowSystemPriorityClasses",
+        "true",
+    ),
+    "allow_host_path_scratch": (
+        "CPT_ALLOW_HOST_PATH_SCRATCH",
+        "operator.allowHostPathScratch",
+        "false",
+    ),
 }
 
 
@@ -63,6 +73,8 @@ def test_each_chart_value_reaches_its_setting() -> None:
         posting_level="ERROR",
         liveness_endpoint="http://0.0.0.0:9090/healthz",
         metrics_port=9300,
+        allow_system_priority_classes=True,
+        allow_host_path_scratch=False,
     )
 
 

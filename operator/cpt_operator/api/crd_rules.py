@@ -10,12 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpt_operator.api.models import (
+    DOT_SEGMENT_PATTERN,
+    HF_TOKEN_ENV,
     MAX_NAME_LENGTH,
+    MSG_CREDENTIAL_ENV,
+    MSG_DOT_SEGMENTS,
+    MSG_DUPLICATE_ENV,
     MSG_GBS_MULTIPLE,
     MSG_MP_DIVIDES_WORLD,
+    MSG_RESERVED_ENV,
     NAME_PATTERN,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
+    S3_CREDENTIAL_ENV,
     SECRET_ENV_PATTERN,
 )
 from cpt_training.config import HF_URI_PATTERN, S3_URI_PATTERN
@@ -76,6 +83,39 @@ def _immutable(name: str) -> Rule:
 
 def _s3(path: str, label: str) -> Rule:
     return Rule(path, f"self.matches({S3})", f"{label} {S3_MESSAGE}")
+
+
+def _quantity(path: str) -> Rule:
+    """The API server's own quantity parser (CEL's Kubernetes quantity library), bounded like
+    api/wire.py: not negative, within an int64, and with a digit in its number (the parser
+    takes a bare "." for zero, which no one means)."""
+    return Rule(
+        path,
+        r"self.matches('^[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)') && "
+        "isQuantity(self) && !quantity(self).isLessThan(quantity('0')) && "
+        "quantity(self).isLessThan(quantity('9223372036854775807'))",
+        f"{path.removeprefix('spec.')} must be a Kubernetes quantity (e.g. 500m, 2, 64Gi), "
+        "not negative, at most 2^63-1",
+    )
+
+
+def _dot_segments(path: str) -> Rule:
+    return Rule(
+        path,
+        f"!self.matches({_cel_str(DOT_SEGMENT_PATTERN)})",
+        f"{path.removeprefix('spec.')}: {MSG_DOT_SEGMENTS}",
+    )
+
+
+def _credential_env(ref: str, names: tuple[str, ...]) -> Rule:
+    listed = "[" + ", ".join(f"'{n}'" for n in names) + "]"
+    return Rule(
+        "spec",
+        f"!has(self.runtime) || !has(self.runtime.{ref}) || !has(self.training.env) || "
+        f"!self.training.env.exists(e, e.name in {listed})",
+        f"training.env: {'/'.join(names)} {MSG_CREDENTIAL_ENV}",
+        field_path=".training.env",
+    )
 
 
 CEL_RULES: tuple[Rule, ...] = (
@@ -187,8 +227,8 @@ CEL_RULES: tuple[Rule, ...] = (
         "spec.training.env[]",
         f"!(self.name in {RESERVED_NAMES}) && "
         + " && ".join(f"!self.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES),
-        "env name is set by the operator and cannot be overridden",
-        "'env ' + self.name + ' is set by the operator and cannot be overridden'",
+        f"env name {MSG_RESERVED_ENV}",
+        f"'env ' + self.name + ' {MSG_RESERVED_ENV}'",
         ".name",
     ),
     Rule(
@@ -199,6 +239,16 @@ CEL_RULES: tuple[Rule, ...] = (
         "literal value'",
         ".value",
     ),
+    Rule(
+        "spec.training.env",
+        "self.all(e, self.exists_one(f, f.name == e.name))",
+        f"{MSG_DUPLICATE_ENV}: each name at most once",
+    ),
+    _credential_env("s3CredentialsSecretRef", S3_CREDENTIAL_ENV),
+    _credential_env("hfTokenSecretRef", HF_TOKEN_ENV),
+    _quantity("spec.runtime.toolsResources.cpu"),
+    _quantity("spec.runtime.toolsResources.memory"),
+    _quantity("spec.checkpoints.scratch.sizeLimit"),
     Rule(
         "spec.training.env[].valueFrom",
         "has(self.secretKeyRef) != has(self.configMapKeyRef)",
@@ -229,6 +279,8 @@ CEL_RULES: tuple[Rule, ...] = (
         "scratch claimName is only used with type pvc",
         field_path=".claimName",
     ),
+    _dot_segments("spec.checkpoints.scratch.mountPath"),
+    _dot_segments("spec.checkpoints.scratch.path"),
     _s3("spec.output.s3Uri", "output.s3Uri"),
     _s3("spec.runtime.neuronCompileCacheUri", "runtime.neuronCompileCacheUri"),
 )

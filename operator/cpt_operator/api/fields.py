@@ -7,11 +7,14 @@ limits without importing the spec.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
+from cpt_operator.api.wire import check_quantity
 from cpt_training.config import HF_URI_PATTERN, S3_URI_PATTERN
 
 GROUP = "cpt.dev"
@@ -30,22 +33,50 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 URI_MAX_LENGTH = 1024
 NAME_MAX_LENGTH = 253
-QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 RESERVED_ENV_NAMES = (
+    # the operator: the stage config, the pod's identity
     "CPT_STAGE_CONFIG",
+    "CPT_NODE_ID",
+    # the Job controller (Indexed Jobs: the tokenize shard index)
+    "JOB_COMPLETION_INDEX",
+    # the training operator and torchrun (rendezvous, ranks)
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",
     "LOCAL_WORLD_SIZE",
     "NODE_RANK",
     "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
     "MASTER_ADDR",
     "MASTER_PORT",
+    # the operator's device env (cpt_training/nxd/env.py, cpt_training/native/neuron.py)
+    "NEURON_CC_FLAGS",
+    "NEURON_COMPILE_CACHE_URL",
+    "NEURON_FUSE_SOFTMAX",
+    "NEURON_LOGICAL_NC_CONFIG",
+    "TORCH_NEURONX_NEFF_CACHE_DIR",
+    "CCOM_SOCKET_IFNAME",
+    "MALLOC_ARENA_MAX",
+    "XLA_DOWNCAST_BF16",
+    "XLA_DISABLE_FUNCTIONALIZATION",
 )
-"""Set by the operator / torchrun / the training operator; a user value would break the run."""
-RESERVED_ENV_PREFIXES = ("PET_",)
+"""Set by the operator, the Job controller, the training operator or torchrun: a user value
+would silently break the run (every tokenize shard reading index 0, a compiler without the
+flags the layout needs). tests/unit/test_hostile_table.py fails when a builder sets a name
+that is not reserved here. Extra Neuron compiler flags go in CPT_EXTRA_NEURON_CC_FLAGS, which
+the operator appends to its NEURON_CC_FLAGS (docs/api.md, training.env)."""
+RESERVED_ENV_PREFIXES = ("PET_", "TORCHELASTIC_", "NEURON_RT_", "FI_")
+"""torchrun's PET_* and TORCHELASTIC_*, the Neuron runtime's and libfabric's (EFA) knobs the
+operator sets per instance type."""
+EXTRA_NEURON_CC_FLAGS_ENV = "CPT_EXTRA_NEURON_CC_FLAGS"
+S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+HF_TOKEN_ENV = ("HF_TOKEN",)
+"""Set by the operator from runtime.s3CredentialsSecretRef / runtime.hfTokenSecretRef."""
 SECRET_ENV_PATTERN = (
     r"(?i)(token|secret|password|passwd|credential|api_?key|access_?key|private_?key)"
 )
@@ -53,6 +84,17 @@ SECRET_ENV_PATTERN = (
 
 MSG_GBS_MULTIPLE = "globalBatchSize must be a multiple of microBatchSize"
 MSG_MP_DIVIDES_WORLD = "tensorParallel x pipelineParallel must divide nodes x processesPerNode"
+MSG_RESERVED_ENV = (
+    "is set by the operator, the Job controller or torchrun and cannot be overridden "
+    "(docs/api.md lists the reserved names)"
+)
+MSG_DUPLICATE_ENV = "env names must be unique"
+MSG_DOT_SEGMENTS = "'.' and '..' segments are not allowed (write the path they lead to)"
+DOT_SEGMENT_PATTERN = r"(^|/)[.][.]?(/|$)"
+MSG_CREDENTIAL_ENV = (
+    "is set by the operator from spec.runtime's Secret reference (s3CredentialsSecretRef or "
+    "hfTokenSecretRef): drop one of the two"
+)
 """Messages shared with the CRD's CEL rules; Python appends the numbers after a colon."""
 
 DEFAULT_MAX_EXCLUDED_NODES = 8
@@ -71,6 +113,33 @@ DEFAULT_IMAGES = {
 """Pinned images. trainer-neuron (nxd on trn1) is built FROM
 public.ecr.aws/neuron/pytorch-training-neuronx:2.9.0-neuronx-py312-sdk2.28.0-ubuntu24.04;
 trainer-torchneuron (native on trn2/trn3) installs TorchNeuron 2.33 (torch-neuronx 2.14.3)."""
+
+
+_WIRE_TYPES = {
+    "int_type": "integer",
+    "int_from_float": "integer",
+    "bool_type": "boolean",
+    "string_type": "string",
+    "float_type": "number",
+    "dict_type": "object",
+    "list_type": "array",
+    "model_type": "object",
+}
+
+
+def type_message(error: Mapping[str, Any]) -> str | None:
+    """A pydantic type error in the API server's words: the type the field must have and the
+    value given ("1" for an integer, "yes" for a boolean: the API server converts nothing)."""
+    wire = _WIRE_TYPES.get(str(error.get("type")))
+    if wire is None:
+        return None
+    given = error.get("input")
+    shown = (
+        json.dumps(given, default=str)
+        if not isinstance(given, dict | list)
+        else type(given).__name__
+    )
+    return f"must be of type {wire}, got {shown[:80]} (the API server converts no types)"
 
 
 class FieldErrors(ValueError):
@@ -132,7 +201,12 @@ ModelUri = Annotated[
     str, Field(min_length=1, max_length=URI_MAX_LENGTH), AfterValidator(_model_uri)
 ]
 K8sName = Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH)]
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelValue = Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_VALUE_PATTERN)]
+"""A value the operator puts in a label (the Kueue queue name on the training job)."""
+Quantity = Annotated[str, Field(max_length=64), AfterValidator(check_quantity)]
+"""A Kubernetes resource quantity, parsed with the API server's grammar (api/wire.py); the
+CRD checks it with CEL's isQuantity (api/crd_rules.py)."""
 
 Backend = Literal["auto", "nxd", "native"]
 Precision = Literal["bf16", "fp32"]

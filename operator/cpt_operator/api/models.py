@@ -10,7 +10,8 @@ Storage fields are named ``s3Uri`` because in a cluster they must be S3 (the CRD
 the Python models also accept a local path so the same file runs under ``cpt local``.
 
 The names, limits and field types live in ``fields.py``, the status models in
-``status_models.py``; both are re-exported here.
+``status_models.py``, the runtime section and Secret references in ``runtime_models.py``; all
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,19 +27,26 @@ from cpt_operator.api.fields import (
     DEFAULT_IMAGE_TAG,
     DEFAULT_IMAGES,
     DEFAULT_MAX_EXCLUDED_NODES,
+    DOT_SEGMENT_PATTERN,
     ENV_NAME_PATTERN,
+    EXTRA_NEURON_CC_FLAGS_ENV,
     GROUP,
+    HF_TOKEN_ENV,
     KIND,
     MAX_EXCLUDED_NODES_LIMIT,
     MAX_NAME_LENGTH,
+    MSG_CREDENTIAL_ENV,
+    MSG_DOT_SEGMENTS,
+    MSG_DUPLICATE_ENV,
     MSG_GBS_MULTIPLE,
     MSG_MP_DIVIDES_WORLD,
+    MSG_RESERVED_ENV,
     NAME_MAX_LENGTH,
     NAME_PATTERN,
     PLURAL,
-    QUANTITY_PATTERN,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
+    S3_CREDENTIAL_ENV,
     SECRET_ENV_PATTERN,
     SHORT_NAMES,
     SINGULAR,
@@ -58,9 +66,22 @@ from cpt_operator.api.fields import (
     is_s3_uri,
     raise_if,
 )
+from cpt_operator.api.runtime_models import (
+    ConfigMapKeySelector,
+    ImagesSpec,
+    ResourceRequests,
+    RuntimeSpec,
+    S3CredentialsSecretRef,
+    SecretKeySelector,
+    Toleration,
+    credential_env_names,
+)
 from cpt_operator.api.status_models import (
+    ACCEPTED_SPEC_MAX_BYTES,
     EVAL_SUMMARY_MAX,
+    MAX_ATTEMPTS_LIMIT,
     TERMINAL_PHASES,
+    AcceptedSpec,
     AttemptStatus,
     CheckpointStatus,
     ChildrenStatus,
@@ -139,18 +160,6 @@ class DataSpec(CamelModel):
         return self
 
 
-class SecretKeySelector(CamelModel):
-    name: K8sName
-    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
-    optional: bool | None = None
-
-
-class ConfigMapKeySelector(CamelModel):
-    name: K8sName
-    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
-    optional: bool | None = None
-
-
 class EnvVarSource(CamelModel):
     secret_key_ref: SecretKeySelector | None = None
     config_map_key_ref: ConfigMapKeySelector | None = None
@@ -176,9 +185,7 @@ class EnvVar(CamelModel):
         if (self.value is None) == (self.value_from is None):
             problems.append(("", f"env {self.name}: set exactly one of value or valueFrom"))
         if self.name in RESERVED_ENV_NAMES or self.name.startswith(RESERVED_ENV_PREFIXES):
-            problems.append(
-                ("name", f"env {self.name} is set by the operator and cannot be overridden")
-            )
+            problems.append(("name", f"env {self.name} {MSG_RESERVED_ENV}"))
         if self.value is not None and re.search(SECRET_ENV_PATTERN, self.name):
             problems.append(
                 (
@@ -255,6 +262,16 @@ class TrainingSpec(ParallelismConfig):
                     f"{self.nodes} x {self.resolved_processes_per_node()} = {world}",
                 )
             )
+        seen: dict[str, int] = {}
+        for i, env in enumerate(self.env):
+            if env.name in seen:
+                problems.append(
+                    (
+                        f"env[{i}].name",
+                        f"{MSG_DUPLICATE_ENV}: {env.name} is also env[{seen[env.name]}]",
+                    )
+                )
+            seen.setdefault(env.name, i)
         if self.sequence_parallel and self.tensor_parallel == 1:
             problems.append(("sequenceParallel", "sequenceParallel needs tensorParallel > 1"))
         if self.backend == "nxd" and not self.instance_type.startswith("trn"):
@@ -309,6 +326,9 @@ class ScratchSpec(CamelModel):
             problems.append(("path", "scratch path is only used with type hostPath"))
         if self.type != "pvc" and self.claim_name is not None:
             problems.append(("claimName", "scratch claimName is only used with type pvc"))
+        for key, path in (("mountPath", self.mount_path), ("path", self.path or "")):
+            if re.search(DOT_SEGMENT_PATTERN, path):
+                problems.append((key, MSG_DOT_SEGMENTS))
         raise_if(problems)
         return self
 
@@ -333,82 +353,6 @@ class OutputSpec(CamelModel):
     s3_uri: StorageUri = Field(description="The final Hugging Face model goes here.")
 
 
-class ImagesSpec(CamelModel):
-    trainer_neuron: str = Field(
-        default=DEFAULT_IMAGES["trainer_neuron"],
-        max_length=512,
-        description="backend nxd on trn1 (XLA, NxD).",
-    )
-    trainer_torchneuron: str = Field(
-        default=DEFAULT_IMAGES["trainer_torchneuron"],
-        max_length=512,
-        description="backend native on trn2/trn3 (TorchNeuron).",
-    )
-    trainer_cuda: str = Field(default=DEFAULT_IMAGES["trainer_cuda"], max_length=512)
-    trainer_cpu: str = Field(default=DEFAULT_IMAGES["trainer_cpu"], max_length=512)
-    tools: str = Field(
-        default=DEFAULT_IMAGES["tools"], max_length=512, description="Tokenize/export (CPU)."
-    )
-    pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
-
-
-class S3CredentialsSecretRef(CamelModel):
-    """Static S3 keys from a Secret (prefer IRSA / Pod Identity; this is for non-AWS S3)."""
-
-    name: K8sName
-    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=NAME_MAX_LENGTH)
-    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX_LENGTH)
-    session_token_key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
-
-
-class Toleration(CamelModel):
-    key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
-class ResourceRequests(CamelModel):
-    cpu: Quantity | None = None
-    memory: Quantity | None = None
-
-
-class RuntimeSpec(CamelModel):
-    """How pods are run: images, identity, placement, scheduling. Mutable while running."""
-
-    images: ImagesSpec = Field(default_factory=ImagesSpec)
-    service_account_name: K8sName | None = Field(
-        default=None, description="For IRSA / Pod Identity S3 access."
-    )
-    hf_token_secret_ref: SecretKeySelector | None = Field(
-        default=None, description="Secret key holding HF_TOKEN (gated hf:// models)."
-    )
-    s3_credentials_secret_ref: S3CredentialsSecretRef | None = None
-    node_selector: dict[str, str] = Field(
-        default_factory=dict,
-        description="Training pods; node.kubernetes.io/instance-type is added from instanceType.",
-    )
-    tolerations: list[Toleration] = Field(
-        default_factory=list,
-        max_length=32,
-        description="Training pods; the accelerator taint toleration is added automatically.",
-    )
-    affinity: dict[str, Any] | None = Field(
-        default=None, description="A core/v1 Affinity for training pods, passed through."
-    )
-    tools_node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Tokenize/convert/export Jobs (CPU work)."
-    )
-    tools_resources: ResourceRequests = Field(default_factory=ResourceRequests)
-    priority_class_name: K8sName | None = None
-    gang_scheduling: GangScheduling = "none"
-    kueue_queue_name: K8sName | None = None
-    neuron_compile_cache_uri: StorageUri | None = Field(
-        default=None, description="Persistent Neuron compile cache (s3://); trn only."
-    )
-
-
 class PreflightSpec(CamelModel):
     enabled: bool = Field(default=True, description="Run the all-reduce check before training.")
     min_bus_bandwidth_gbps: float = Field(
@@ -417,7 +361,9 @@ class PreflightSpec(CamelModel):
 
 
 class ResiliencySpec(CamelModel):
-    max_attempts: int = Field(default=3, ge=1, le=100, description="Training attempts in all.")
+    max_attempts: int = Field(
+        default=3, ge=1, le=MAX_ATTEMPTS_LIMIT, description="Training attempts in all."
+    )
     pending_timeout_seconds: int = Field(
         default=1800, ge=0, le=7 * 86400, description="Unschedulable this long → fail; 0 = off."
     )
@@ -458,6 +404,22 @@ class ContinualPretrainSpec(CamelModel):
     resiliency: ResiliencySpec = Field(default_factory=ResiliencySpec)
     suspend: bool = Field(default=False, description="true: stop pods, keep checkpoints.")
 
+    @model_validator(mode="after")
+    def _env_vs_runtime(self) -> ContinualPretrainSpec:
+        """The names the operator sets only when a runtime Secret reference asks for them."""
+        problems: list[tuple[str, str]] = []
+        taken = set(credential_env_names(self.runtime))
+        for i, env in enumerate(self.training.env):
+            if env.name in taken:
+                problems.append(
+                    (
+                        f"training.env[{i}].name",
+                        f"env {env.name} {MSG_CREDENTIAL_ENV}",
+                    )
+                )
+        raise_if(problems)
+        return self
+
     # Derived values the operator, the planner and local mode share.
 
     def tokenizer_uri(self) -> str:
@@ -495,6 +457,13 @@ class ContinualPretrainSpec(CamelModel):
         return -(-self.training.max_tokens // tokens_per_step)
 
 
+def parse_spec(raw: Any) -> ContinualPretrainSpec:
+    """A spec from its wire form with the API server's types: no coercion it refuses ("1"
+    for an integer, "yes" for a boolean, 2.5 for an integer). `cpt plan`, `cpt local` and the
+    operator all parse specs here, so one set of rules applies everywhere."""
+    return ContinualPretrainSpec.model_validate(raw, strict=True)
+
+
 def join_uri(base: str, *parts: str) -> str:
     """Join a URI/path and relative parts with single slashes (keeps a trailing slash)."""
     out = base
@@ -530,32 +499,42 @@ class ContinualPretrain(CamelModel):
 
 
 __all__ = [
+    "ACCEPTED_SPEC_MAX_BYTES",
     "API_VERSION",
     "CATEGORIES",
     "DEFAULT_IMAGES",
     "DEFAULT_IMAGE_TAG",
     "DEFAULT_MAX_EXCLUDED_NODES",
+    "DOT_SEGMENT_PATTERN",
     "ENV_NAME_PATTERN",
     "EVAL_SUMMARY_MAX",
+    "EXTRA_NEURON_CC_FLAGS_ENV",
     "GROUP",
+    "HF_TOKEN_ENV",
     "INSTANCE_TYPES",
     "KIND",
+    "MAX_ATTEMPTS_LIMIT",
     "MAX_EXCLUDED_NODES_LIMIT",
     "MAX_NAME_LENGTH",
+    "MSG_CREDENTIAL_ENV",
+    "MSG_DOT_SEGMENTS",
+    "MSG_DUPLICATE_ENV",
     "MSG_GBS_MULTIPLE",
     "MSG_MP_DIVIDES_WORLD",
+    "MSG_RESERVED_ENV",
     "NAME_MAX_LENGTH",
     "NAME_PATTERN",
     "PLURAL",
-    "QUANTITY_PATTERN",
     "RESERVED_ENV_NAMES",
     "RESERVED_ENV_PREFIXES",
+    "S3_CREDENTIAL_ENV",
     "SECRET_ENV_PATTERN",
     "SHORT_NAMES",
     "SINGULAR",
     "TERMINAL_PHASES",
     "URI_MAX_LENGTH",
     "VERSION",
+    "AcceptedSpec",
     "ActivationCheckpointing",
     "AttemptStatus",
     "Backend",
@@ -564,6 +543,7 @@ __all__ = [
     "ChildrenStatus",
     "Condition",
     "ConditionType",
+    "ConfigMapKeySelector",
     "ContinualPretrain",
     "ContinualPretrainSpec",
     "ContinualPretrainStatus",
@@ -573,6 +553,7 @@ __all__ = [
     "ExcludedNode",
     "FieldErrors",
     "GangScheduling",
+    "ImagesSpec",
     "K8sName",
     "ModelSpec",
     "ModelUri",
@@ -581,13 +562,19 @@ __all__ = [
     "Precision",
     "ProgressStatus",
     "Quantity",
+    "ResourceRequests",
     "RuntimeSpec",
+    "S3CredentialsSecretRef",
+    "SecretKeySelector",
     "SourceEvalStatus",
     "StatusModel",
     "StorageUri",
+    "Toleration",
     "TrainingSpec",
+    "credential_env_names",
     "is_hf_uri",
     "is_local_path",
     "is_s3_uri",
+    "parse_spec",
     "raise_if",
 ]

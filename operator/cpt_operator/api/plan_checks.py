@@ -41,6 +41,55 @@ IMAGE_REFERENCE = re.compile(
 """A container image reference (the distribution reference grammar, simplified)."""
 
 
+RESERVED_MOUNT_PATHS = ("/dev", "/proc", "/sys", "/etc", "/tmp", "/usr", "/bin", "/sbin", "/lib")
+"""Container paths scratch may not be mounted over or under: the system's, and the pods' own
+volumes (/dev/shm, /tmp)."""
+HOST_SYSTEM_PATHS = (
+    "/dev",
+    "/proc",
+    "/sys",
+    "/etc",
+    "/boot",
+    "/root",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/run",
+    "/var/run",
+    "/var/lib/kubelet",
+    "/var/lib/containerd",
+    "/var/lib/docker",
+    "/var/log",
+)
+"""Node directories a hostPath scratch may not be or lie in (nor `/` itself)."""
+MAX_STEPS = 1 << 40
+"""spec.training.maxSteps' bound; maxTokens may not imply more."""
+
+
+def prefixes_overlap(a: str, b: str) -> bool:
+    """Same prefix, or one inside the other (as directories: s3://b/x/ and s3://b/xy/ do not)."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def path_problems(path: str, forbidden: tuple[str, ...], what: str) -> list[str]:
+    """Why an absolute path is refused: not normalised, `/`, or at/inside a forbidden one."""
+    segments = path.split("/")[1:]
+    if any(seg in (".", "..") for seg in segments):
+        return ["'.' and '..' segments are not allowed (write the path they lead to)"]
+    if any(seg == "" for seg in segments[:-1]):
+        return ["empty segments ('//') are not allowed"]
+    clean = "/" + "/".join(s for s in segments if s)
+    if clean == "/":
+        return ["must not be / (the whole filesystem)"]
+    inside = [f for f in forbidden if clean == f or clean.startswith(f + "/")]
+    if inside:
+        return [f"lies in {inside[0]}, {what}"]
+    return []
+
+
 def _divisors(n: int, limit: int | None = None) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
 
@@ -62,6 +111,7 @@ class Planner:
 
     def run(self) -> Plan:
         self._storage()
+        self._paths()
         self._images()
         self._layout()
         shape = self._shape()
@@ -87,12 +137,17 @@ class Planner:
         fields = s.storage_locations()
         for path, value in fields.items():
             self._uri_hygiene(path, value)
-        if s.output.s3_uri.rstrip("/") == s.checkpoints.s3_uri.rstrip("/"):
-            self.error(
-                "spec.output.s3Uri",
-                "must differ from spec.checkpoints.s3Uri: the exported model would be mixed "
-                "with checkpoints and tokenized data",
-            )
+        for other, uri in (
+            ("spec.checkpoints.s3Uri", s.checkpoints.s3_uri),
+            ("spec.data.tokenizedUri", s.data.tokenized_uri),
+        ):
+            if uri is not None and prefixes_overlap(s.output.s3_uri, uri):
+                self.error(
+                    "spec.output.s3Uri",
+                    f"must differ from {other} and lie neither inside nor around it: the "
+                    "exported model would be mixed with checkpoints and tokenized data (and "
+                    "checkpoint pruning runs there)",
+                )
         if self.p.mode == "cluster":
             for path, value in fields.items():
                 if is_local_path(value):
@@ -150,6 +205,28 @@ class Planner:
             segments = value[len("s3://") :].split("/")[1:]
             if any(seg in (".", "..") for seg in segments):
                 self.error(path, f"{value!r}: '.' and '..' segments are not allowed in s3:// URIs")
+
+    def _paths(self) -> None:
+        """Container and node paths: normalised (no `.`/`..` segments, no `//`), never over
+        a path the pods need (/dev/shm, /tmp) or the system's, and a hostPath never the
+        node's root or a system directory (it would expose the node to the pod)."""
+        scratch = self.spec.checkpoints.scratch
+        field = "spec.checkpoints.scratch"
+        for problem in path_problems(
+            scratch.mount_path, RESERVED_MOUNT_PATHS, "a system path or one the pods mount"
+        ):
+            self.error(f"{field}.mountPath", f"{scratch.mount_path!r}: {problem}")
+        if scratch.path is not None:
+            for problem in path_problems(scratch.path, HOST_SYSTEM_PATHS, "a system directory"):
+                self.error(f"{field}.path", f"{scratch.path!r}: {problem}")
+        t = self.t
+        if t.max_tokens is not None and self.spec.max_steps() > MAX_STEPS:
+            self.error(
+                "spec.training.maxTokens",
+                f"{t.max_tokens} tokens are {self.spec.max_steps()} steps of "
+                f"{t.global_batch_size} x {self.spec.data.block_size} tokens, more than "
+                f"maxSteps allows ({MAX_STEPS})",
+            )
 
     # -- world, data parallel, batch --------------------------------------------------------
 

@@ -21,14 +21,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from cpt_operator.api.fields import type_message
 from cpt_operator.api.models import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
     ContinualPretrainSpec,
     FieldErrors,
+    parse_spec,
 )
 from cpt_operator.api.plan_checks import IMAGE_REFERENCE, MEMORY_WARN_FRACTION, Planner
 from cpt_operator.api.plan_memory import (
@@ -66,6 +67,7 @@ from cpt_operator.api.plan_types import (
     price_table,
 )
 from cpt_operator.api.podsecurity import required_level
+from cpt_operator.api.wire import load_documents
 
 __all__ = [
     "FUSED_ATTENTION",
@@ -113,8 +115,9 @@ __all__ = [
 
 
 def load_run(path: str | Path) -> dict[str, Any]:
-    """Read run.yaml (one ContinualPretrain document)."""
-    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    """Read run.yaml (one ContinualPretrain document) under the API server's rules for the
+    text (api/wire.py: UTF-8, no duplicate keys, bounded aliases)."""
+    docs = [d for d in load_documents(path) if d is not None]
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise ValueError(f"{path}: expected exactly one ContinualPretrain document")
     return docs[0]
@@ -151,7 +154,7 @@ def plan(
     """
     if not isinstance(spec, ContinualPretrainSpec):
         try:
-            spec = ContinualPretrainSpec.model_validate(spec)
+            spec = parse_spec(spec)
         except ValidationError as exc:
             return Plan(mode=mode or "cluster", errors=validation_issues(exc))
     mode = mode or ("local" if spec.training.instance_type == "local-cpu" else "cluster")
@@ -173,7 +176,7 @@ def validation_issues(exc: ValidationError, prefix: str = "spec") -> list[PlanIs
             for sub, message in cause.problems:
                 issues.append(PlanIssue(f"{path}.{sub}" if sub else path, message))
             continue
-        message = err["msg"]
+        message = type_message(err) or err["msg"]
         for noise in ("Value error, ", "Assertion failed, "):
             message = message.removeprefix(noise)
         if err["type"] == "extra_forbidden":

@@ -46,6 +46,10 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     READY = "Ready"
     """The summary: True once the run succeeded; False, with the reason, before that."""
+    SPEC_ACCEPTED = "SpecAccepted"
+    """False while the newest generation of the spec is refused (the run goes on with the
+    last accepted one, status.acceptedSpec); the reason names the class, the message the
+    fields."""
 
 
 class StatusModel(CamelModel):
@@ -218,6 +222,28 @@ class ExcludedNode(StatusModel):
     since: datetime | None = Field(default=None, description="When the exclusion was recorded.")
 
 
+MAX_ATTEMPTS_LIMIT = 100
+"""spec.resiliency.maxAttempts' upper bound: status.attempt and the attempt in a training
+child's name never exceed it (`<run>-train-<n>` stays within 63 characters)."""
+ACCEPTED_SPEC_MAX_BYTES = 64 * 1024
+
+
+class AcceptedSpec(StatusModel):
+    """The spec the operator acts on (reconcile/accept.py). Only the mutable sections are
+    copied (runtime, resiliency, output, suspend; the others cannot change once created):
+    no secret value is ever in them (Secrets are referenced by name), and their size is
+    bounded (ACCEPTED_SPEC_MAX_BYTES)."""
+
+    generation: int = Field(ge=1, description="The metadata.generation that was accepted.")
+    digest: str = Field(
+        max_length=80, description="sha256 of the whole accepted spec (canonical JSON)."
+    )
+    spec: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The accepted runtime, resiliency, output and suspend.",
+    )
+
+
 class ContinualPretrainStatus(StatusModel):
     phase: Phase = Phase.PENDING
     observed_generation: int | None = None
@@ -225,7 +251,7 @@ class ContinualPretrainStatus(StatusModel):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    attempt: int = Field(default=0, ge=0)
+    attempt: int = Field(default=0, ge=0, le=MAX_ATTEMPTS_LIMIT)
     plan: PlanSummary | None = None
     checkpoint: CheckpointStatus | None = None
     progress: ProgressStatus | None = None
@@ -241,7 +267,9 @@ class ContinualPretrainStatus(StatusModel):
     completion_time: datetime | None = None
     message: str = Field(default="", max_length=32768)
     attempts: list[AttemptStatus] = Field(
-        default_factory=list, description="Training attempts, oldest first."
+        default_factory=list,
+        max_length=MAX_ATTEMPTS_LIMIT,
+        description="Training attempts, oldest first.",
     )
     resume_from: CheckpointStatus | None = Field(
         default=None, description="The checkpoint the current attempt is expected to resume from."
@@ -254,6 +282,11 @@ class ContinualPretrainStatus(StatusModel):
         max_length=MAX_EXCLUDED_NODES_LIMIT,
         description="Nodes later training attempts avoid (spec.resiliency.excludeFailedNodes), "
         "oldest first.",
+    )
+    accepted_spec: AcceptedSpec | None = Field(
+        default=None,
+        description="The last accepted spec: what the operator acts on while a newer "
+        "generation is refused (condition SpecAccepted).",
     )
     kopf: dict[str, Any] | None = Field(
         default=None, description="kopf's own bookkeeping (progress storage); opaque."

@@ -11,6 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
+from cpt_operator.api.status_models import MAX_ATTEMPTS_LIMIT
+
 Component = Literal["tokenize", "weights", "preflight", "train", "export"]
 
 CPT_API_VERSION: Final = "cpt.dev/v1alpha1"
@@ -38,8 +40,10 @@ STAGE_OF: Final[dict[str, str]] = {
 def child_name(run: str, component: Component, attempt: int | None = None) -> str:
     """`<run>-tokenize`, `<run>-weights`, `<run>-preflight`, `<run>-train-<n>`, `<run>-export`."""
     if component == "train":
-        if attempt is None or attempt < 1:
-            raise ValueError("the training child needs an attempt number >= 1")
+        if attempt is None or not 1 <= attempt <= MAX_ATTEMPTS_LIMIT:
+            raise ValueError(
+                f"the training child needs an attempt number in 1..{MAX_ATTEMPTS_LIMIT}"
+            )
         return f"{run}-train-{attempt}"
     return f"{run}-{component}"
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.api.models import EXTRA_NEURON_CC_FLAGS_ENV, ContinualPretrainSpec
 from cpt_operator.api.podsecurity import runs_as_root
 from cpt_operator.builders import meta, pods, stages
 from cpt_operator.builders.jobs import RunRef
@@ -83,7 +83,13 @@ def _device_env(
     if t.resolved_backend() == "nxd":
         if config is not None:
             world = t.nodes * t.resolved_processes_per_node()
-            return neuron_env(config, world_size=world, compile_cache_uri=cache)
+            env = neuron_env(config, world_size=world, compile_cache_uri=cache)
+            extra = next(
+                (e.value for e in t.env if e.name == EXTRA_NEURON_CC_FLAGS_ENV and e.value), ""
+            )
+            if extra and "NEURON_CC_FLAGS" in env:  # on purpose: after the operator's own
+                env["NEURON_CC_FLAGS"] = f"{env['NEURON_CC_FLAGS']} {extra}"
+            return env
         return {"NEURON_COMPILE_CACHE_URL": cache}  # the preflight job
     lnc = inst.for_processes(t.resolved_processes_per_node()).lnc or DEFAULT_LNC
     neff_cache = f"{spec.checkpoints.scratch.mount_path.rstrip('/')}/{NEFF_CACHE_SUBDIR}"

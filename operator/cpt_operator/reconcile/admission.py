@@ -14,11 +14,13 @@ blocker: the run goes on and the kubelet / admission report the problem on the p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cpt_operator.api.models import ContinualPretrainSpec
+from cpt_operator.api.models import ContinualPretrainSpec, parse_spec
+from cpt_operator.api.plan_checks import prefixes_overlap
 from cpt_operator.api.podsecurity import required_level
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.builders.jobs import RunRef
@@ -112,7 +114,26 @@ def dry_run_manifests(
     return out
 
 
+_POD_FIELDS = {
+    "nodeSelector": ("spec.runtime.nodeSelector", "spec.runtime.toolsNodeSelector"),
+    "affinity": ("spec.runtime.affinity", "spec.runtime.affinity"),
+    "tolerations": ("spec.runtime.tolerations", "spec.runtime.tolerations"),
+    "serviceAccountName": ("spec.runtime.serviceAccountName", "spec.runtime.serviceAccountName"),
+    "priorityClassName": ("spec.runtime.priorityClassName", "spec.runtime.priorityClassName"),
+    "volumes": ("spec.checkpoints.scratch", "spec.checkpoints.scratch"),
+    "containers": ("spec.runtime", "spec.runtime.toolsResources"),
+}
+"""Where a pod field the API server names (`spec.template.spec.<field>`) comes from in the
+spec, for training pods and for tool Jobs."""
+
+
 def rejected(what: str, field: str, message: str) -> Blocker:
+    """The API server refused a pod template in a dry run: name the spec field its message
+    points at (the pod field it names), else `field`."""
+    found = re.search(r"spec\.template\.spec\.([A-Za-z]+)", message)
+    if found and found.group(1) in _POD_FIELDS:
+        train, tools = _POD_FIELDS[found.group(1)]
+        field = train if what.startswith("training") else tools
     return Blocker(
         REJECTED,
         field,
@@ -153,7 +174,7 @@ class RunRoots:
         meta = body.get("metadata") or {}
         if spec is None:
             try:
-                spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+                spec = parse_spec(body.get("spec") or {})
             except ValueError:
                 return None
         ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
@@ -173,15 +194,6 @@ class RunRoots:
         )
 
 
-def _prefix_form(uri: str) -> str:
-    return uri.rstrip("/") + "/"
-
-
-def _overlap(a: str, b: str) -> bool:
-    a, b = _prefix_form(a), _prefix_form(b)
-    return a.startswith(b) or b.startswith(a)
-
-
 def shared_roots(run: RunRoots, others: Iterable[RunRoots]) -> list[Blocker]:
     """A run whose checkpoint or output prefix overlaps one of an older run's (same prefix,
     or one inside the other): it would resume from, prune or overwrite that run's
@@ -191,7 +203,7 @@ def shared_roots(run: RunRoots, others: Iterable[RunRoots]) -> list[Blocker]:
         if (other.namespace, other.name) == (run.namespace, run.name) or other.order > run.order:
             continue
         for field, uri in run.roots:
-            clash = next(((f, u) for f, u in other.roots if _overlap(uri, u)), None)
+            clash = next(((f, u) for f, u in other.roots if prefixes_overlap(uri, u)), None)
             if clash is None:
                 continue
             found.append(
@@ -204,4 +216,48 @@ def shared_roots(run: RunRoots, others: Iterable[RunRoots]) -> list[Blocker]:
                     "prefix, or delete the other run first",
                 )
             )
+    return found
+
+
+SYSTEM_PRIORITY = "SystemPriorityClass"
+HOST_PATH_NOT_ALLOWED = "HostPathNotAllowed"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the cluster's admin allows runs (chart values, cpt_operator/settings.py)."""
+
+    allow_system_priority_classes: bool = False
+    """system-node-critical / system-cluster-critical are for the cluster's own components:
+    a training gang with them would preempt DNS, CNI or the kubelet's helpers."""
+    allow_host_path_scratch: bool = True
+    """scratch type hostPath (an instance-store NVMe mount); off, only emptyDir and pvc."""
+
+
+def policy_problems(spec: ContinualPretrainSpec, policy: Policy) -> list[Blocker]:
+    found: list[Blocker] = []
+    name = spec.runtime.priority_class_name
+    if name and name.startswith("system-") and not policy.allow_system_priority_classes:
+        field = "spec.runtime.priorityClassName"
+        found.append(
+            Blocker(
+                SYSTEM_PRIORITY,
+                field,
+                f"{field}: {name!r} is a system priority class, reserved for the cluster's own "
+                "components (training pods with it would preempt them); use a priority class "
+                "of your own, or have the operator installed with the chart value "
+                "operator.allowSystemPriorityClasses=true",
+            )
+        )
+    scratch = spec.checkpoints.scratch
+    if scratch.type == "hostPath" and not policy.allow_host_path_scratch:
+        field = "spec.checkpoints.scratch.type"
+        found.append(
+            Blocker(
+                HOST_PATH_NOT_ALLOWED,
+                field,
+                f"{field}: hostPath scratch is turned off for this operator (chart value "
+                "operator.allowHostPathScratch); use emptyDir (with sizeLimit) or pvc",
+            )
+        )
     return found

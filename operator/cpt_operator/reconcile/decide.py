@@ -39,9 +39,11 @@ from cpt_operator.api.models import (
     Phase,
     PlanSummary,
     ProgressStatus,
+    parse_spec,
 )
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.reconcile import conditions as cond
+from cpt_operator.reconcile import trust
 from cpt_operator.reconcile.actions import Action, EmitEvent
 from cpt_operator.reconcile.observe import Observed
 from cpt_operator.reconcile.recovery import DEVICE_FAULT_MARKER, Recovery
@@ -387,10 +389,12 @@ def decide(
         return Decision(status=dump_status(status), actions=[], changed=False)
     status = copy.deepcopy(status)
     try:
-        spec = ContinualPretrainSpec.model_validate(dict(spec_raw))
+        spec = parse_spec(dict(spec_raw))
     except ValidationError as err:
         return _invalid(run, status, format_validation_error(err), now, before)
     rec = _Reconcile(run, spec, status, observed, now, planner or cluster_planner)
+    if repaired := trust.bound_attempt(status, spec, observed):
+        rec.event("Warning", trust.STATUS_REPAIRED, repaired)
     for _ in range(MAX_TRANSITIONS):
         phase = rec.status.phase
         rec.step()

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from cpt_operator.api.models import (
     ContinualPretrainSpec,
     ContinualPretrainStatus,
-    Phase,
     PlanSummary,
 )
+from cpt_operator.api.planner import validation_issues
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.reconcile.actions import Action
 
@@ -58,32 +58,25 @@ def dump_status(status: ContinualPretrainStatus) -> dict[str, Any]:
 
 
 def load_status(raw: Mapping[str, Any] | None) -> ContinualPretrainStatus:
-    """Our own status, read back. An unreadable one (hand-edited) restarts bookkeeping rather
-    than wedging the run; the phase is kept when it is at least a known phase."""
+    """Our own status, read back. A part edited by hand into something unreadable is dropped
+    (that part's bookkeeping restarts), the rest is kept: a bad condition must not reset the
+    attempt counter (reconcile/trust.py); an unknown phase becomes Pending."""
     if not raw:
         return ContinualPretrainStatus()
-    try:
-        return ContinualPretrainStatus.model_validate(dict(raw))
-    except ValidationError:
-        phase = raw.get("phase")
-        fresh = ContinualPretrainStatus()
-        if phase in {p.value for p in Phase}:
-            fresh.phase = Phase(phase)
-        return fresh
+    data = dict(raw)
+    for _ in range(len(data) + 1):
+        try:
+            return ContinualPretrainStatus.model_validate(data)
+        except ValidationError as err:
+            bad = {e["loc"][0] for e in err.errors() if e.get("loc")}
+            if not bad & data.keys():
+                break
+            for key in bad:
+                data.pop(str(key), None)
+    return ContinualPretrainStatus()
 
 
 def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
-    """One `spec.<path>: message` per problem, e.g. `spec.training.maxSteps: ...`."""
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
-        where = f"{prefix}.{path}" if path else prefix
-        ctx_err = (e.get("ctx") or {}).get("error")
-        problems = getattr(ctx_err, "problems", None)
-        if problems:
-            for sub, msg in problems:
-                lines.append(f"{where}.{sub}: {msg}" if sub else f"{where}: {msg}")
-            continue
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}")
-    return "; ".join(lines)
+    """One `spec.<path>: message` per problem, e.g. `spec.training.env[0].name: ...`: the
+    same lines `cpt plan` prints (api/planner.py, validation_issues)."""
+    return "; ".join(str(issue) for issue in validation_issues(err, prefix))

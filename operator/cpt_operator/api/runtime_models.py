@@ -1,0 +1,123 @@
+"""The runtime section of the spec (images, identity, placement, scheduling) and the Secret
+and ConfigMap references: the parts that stay mutable once a run exists. Split from
+models.py, which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from cpt_operator.api.fields import (
+    DEFAULT_IMAGES,
+    HF_TOKEN_ENV,
+    NAME_MAX_LENGTH,
+    S3_CREDENTIAL_ENV,
+    GangScheduling,
+    K8sName,
+    LabelValue,
+    Quantity,
+    StorageUri,
+)
+from cpt_training.config import CamelModel
+
+
+class SecretKeySelector(CamelModel):
+    name: K8sName
+    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
+    optional: bool | None = None
+
+
+class ConfigMapKeySelector(CamelModel):
+    name: K8sName
+    key: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
+    optional: bool | None = None
+
+
+class ImagesSpec(CamelModel):
+    trainer_neuron: str = Field(
+        default=DEFAULT_IMAGES["trainer_neuron"],
+        max_length=512,
+        description="backend nxd on trn1 (XLA, NxD).",
+    )
+    trainer_torchneuron: str = Field(
+        default=DEFAULT_IMAGES["trainer_torchneuron"],
+        max_length=512,
+        description="backend native on trn2/trn3 (TorchNeuron).",
+    )
+    trainer_cuda: str = Field(default=DEFAULT_IMAGES["trainer_cuda"], max_length=512)
+    trainer_cpu: str = Field(default=DEFAULT_IMAGES["trainer_cpu"], max_length=512)
+    tools: str = Field(
+        default=DEFAULT_IMAGES["tools"], max_length=512, description="Tokenize/export (CPU)."
+    )
+    pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+
+
+class S3CredentialsSecretRef(CamelModel):
+    """Static S3 keys from a Secret (prefer IRSA / Pod Identity; this is for non-AWS S3)."""
+
+    name: K8sName
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=NAME_MAX_LENGTH)
+    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX_LENGTH)
+    session_token_key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
+
+
+class Toleration(CamelModel):
+    key: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(default=None, max_length=NAME_MAX_LENGTH)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourceRequests(CamelModel):
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class RuntimeSpec(CamelModel):
+    """How pods are run: images, identity, placement, scheduling. Mutable while running."""
+
+    images: ImagesSpec = Field(default_factory=ImagesSpec)
+    service_account_name: K8sName | None = Field(
+        default=None, description="For IRSA / Pod Identity S3 access."
+    )
+    hf_token_secret_ref: SecretKeySelector | None = Field(
+        default=None, description="Secret key holding HF_TOKEN (gated hf:// models)."
+    )
+    s3_credentials_secret_ref: S3CredentialsSecretRef | None = None
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Training pods; node.kubernetes.io/instance-type is added from instanceType.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Training pods; the accelerator taint toleration is added automatically.",
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="A core/v1 Affinity for training pods, passed through."
+    )
+    tools_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Tokenize/convert/export Jobs (CPU work)."
+    )
+    tools_resources: ResourceRequests = Field(default_factory=ResourceRequests)
+    priority_class_name: K8sName | None = None
+    gang_scheduling: GangScheduling = "none"
+    kueue_queue_name: LabelValue | None = Field(
+        default=None, description="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label)."
+    )
+    neuron_compile_cache_uri: StorageUri | None = Field(
+        default=None, description="Persistent Neuron compile cache (s3://); trn only."
+    )
+
+
+def credential_env_names(runtime: RuntimeSpec) -> tuple[str, ...]:
+    """The env names the operator fills from runtime's Secret references."""
+    names: tuple[str, ...] = ()
+    if runtime.s3_credentials_secret_ref is not None:
+        names += S3_CREDENTIAL_ENV
+    if runtime.hf_token_secret_ref is not None:
+        names += HF_TOKEN_ENV
+    return names
