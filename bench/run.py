@@ -46,13 +46,13 @@ TAG=float8 bash bench/device.sh levers h100 --stem train-float8-h100 --prefix fl
   --numerics-new "float8:micro=1,accum=2,fusedLoss=true,float8=true" --numerics-steps 200
 # The 3B shape, bf16 and float8, full activation checkpointing (one H100):
 TAG=shape3b bash bench/device.sh levers h100 --shape llama-3.2-3b --stem train-3b-h100 \
-  --prefix shape3b --steps 10 --numerics-steps 0 \
-  --variant "bf16-m4-fullac:micro=4,accum=2,fusedLoss=true,activationCheckpointing=full" \
-  --variant "float8-m4-fullac:micro=4,accum=2,fusedLoss=true,activationCheckpointing=full,float8=true"
+  --prefix shape3b --steps 10 --numerics-steps 0 --ac full \
+  --variant "bf16-m4-fullac:micro=4,accum=2,fusedLoss=true" \
+  --variant "float8-m4-fullac:micro=4,accum=2,fusedLoss=true,float8=true"
 # Issue 21 on one GPU: the Llama-3.1-8B shape cut to N blocks, seq 8192, FSDP2 on one device:
 TAG=l8b bash bench/device.sh levers h100 --shape llama-3.1-8b --layers 4 --seq 8192 \
-  --stem train-8b-4l-h100 --prefix shape8b4l --steps 8 --numerics-steps 0 \
-  --variant "fsdp-m1:micro=1,accum=1,fusedLoss=true,parallelism.fsdpSingleDevice=true,activationCheckpointing=selective"
+  --stem train-8b-4l-h100 --prefix shape8b4l --steps 8 --numerics-steps 0 --ac selective \
+  --variant "fsdp-m1:micro=1,accum=1,fusedLoss=true,parallelism.fsdpSingleDevice=true"
 # Goal 2 (two H200s; the one-GPU run also saves once with each staging):
 bash bench/device.sh scaling h200x2 --ckpt-steps 185 --every 90 --steps 30 --timeout 330
 # Goal 4, stall with the trainer's pinned staging (one H100):
