@@ -320,8 +320,16 @@ def measurements(
                     **best,
                     "convention": "full attention: 6N + 12·L·H·Q·T per token "
                     "(torchtitan), 989 TFLOP/s; mfuCausal halves the attention term",
-                    "plannerInput": gpu_train.planner_input(
-                        nat["config"], nat, gpu_train.SHAPES[shape]["hidden_size"]
+                    # A model cut to fewer blocks probes the per-block cost; no one trains it,
+                    # so it is no calibration row of the planner (no plannerInput).
+                    **(
+                        {}
+                        if args.layers
+                        else {
+                            "plannerInput": gpu_train.planner_input(
+                                nat["config"], nat, gpu_train.SHAPES[shape]["hidden_size"]
+                            )
+                        }
                     ),
                     "layers": gpu_train.shape_config(shape, args.layers)["num_hidden_layers"],
                 },

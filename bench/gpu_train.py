@@ -41,6 +41,19 @@ if __package__ in (None, ""):
 
 from bench import common, train_matrix
 
+
+def llama3_rope(factor: float) -> dict[str, Any]:
+    """Llama 3's rope scaling as its config.json spells it (3.2: factor 32, 3.1: factor 8)."""
+    return {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B's config.json (shape only; weights are random).
     "llama-3.2-1b": {
@@ -54,14 +67,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        "rope_parameters": llama3_rope(32.0),
     },
     # Llama-3.2-3B's config.json (shape only).
     "llama-3.2-3b": {
@@ -75,14 +81,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        "rope_parameters": llama3_rope(32.0),
     },
     # Llama-3.1-8B's config.json (shape only; the 1-GPU runs of issue 21 cut its layers).
     "llama-3.1-8b": {
@@ -96,14 +95,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        "rope_parameters": llama3_rope(8.0),
     },
     "tiny": {
         "vocab_size": 32000,
