@@ -210,10 +210,15 @@ def native_train_config(
 
 
 def torchrun_train(
-    cfg: dict[str, Any], nproc: int, env: dict[str, str] | None = None, timeout: float = 900
+    cfg: dict[str, Any],
+    nproc: int,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    stage: str = "train",
 ) -> Any:
-    """``cpt-train train`` with stage config ``cfg`` under torchrun on ``nproc`` local ranks
-    (one thread each), as a pod runs it; returns the finished ``subprocess.CompletedProcess``."""
+    """``cpt-train STAGE`` (train by default) with stage config ``cfg`` under torchrun on
+    ``nproc`` local ranks (one thread each), as a pod runs it; returns the finished
+    ``subprocess.CompletedProcess``."""
     import json
     import os
     import subprocess
@@ -228,7 +233,7 @@ def torchrun_train(
             f"--nproc-per-node={nproc}",
             "-m",
             "cpt_training.cli",
-            "train",
+            stage,
         ],
         env={
             **os.environ,
