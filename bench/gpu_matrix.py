@@ -46,13 +46,16 @@ def out_of_time(args: argparse.Namespace, name: str) -> str | None:
     return None
 
 
+NUMERICS_REF = "numerics-ref:micro=1,accum=2,parallelism.fsdpSingleDevice=true,fusedLoss=false"
+NUMERICS_NEW = "numerics-new:micro=1,accum=2,fusedLoss=true"
+
 FULL_STAGE_DEFAULTS = {"fusedLoss": False, "parallelism": {"fsdpSingleDevice": False}}
 
 
-def flop_counts(nat: dict[str, Any], shape: str, seq: int) -> dict[str, float]:
+def flop_counts(nat: dict[str, Any], shape: str, seq: int, layers: int = 0) -> dict[str, float]:
     """FLOPs per token, full attention (torchtitan's 6N + 12·L·H·Q·T, what the trainer reports)
     and causal only (the attention term halved)."""
-    c = gpu_train.SHAPES[shape]
+    c = gpu_train.shape_config(shape, layers)
     heads = c["num_attention_heads"]
     q = c.get("head_dim") or c["hidden_size"] // heads
     attn_half = 6 * c["num_hidden_layers"] * heads * q * seq
@@ -61,11 +64,11 @@ def flop_counts(nat: dict[str, Any], shape: str, seq: int) -> dict[str, float]:
 
 
 def native_row(
-    v: tm.Variant, nat: dict[str, Any], shape: str, seq: int, warmup: int
+    v: tm.Variant, nat: dict[str, Any], shape: str, seq: int, warmup: int, layers: int = 0
 ) -> dict[str, Any]:
     """Throughput, both MFUs, memory and the breakdown summary of one native run."""
     s = gpu_train.summarize_run(nat, warmup)
-    flops = flop_counts(nat, shape, seq)
+    flops = flop_counts(nat, shape, seq, layers)
     peak = nat.get("peakFlopsPerDevice")
     tps = s["tokensPerSecPerDevice"]
     bd = nat.get("breakdown") or {}
@@ -195,11 +198,11 @@ def run_hf(args: argparse.Namespace, h: tm.HfConfig, model: Path, out_dir: Path)
 
 
 def setup(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
-    shape = "tiny" if args.tiny else "llama-3.2-1b"
+    shape = "tiny" if args.tiny else args.shape
     carry = gpu_train.prepare_carry()
     t0 = time.perf_counter()
     data = gpu_train.make_data(work, args.seq, carry / "tok32k", carry / "corpus")
-    model = gpu_train.make_model(work, shape, "cpu" if args.tiny else "cuda")
+    model = gpu_train.make_model(work, shape, "cpu" if args.tiny else "cuda", args.layers)
     print(f"setup (data + model) {time.perf_counter() - t0:.0f}s", flush=True)
     return data, model, shape
 
@@ -229,25 +232,25 @@ def variant_runs(
             )
             continue
         raw[v.name] = nat
-        rows.append(native_row(v, nat, shape, args.seq, args.warmup))
+        rows.append(native_row(v, nat, shape, args.seq, args.warmup, args.layers))
     return rows, raw
 
 
 def numerics(
     args: argparse.Namespace, data: Path, model: Path, work: Path, out_dir: Path
 ) -> dict[str, Any]:
-    """The trainer as it was against the new path, same data and seed, loss every step."""
-    ref_v = tm.parse_variant(
-        "numerics-ref:micro=1,accum=2,parallelism.fsdpSingleDevice=true,fusedLoss=false", 1, 2
-    )
-    new_v = tm.parse_variant("numerics-new:micro=1,accum=2,fusedLoss=true", 1, 2)
+    """Two loss curves on the same data and seed, loss every step: by default the trainer as
+    it was (FSDP on one device, plain head) against the new path (``--numerics-ref`` and
+    ``--numerics-new`` name others, e.g. bf16 against float8)."""
+    ref_v = tm.parse_variant(args.numerics_ref, 1, 2)
+    new_v = tm.parse_variant(args.numerics_new, 1, 2)
     curves = {}
     for v in (ref_v, new_v):
         nat = run_native(args, v, model, data, work, out_dir, args.numerics_steps, False)
         curves[v.name] = [s["loss"] for s in sorted(nat["steps"], key=lambda s: s["step"])]
-    out = tm.compare_curves(curves["numerics-ref"], curves["numerics-new"])
-    out["ref"] = "FSDP2 on one device, plain head (the trainer before these changes)"
-    out["new"] = "plain module + fp32 master weights, fused chunked loss"
+    out = tm.compare_curves(curves[ref_v.name], curves[new_v.name])
+    out["ref"] = f"{ref_v.name}: micro {ref_v.micro} x accum {ref_v.accum}, stage {ref_v.stage}"
+    out["new"] = f"{new_v.name}: micro {new_v.micro} x accum {new_v.accum}, stage {new_v.stage}"
     return out
 
 
@@ -261,8 +264,8 @@ def measurements(
     num: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
     base_cfg = {
-        "model": f"{shape} (random init)",
-        "shape": gpu_train.shape_text(shape),
+        "model": f"{shape} (random init)" + (f", {args.layers} layers" if args.layers else ""),
+        "shape": gpu_train.shape_text(shape, args.layers),
         "seqLen": args.seq,
         "precision": "bf16",
         "activationCheckpointing": args.ac,
@@ -270,7 +273,7 @@ def measurements(
         "card": machine,
     }
     items: list[dict[str, Any]] = []
-    prefix = "train" if args.suite == "throughput" else "levers"
+    prefix = args.prefix or ("train" if args.suite == "throughput" else "levers")
     for r in rows:
         cfg = {
             **base_cfg,
@@ -289,8 +292,12 @@ def measurements(
                 details=r,
             )
         )
-    best = tm.fastest(rows)
-    if best is not None and prefix == "train":
+    # MFU and the headline ratio are bf16's: float8 matmuls have another peak (torchtitan
+    # reports no MFU for float8 either); float8's own ratio is a row of its own.
+    best = tm.fastest(r for r in rows if not r["stage"].get("float8"))
+    # A named shape run (--prefix) also gets its MFU row (with the planner's input): each one
+    # is a calibration row of the planner's throughput model.
+    if best is not None and (args.suite == "throughput" or args.prefix):
         nat = raw[best["variant"]]
         cfg = {
             **base_cfg,
@@ -303,26 +310,35 @@ def measurements(
         }
         items.append(
             common.measurement(
-                "train.native.mfu",
+                f"{prefix}.native.mfu",
                 machine,
                 cfg,
                 "MFU",
                 best["mfu"] or 0.0,
-                goal=common.goal(">=", 0.60),
+                goal=common.goal(">=", 0.60) if prefix == "train" else None,
                 details={
                     **best,
                     "convention": "full attention: 6N + 12·L·H·Q·T per token "
                     "(torchtitan), 989 TFLOP/s; mfuCausal halves the attention term",
-                    "plannerInput": gpu_train.planner_input(
-                        nat["config"], nat, gpu_train.SHAPES[shape]["hidden_size"]
+                    # A model cut to fewer blocks probes the per-block cost; no one trains it,
+                    # so it is no calibration row of the planner (no plannerInput).
+                    **(
+                        {}
+                        if args.layers
+                        else {
+                            "plannerInput": gpu_train.planner_input(
+                                nat["config"], nat, gpu_train.SHAPES[shape]["hidden_size"]
+                            )
+                        }
                     ),
+                    "layers": gpu_train.shape_config(shape, args.layers)["num_hidden_layers"],
                 },
             )
         )
         bd = nat["breakdown"]
         items.append(
             common.measurement(
-                "train.native.step_time",
+                f"{prefix}.native.step_time",
                 machine,
                 cfg,
                 "ms/step",
@@ -341,7 +357,7 @@ def measurements(
         )
         items.append(
             common.measurement(
-                "train.native.peak_memory",
+                f"{prefix}.native.peak_memory",
                 machine,
                 cfg,
                 "GiB",
@@ -351,10 +367,29 @@ def measurements(
         )
         if hf_rows is not None:
             items += hf_measurements(machine, base_cfg, best, hf_rows)
+            f8 = tm.fastest(r for r in rows if r["stage"].get("float8"))
+            top = tm.fastest(hf_rows)
+            if f8 is not None and top is not None:
+                items.append(
+                    common.measurement(
+                        f"{prefix}.native.float8.vs_hf_trainer",
+                        machine,
+                        {**base_cfg, "variant": f8["variant"], "hfConfig": top["config"]},
+                        "tokens/s",
+                        f8["tokensPerSec"],
+                        baseline=(
+                            f"transformers Trainer, {top['config']} (bf16)",
+                            top["tokensPerSec"],
+                        ),
+                        details={
+                            "note": "float8 matmuls (torchao) against the fastest bf16 HF row"
+                        },
+                    )
+                )
     if num is not None:
         items.append(
             common.measurement(
-                "levers.native.numerics",
+                f"{prefix}.native.numerics",
                 machine,
                 {**base_cfg, "microBatch": 1, "gradAccum": 2, "steps": num["steps"]},
                 "max relative gap",
@@ -443,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--hf-steps", type=int, default=12)
     p.add_argument("--numerics-steps", type=int, default=200)
+    p.add_argument("--numerics-ref", default=NUMERICS_REF, help="reference variant spec")
+    p.add_argument("--numerics-new", default=NUMERICS_NEW, help="compared variant spec")
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(gpu_train.SHAPES))
+    p.add_argument("--layers", type=int, default=0, help="blocks instead of the shape's")
+    p.add_argument("--prefix", default="", help="measurement names' prefix (train/levers)")
+    p.add_argument("--stem", default="", help="results file name (default from the suite)")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--variant", action="append", help="NAME:key=value,... (repeatable)")
@@ -474,13 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             for s in specs
         ]
     num = None
-    if args.suite == "levers":
+    if args.suite == "levers" and args.numerics_steps > 0:
         try:
             num = numerics(args, data, model, work, out_dir)
         except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
             print(f"numerics check failed: {str(exc)[-2000:]}", flush=True)
     items = measurements(args, machine, shape, rows, raw, hf_rows, num)
-    stem = ("train" if args.suite == "throughput" else "train-levers") + (
+    stem = args.stem or ("train" if args.suite == "throughput" else "train-levers") + (
         f"-{args.kind}" if args.kind else ""
     )
     gpu_train.write_and_print(stem, items, args, work)

@@ -41,6 +41,19 @@ if __package__ in (None, ""):
 
 from bench import common, train_matrix
 
+
+def llama3_rope(factor: float) -> dict[str, Any]:
+    """Llama 3's rope scaling as its config.json spells it (3.2: factor 32, 3.1: factor 8)."""
+    return {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B's config.json (shape only; weights are random).
     "llama-3.2-1b": {
@@ -54,14 +67,35 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        "rope_parameters": llama3_rope(32.0),
+    },
+    # Llama-3.2-3B's config.json (shape only).
+    "llama-3.2-3b": {
+        "vocab_size": 128256,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "rope_parameters": llama3_rope(32.0),
+    },
+    # Llama-3.1-8B's config.json (shape only; the 1-GPU runs of issue 21 cut its layers).
+    "llama-3.1-8b": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_parameters": llama3_rope(8.0),
     },
     "tiny": {
         "vocab_size": 32000,
@@ -78,9 +112,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 RESULT_PREFIX = "BENCH_RESULT "
 
 
-def shape_text(shape: str) -> str:
+def shape_text(shape: str, layers: int = 0) -> str:
     """The model shape in one line, for the results' configuration."""
-    c = SHAPES[shape]
+    c = shape_config(shape, layers)
     return (
         f"vocab {c['vocab_size']}, hidden {c['hidden_size']}, MLP {c['intermediate_size']}, "
         f"{c['num_hidden_layers']} layers, {c['num_attention_heads']}/"
@@ -146,15 +180,25 @@ def make_data(work: Path, seq: int, tok_dir: Path, corpus: Path, repeat: int = 4
     return out
 
 
-def make_model(work: Path, shape: str, device: str) -> Path:
+def shape_config(shape: str, layers: int = 0) -> dict[str, Any]:
+    """The shape's config fields, with ``layers`` blocks instead of the model's where given
+    (the 1-GPU runs of a model too large for one GPU)."""
+    c = dict(SHAPES[shape])
+    if layers:
+        c["num_hidden_layers"] = layers
+    return c
+
+
+def make_model(work: Path, shape: str, device: str, layers: int = 0) -> Path:
     """A random-weight HF Llama dir (config.json + safetensors) of the given shape."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = work / f"model-{shape}"
+    out = work / (f"model-{shape}" + (f"-{layers}l" if layers else ""))
     if (out / "config.json").is_file():
         return out
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    c = shape_config(shape, layers)
+    config = LlamaConfig(**c, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)

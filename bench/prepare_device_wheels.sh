@@ -18,7 +18,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d "$dest" "${pins[@]}"
-got=$(find "$dest" -name '*.whl' | wc -l)
+got=$(find "$dest" -type f -name '*.whl' | wc -l)
 if [ "$got" -ne "${#pins[@]}" ]; then
   echo "expected ${#pins[@]} wheels from $list, got $got" >&2
   exit 1

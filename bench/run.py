@@ -36,6 +36,23 @@ DEVICE_COMMANDS = """\
 bash bench/device.sh throughput h100 --steps 15 --hf-steps 12 --timeout 200 --deadline 500
 # Goal 1, the levers one at a time + the 200-step loss-curve check (one H100):
 bash bench/device.sh levers h100 --steps 15 --numerics-steps 200 --timeout 200 --deadline 400
+# The attention and loss kernels alone (one H100; kernels-h100.json):
+bash bench/device.sh kernels h100 --reps 10
+# Float8 (torchao) on the 1B shape + its 200-step loss check against bf16 (one H100):
+TAG=float8 bash bench/device.sh levers h100 --stem train-float8-h100 --prefix float8 --steps 12 \
+  --variant "bf16-m8:micro=8,accum=1,fusedLoss=true" \
+  --variant "float8-m8:micro=8,accum=1,fusedLoss=true,float8=true" \
+  --numerics-ref "bf16:micro=1,accum=2,fusedLoss=true" \
+  --numerics-new "float8:micro=1,accum=2,fusedLoss=true,float8=true" --numerics-steps 200
+# The 3B shape, bf16 and float8, full activation checkpointing (one H100):
+TAG=shape3b bash bench/device.sh levers h100 --shape llama-3.2-3b --stem train-3b-h100 \
+  --prefix shape3b --steps 10 --numerics-steps 0 --ac full \
+  --variant "bf16-m4-fullac:micro=4,accum=2,fusedLoss=true" \
+  --variant "float8-m4-fullac:micro=4,accum=2,fusedLoss=true,float8=true"
+# Issue 21 on one GPU: the Llama-3.1-8B shape cut to N blocks, seq 8192, FSDP2 on one device:
+TAG=l8b bash bench/device.sh levers h100 --shape llama-3.1-8b --layers 4 --seq 8192 \
+  --stem train-8b-4l-h100 --prefix shape8b4l --steps 8 --numerics-steps 0 --ac selective \
+  --variant "fsdp-m1:micro=1,accum=1,fusedLoss=true,parallelism.fsdpSingleDevice=true"
 # Goal 2 (two H200s; the one-GPU run also saves once with each staging):
 bash bench/device.sh scaling h200x2 --ckpt-steps 185 --every 90 --steps 30 --timeout 330
 # Goal 4, stall with the trainer's pinned staging (one H100):

@@ -114,8 +114,11 @@ DEFAULT_VARIANTS = (
     "plain-fused-m8:micro=8,accum=1,fusedLoss=true",
 )
 
-THROUGHPUT_VARIANTS = (DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[-1])
-"""The throughput suite's native rows: the trainer as it was and the fastest configuration."""
+FLOAT8_VARIANT = "plain-fused-m8-float8:micro=8,accum=1,fusedLoss=true,float8=true"
+
+THROUGHPUT_VARIANTS = (DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[-1], FLOAT8_VARIANT)
+"""The throughput suite's native rows: the trainer as it was, the fastest bf16 configuration
+and the same with float8 matmuls (its own ratio row; MFU is bf16's)."""
 
 DEFAULT_HF_CONFIGS = (
     # Most likely fastest first: under --deadline the tail is what gets skipped.

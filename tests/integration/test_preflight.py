@@ -3,37 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from cpt_training import storage
 from cpt_training.preflight import bus_bandwidth_gbps
+from cpt_training.testing import torchrun_train
 
 pytestmark = pytest.mark.integration
 
 
 def _preflight(cfg: dict[str, Any], nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CPT_STAGE_CONFIG": json.dumps(cfg), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "cpt_training.cli",
-            "preflight",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result: subprocess.CompletedProcess[str] = torchrun_train(
+        cfg, nproc, timeout=300, stage="preflight"
     )
+    return result
 
 
 def _result_line(stdout: str) -> dict[str, Any]:

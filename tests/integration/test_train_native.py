@@ -17,7 +17,12 @@ import pytest
 from cpt_training import storage
 from cpt_training.checkpoint import list_committed
 from cpt_training.metrics import parse_metrics_lines
-from cpt_training.testing import TinyAssets, make_tiny_assets, native_train_config
+from cpt_training.testing import (
+    TinyAssets,
+    make_tiny_assets,
+    native_train_config,
+    torchrun_train,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,22 +40,7 @@ class Run:
 
 
 def train(cfg: dict[str, Any], env: dict[str, str], nproc: int = 2, expect_ok: bool = True) -> Run:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "cpt_training.cli",
-            "train",
-        ],
-        env={**os.environ, **env, "CPT_STAGE_CONFIG": json.dumps(cfg), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = torchrun_train(cfg, nproc, env, timeout=600)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
         # Every rank joined its threads (cpt_training.native.train.LEFTOVER_THREADS_MSG): a

@@ -453,15 +453,18 @@ def test_the_trainer_s_speed_knobs_pass_from_the_spec_to_the_train_stage() -> No
     spec, run = load("p5-native")
     default = stages.train_stage(spec, run.name, 1, run.namespace)
     assert default.fused_loss is False and default.parallelism.fsdp_single_device is False
+    assert default.float8 is False
     body = spec.model_dump(by_alias=True)
     body["training"]["fusedLoss"] = True
     body["training"]["fsdpSingleDevice"] = True
+    body["training"]["float8"] = True
     tuned = ContinualPretrainSpec.model_validate(body)
     cfg = stages.train_stage(tuned, run.name, 1, run.namespace)
     assert cfg.fused_loss is True and cfg.parallelism.fsdp_single_device is True
+    assert cfg.float8 is True
     wire = parse_stage_config(cfg.model_dump_json(by_alias=True))
     assert isinstance(wire, TrainStage)
-    assert wire.fused_loss and wire.parallelism.fsdp_single_device
+    assert wire.fused_loss and wire.parallelism.fsdp_single_device and wire.float8
 
 
 def test_whole_tag_restore_passes_from_the_spec_to_the_train_stage() -> None:

@@ -121,7 +121,9 @@ def test_the_suite_s_rows_from_a_real_h100_run_carry_both_mfu_counts_and_the_fai
     # 6N + 12·L·H·Q·T against the causal count 6N + 6·L·H·Q·T (16 layers, 32 heads of 64).
     assert row["flopsPerTokenFull"] - row["flopsPerTokenCausal"] == 6 * 16 * 32 * 64 * 4096
     assert row["mfuCausal"] < row["mfu"]
-    args = argparse.Namespace(seq=4096, ac="none", tiny=False, suite="throughput", warmup=3)
+    args = argparse.Namespace(
+        seq=4096, ac="none", tiny=False, suite="throughput", warmup=3, layers=0, prefix=""
+    )
     items = gpu_matrix.measurements(
         args, "h100: 1x NVIDIA H100 80GB HBM3", "llama-3.2-1b", [row], {v.name: nat}, hf, None
     )

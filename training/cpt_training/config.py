@@ -367,6 +367,11 @@ class TrainStage(CamelModel):
         description="native: LM head + cross entropy in token chunks with the gradients made "
         "in the forward pass, so the [tokens, vocab] logits are never held whole.",
     )
+    float8: bool = Field(
+        default=False,
+        description="native: the decoder blocks' linear layers train in float8 (torchao, "
+        "dynamic tensorwise scales; needs compute capability >= 8.9 and torchao).",
+    )
     seed: int = 1234
     mixture: list[MixtureSource] | None = Field(
         default=None,

@@ -207,3 +207,41 @@ def native_train_config(
     }
     cfg.update(kw)
     return cfg
+
+
+def torchrun_train(
+    cfg: dict[str, Any],
+    nproc: int,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    stage: str = "train",
+) -> Any:
+    """``cpt-train STAGE`` (train by default) with stage config ``cfg`` under torchrun on
+    ``nproc`` local ranks (one thread each), as a pod runs it; returns the finished
+    ``subprocess.CompletedProcess``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "cpt_training.cli",
+            stage,
+        ],
+        env={
+            **os.environ,
+            **(env or {}),
+            "CPT_STAGE_CONFIG": json.dumps(cfg),
+            "OMP_NUM_THREADS": "1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

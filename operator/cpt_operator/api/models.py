@@ -228,6 +228,13 @@ class TrainingSpec(ParallelismConfig):
         "forward pass, so the [tokens, vocab] logits are never held whole (less memory: room "
         "for a larger microBatchSize).",
     )
+    float8: bool = Field(
+        default=False,
+        description="native backend on NVIDIA GPUs of compute capability 8.9+ (H100, H200): "
+        "the decoder blocks' linear layers train in float8 through torchao (dynamic "
+        "tensorwise scales; weights, optimizer state and checkpoints stay as in bf16). Off by "
+        "default until measurements show a gain (docs/PERFORMANCE.md).",
+    )
     seed: int = Field(default=1234, ge=0, le=2**32 - 1)
     eval_every_steps: int | None = Field(
         default=None,

@@ -488,7 +488,30 @@ class Planner:
             self.warn("spec.training.compile", "ignored by nxd (XLA compiles the graph)")
         if self.t.precision == "fp32" and self.p.instance and self.p.instance.accelerator != "cpu":
             self.warn("spec.training.precision", "fp32: estimates assume bf16 peak FLOPS")
+        self._float8()
 
+    def _float8(self) -> None:
+        """Float8 runs on the native backend's Hopper-class GPUs only, in bf16."""
+        if not self.t.float8:
+            return
+        inst = self.p.instance
+        if self.p.backend != "native" or inst is None or inst.device not in FLOAT8_DEVICES:
+            where = inst.name if inst is not None else self.t.instance_type
+            self.error(
+                "spec.training.float8",
+                f"float8 training needs the native backend on {'/'.join(FLOAT8_DEVICES)} GPUs "
+                f"(this run: backend {self.p.backend}, {where}); set float8: false",
+            )
+        elif self.t.precision != "bf16":
+            self.error(
+                "spec.training.float8",
+                "float8 trains the block matmuls in float8 around bf16 compute: set "
+                "precision: bf16 or float8: false",
+            )
+
+
+FLOAT8_DEVICES = ("h100", "h200")
+"""Devices whose tensor cores run the float8 matmuls (compute capability >= 8.9)."""
 
 _SHAPE_ATTR = {
     "vocab_size": "vocab_size",

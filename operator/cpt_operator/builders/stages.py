@@ -153,6 +153,7 @@ def train_stage(
         activation_checkpointing=t.activation_checkpointing,
         compile=t.compile,
         fused_loss=t.fused_loss,
+        float8=t.float8,
         seed=t.seed,
         mixture=mixture_of(spec.data.sources),
         eval_every_steps=t.eval_every_steps,

@@ -39,6 +39,7 @@ from cpt_training.native import distributed as nd
 from cpt_training.native.checkpointing import DcpCheckpointer, TrainCounters, training_state
 from cpt_training.native.data import MicroBatches, open_batches, open_blocks
 from cpt_training.native.evaluate import HeldOutEval
+from cpt_training.native.float8 import convert_to_float8, float8_problem
 from cpt_training.native.llama import IGNORE_INDEX, Llama, shift_targets
 from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
@@ -132,6 +133,11 @@ class Trainer:
             )
         with torch.device("meta"):
             model = Llama.from_hf_config(self.hf_config)
+        if cfg.float8:
+            problem = float8_problem(d.device_type, d.device)
+            if problem:
+                raise ConfigError(problem)
+            log.info("float8 training: %d linear layers converted", convert_to_float8(model))
         try:
             parallelize(
                 model,
