@@ -132,6 +132,11 @@ class ProgressWriter:
         """Write the latest state now."""
         self._maybe_write(True)
 
+    def stopped(self, step: int) -> None:
+        """Stopped on request (SIGTERM) with ``step`` committed: always written."""
+        self.state["stoppedAtStep"] = step
+        self._maybe_write(True)
+
     def done(self) -> None:
         self.state["done"] = True
         self._maybe_write(True)

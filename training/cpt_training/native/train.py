@@ -42,6 +42,7 @@ from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
 from cpt_training.native.single import MasterWeights
 from cpt_training.native.weights import load_hf_weights
+from cpt_training.preemption import EXIT_PREEMPTED, StopRequest, mark_stopped
 from cpt_training.progress import ProgressWriter, progress_file_uri
 from cpt_training.schedule import LrSchedule
 
@@ -109,6 +110,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.schedule = LrSchedule.from_config(cfg.optimizer, cfg.max_steps)
         self.counters = TrainCounters()
+        self.stop = StopRequest()
+        self.stopped_at: int | None = None  # the step a stop request ended the loop at
         self._build_checkpointing()
         self._build_reporting()
 
@@ -413,12 +416,16 @@ class Trainer:
         if self.progress is not None:
             if finished:
                 self.progress.done()
+            elif self.stopped_at is not None:
+                self.progress.stopped(self.stopped_at)
             else:
                 self.progress.flush()
         self._sync_tensorboard()
         if self.sink is not None:
             self.sink.close()
         self.syncer.close()
+        if self.stopped_at is not None:
+            return self._stopped_exit()
         if finished and (
             self.syncer.last_committed is None or self.syncer.last_committed.step < cfg.max_steps
         ):
@@ -427,6 +434,30 @@ class Trainer:
                 f"committed: {self.syncer.failures[-1:] or 'unknown reason'}"
             )
         return 0
+
+    def _stopped_exit(self) -> int:
+        """After a stop request: EXIT_PREEMPTED once the stop checkpoint is committed."""
+        step = self.stopped_at
+        last = self.syncer.last_committed
+        if last is None or step is None or last.step < step:
+            raise RuntimeError(
+                f"stopped on request at step {step} but its checkpoint was not committed: "
+                f"{self.syncer.failures[-1:] or 'unknown reason'}"
+            )
+        log.warning("stopped on request at step %d; checkpoint %s committed", step, last.uri)
+        if self.d.is_local_main:
+            mark_stopped(step)
+        return EXIT_PREEMPTED
+
+    def _stop_agreed(self, step: int) -> bool:
+        """After each step: did any rank get a stop request? Then save ``step`` (unless
+        this step's save already happened) and end the loop on every rank."""
+        if not self.stop.agreed(self.syncer.collective):
+            return False
+        if step % self.cfg.checkpoint.every_steps and step != self.cfg.max_steps:
+            self.checkpointer.save(step)
+        self.stopped_at = step
+        return True
 
     def _loop(self, start: int) -> None:
         cfg = self.cfg
@@ -449,6 +480,7 @@ class Trainer:
         self.throughput.reset(step)
         every = cfg.checkpoint.every_steps
         stop = cfg.stop_after_steps
+        self.stop.install()
         try:
             while step < cfg.max_steps and (stop is None or ran < stop):
                 set_lr(self.optimizer, self.schedule(step))
@@ -472,6 +504,8 @@ class Trainer:
                     self._evaluate(step)
                 if step % every == 0 or step == cfg.max_steps:
                     self.checkpointer.save(step)
+                if self._stop_agreed(step):
+                    break
                 self.syncer.poll()
         finally:
             data.close()  # stops the prefetch thread
