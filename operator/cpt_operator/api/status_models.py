@@ -101,6 +101,11 @@ class CheckpointStatus(StatusModel):
     step: int
     uri: str
     time: datetime | None = None
+    save_seconds: float | None = Field(
+        default=None,
+        description="How long the trainer took to save and commit it (progress.json): sets "
+        "the next attempt's terminationGracePeriodSeconds.",
+    )
 
 
 class ProgressStatus(StatusModel):
@@ -182,6 +187,12 @@ class ContinualPretrainStatus(StatusModel):
     )
     suspended_phase: Phase | None = Field(
         default=None, description="The phase to continue with when spec.suspend is cleared."
+    )
+    suspended_seconds: int = Field(
+        default=0, ge=0, description="Time spent suspended, excluded from the deadline."
+    )
+    suspended_since: datetime | None = Field(
+        default=None, description="When the current suspension began."
     )
     excluded_nodes: list[ExcludedNode] = Field(
         default_factory=list,

@@ -19,6 +19,7 @@ Shape decisions (see /work/shared/reference/peers.md §1):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,14 @@ PORT = 23456
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 HOSTNAME_KEY = "kubernetes.io/hostname"
 TERMINATION_GRACE_SECONDS = 60
+"""The floor of a training pod's grace period and the preflight's: SIGTERM to exit."""
+ASSUMED_SAVE_GIB_PER_S = 0.5
+"""Save-and-commit speed per node before an attempt measured one (progress.json's
+lastCommitSeconds): a conservative S3 upload rate for one node's checkpoint shards."""
+STOP_MARGIN_SECONDS = 30
+"""Process start-up of the stop path, the commit's collectives, torchrun's own shutdown."""
+LAUNCHER = "cpt-torchrun"
+"""torchrun wrapped so that a stop on SIGTERM keeps its exit code (cpt_training.launch)."""
 ACCELERATOR_TAINTS = {"neuron": "aws.amazon.com/neuron", "cuda": "nvidia.com/gpu"}
 RESUME_STEP_ANNOTATION = "cpt.dev/expected-resume-step"
 # The checkpoint syncer groups ranks by node to decide who uploads/restores a node's files;
@@ -60,6 +69,25 @@ def torchrun_args(nproc_per_node: int, stage: str) -> list[str]:
         "cpt_training.cli",
         stage,
     ]
+
+
+def termination_grace_seconds(
+    spec: ContinualPretrainSpec,
+    *,
+    step_seconds: float | None,
+    checkpoint_gib: float | None,
+    save_seconds: float | None,
+) -> int:
+    """The training pods' terminationGracePeriodSeconds: one step, plus 1.5 x the time to
+    save and commit a checkpoint (measured by the last attempt, else the checkpoint's per-node
+    size at ASSUMED_SAVE_GIB_PER_S), plus STOP_MARGIN_SECONDS; at least
+    TERMINATION_GRACE_SECONDS, at most spec.resiliency.maxTerminationGracePeriodSeconds."""
+    if save_seconds is None:
+        per_node = (checkpoint_gib or 0.0) / max(spec.training.nodes, 1)
+        save_seconds = per_node / ASSUMED_SAVE_GIB_PER_S
+    need = (step_seconds or 0.0) + 1.5 * save_seconds + STOP_MARGIN_SECONDS
+    bound = spec.resiliency.max_termination_grace_period_seconds
+    return int(min(max(math.ceil(need), TERMINATION_GRACE_SECONDS), bound))
 
 
 def _image(spec: ContinualPretrainSpec) -> str:
@@ -126,8 +154,11 @@ def _pod_template(
     config: TrainStage | PreflightStage,
     device_env: dict[str, str],
     exclude_nodes: Sequence[str] = (),
+    grace_seconds: int = TERMINATION_GRACE_SECONDS,
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
+    # torchrun waits this long for its SIGTERMed workers to commit before killing them.
+    device_env = {**device_env, "PET_SHUTDOWN_TIMEOUT": str(max(grace_seconds - 5, 1))}
     inst = lookup_instance(t.instance_type)
     accel_resources = dict(inst.resources)
     tolerations = []
@@ -144,7 +175,7 @@ def _pod_template(
         "name": CONTAINER,
         "image": _image(spec),
         "imagePullPolicy": rt.images.pull_policy,
-        "command": ["torchrun"],
+        "command": [LAUNCHER],
         "args": torchrun_args(t.resolved_processes_per_node(), stage),
         "env": [meta.clone(NODE_ID_ENV), *pods.stage_env(spec, config, device_env)],
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
@@ -162,7 +193,7 @@ def _pod_template(
         container["resources"] = pods.resources(accel_resources, accel_resources)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": grace_seconds,
         "securityContext": pods.pod_security_context(root=runs_as_root(spec)),
         "containers": [container],
         "volumes": [pods.shm_volume(), pods.scratch_volume(scratch), pods.tmp_volume()],
@@ -198,6 +229,7 @@ def _gang_job(
     attempt: int | None = None,
     annotations: dict[str, str] | None = None,
     exclude_nodes: Sequence[str] = (),
+    grace_seconds: int = TERMINATION_GRACE_SECONDS,
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
     name = meta.check_name(meta.child_name(run.name, component, attempt))
@@ -207,7 +239,7 @@ def _gang_job(
     cache = stages.paths(spec, run.name, run.namespace).compile_cache
     device_env = _device_env(spec, config if isinstance(config, TrainStage) else None, cache)
     template = _pod_template(
-        spec, labels, meta.STAGE_OF[component], config, device_env, exclude_nodes
+        spec, labels, meta.STAGE_OF[component], config, device_env, exclude_nodes, grace_seconds
     )
     replicas: dict[str, Any] = {
         "Master": {"replicas": 1, "restartPolicy": "Never", "template": template}
@@ -253,11 +285,12 @@ def training_job(
     resume_step: int | None = None,
     resume_uri: str | None = None,
     exclude_nodes: Sequence[str] = (),
+    grace_seconds: int = TERMINATION_GRACE_SECONDS,
 ) -> dict[str, Any]:
     """`<run>-train-<attempt>`. The annotations record which checkpoint the operator expected
     this attempt to resume from, for people reading the cluster; the trainer decides itself.
     `exclude_nodes`: nodes earlier attempts failed on (status.excludedNodes), kept out by a
-    required node affinity."""
+    required node affinity. `grace_seconds`: see termination_grace_seconds."""
     annotations = {}
     if resume_step is not None:
         annotations[RESUME_STEP_ANNOTATION] = str(resume_step)
@@ -271,6 +304,7 @@ def training_job(
         attempt=config.attempt,
         annotations=annotations or None,
         exclude_nodes=exclude_nodes,
+        grace_seconds=grace_seconds,
     )
 
 

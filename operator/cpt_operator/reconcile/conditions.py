@@ -17,6 +17,7 @@ TOKENIZATION_FAILED: Final = "TokenizationFailed"
 WEIGHT_CONVERSION_FAILED: Final = "WeightConversionFailed"
 MAX_ATTEMPTS_EXCEEDED: Final = "MaxAttemptsExceeded"
 EXPORT_FAILED: Final = "ExportFailed"
+DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
 
 # Why a training attempt ended (attempts[].reason, condition Training=False while restarting).
 POD_FAILED: Final = "PodFailed"
@@ -28,6 +29,9 @@ JOB_RESTARTING: Final = "TrainingJobRestarting"
 JOB_DELETED: Final = "TrainingJobDeleted"
 SUSPENDED: Final = "Suspended"
 COMPLETED: Final = "Completed"
+PREEMPTED: Final = "Preempted"
+"""Stopped from outside with a chance to checkpoint (the trainer's exit 75, a pod deleted or
+evicted, a scheduler preemption): not counted against maxAttempts."""
 
 # Why a node is in status.excludedNodes (spec.resiliency.excludeFailedNodes).
 EXCLUDED_NOT_READY: Final = "NodeNotReady"

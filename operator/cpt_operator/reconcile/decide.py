@@ -83,6 +83,9 @@ class _Reconcile(Recovery):
         if self.spec.suspend and phase != Phase.SUSPENDED:
             self.suspend()
             return
+        if phase != Phase.SUSPENDED and self._past_deadline():
+            self.deadline_exceeded()
+            return
         handler = {
             Phase.PENDING: self.pending,
             Phase.PLANNING: self.planning,
@@ -290,11 +293,13 @@ class _Reconcile(Recovery):
 
     def _refresh_progress(self) -> None:
         ckpt = self.obs.checkpoint
+        prog = self.obs.progress
         if ckpt is not None:
             cur = self.status.checkpoint
             if cur is None or cur.step != ckpt.step or cur.uri != ckpt.uri:
-                self.status.checkpoint = CheckpointStatus(step=ckpt.step, uri=ckpt.uri)
-        prog = self.obs.progress
+                cur = self.status.checkpoint = CheckpointStatus(step=ckpt.step, uri=ckpt.uri)
+            if prog is not None and prog.last_commit_seconds is not None:
+                cur.save_seconds = round(prog.last_commit_seconds, 1)
         if prog is None:
             return
         max_steps = prog.max_steps or self.spec.max_steps()
@@ -314,6 +319,39 @@ class _Reconcile(Recovery):
             eta=eta,
             updated_at=prog.updated_at.replace(microsecond=0) if prog.updated_at else None,
         )
+
+    # -- deadline ---------------------------------------------------------------------------
+
+    def _past_deadline(self) -> bool:
+        """spec.resiliency.activeDeadlineSeconds passed: wall clock since the run started
+        (its first child follows within the same reconcile), suspended time excluded."""
+        limit = self.spec.resiliency.active_deadline_seconds
+        start = self.status.start_time
+        if not limit or start is None:
+            return False
+        return (self.now - start).total_seconds() - self.status.suspended_seconds >= limit
+
+    def deadline_exceeded(self) -> None:
+        """Stop every running stage (the trainer gets SIGTERM: it finishes its step and
+        commits a checkpoint within its grace period), then fail DeadlineExceeded once no
+        pod of it is left, with the newest committed checkpoint in the status."""
+        limit = self.spec.resiliency.active_deadline_seconds
+        what = f"spec.resiliency.activeDeadlineSeconds ({limit}s) reached"
+        clean = self._stop_children()
+        alive = [p for p in self.obs.training_pods() if p.phase not in ("Succeeded", "Failed")]
+        if not clean or alive:
+            msg = f"{what}: stopping the running stage (a trainer commits a checkpoint first)"
+            if self.status.message != msg:
+                self.status.message = msg
+                self.event("Warning", cond.DEADLINE_EXCEEDED, msg)
+            return
+        self._refresh_progress()
+        kept = self.status.checkpoint
+        ckpt = f"newest committed checkpoint: step {kept.step} ({kept.uri})" if kept else "none"
+        msg = f"{what}; checkpoints are kept ({ckpt})"
+        if self.status.phase == Phase.TRAINING:
+            self.condition(ConditionType.TRAINING, "False", cond.DEADLINE_EXCEEDED, msg)
+        self.fail(cond.DEADLINE_EXCEEDED, msg)
 
     # -- suspend / resume ------------------------------------------------------------------
 
@@ -339,6 +377,7 @@ class _Reconcile(Recovery):
 
     def suspend(self) -> None:
         self.status.suspended_phase = self.status.phase
+        self.status.suspended_since = self.now
         for component in ("tokenize", "weights", "preflight", "export"):
             setattr(self.status.children, component, None)
         self.status.children.train = None
@@ -358,6 +397,10 @@ class _Reconcile(Recovery):
         if back in (Phase.SUSPENDED, *TERMINAL_PHASES):
             back = Phase.PENDING
         self.status.suspended_phase = None
+        if self.status.suspended_since is not None:
+            away = (self.now - self.status.suspended_since).total_seconds()
+            self.status.suspended_seconds += max(int(away), 0)
+            self.status.suspended_since = None
         self.condition(ConditionType.SUSPENDED, "False", "Resumed", "spec.suspend is false")
         self.transition(back, f"resumed; continuing with {back.value}")
 

@@ -102,6 +102,10 @@ class PodState:
     reason: str = ""
     message: str = ""
     exit_code: int | None = None
+    disruption: str = ""
+    """The reason of a True DisruptionTarget condition (PreemptionByScheduler,
+    EvictionByEvictionAPI, DeletionByTaintManager, TerminationByKubelet): the pod is being
+    stopped from outside, with its grace period."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class Progress:
     lr: float | None = None
     updated_at: datetime | None = None
     last_committed_step: int | None = None
+    last_commit_seconds: float | None = None
+    stopped_at_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -237,9 +243,12 @@ def observe_pod(obj: Mapping[str, Any]) -> PodState:
         if wait.get("reason") not in (None, "", "ContainerCreating") and not waiting:
             waiting = wait
     ready = False
+    disruption = ""
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Ready":
             ready = cond.get("status") == "True"
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            disruption = str(cond.get("reason") or "DisruptionTarget")
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and not reason:
             reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
     if not reason and waiting:
@@ -258,6 +267,7 @@ def observe_pod(obj: Mapping[str, Any]) -> PodState:
         reason=reason,
         message=message,
         exit_code=exit_code,
+        disruption=disruption,
     )
 
 
@@ -299,6 +309,8 @@ def observe_progress(data: Mapping[str, Any] | None) -> Progress | None:
         lr=num("lr"),
         updated_at=parse_time(data.get("updatedAt")),
         last_committed_step=_int(data.get("lastCommittedStep")),
+        last_commit_seconds=num("lastCommitSeconds"),
+        stopped_at_step=_int(data.get("stoppedAtStep")),
     )
 
 

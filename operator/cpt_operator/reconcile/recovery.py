@@ -22,6 +22,7 @@ from cpt_operator.reconcile.observe import (
     PodState,
     PyTorchJobState,
 )
+from cpt_training.preemption import EXIT_PREEMPTED
 
 DEVICE_FAULT_MARKER = "cannot allocate unhealthy devices"
 """The kubelet's device manager refusing a pod because the node's device plugin reports its
@@ -172,6 +173,9 @@ class Recovery(ReconcileBase):
         if ptj.deleting:
             return cond.JOB_DELETED, f"PyTorchJob {name} is being deleted outside the operator"
         pods = self.obs.pods_of(name)
+        preempted = self._preemption_of(pods)
+        if preempted:
+            return cond.PREEMPTED, preempted
         # A failed pod says more (which replica, exit code) than the job's generic "backoff
         # limit reached", and the job keeps failed pods: report the pod whichever came first.
         for pod in pods:
@@ -216,6 +220,30 @@ class Recovery(ReconcileBase):
             )
         return None
 
+    def _preemption_of(self, pods: list[PodState]) -> str:
+        """Why the attempt is being stopped from outside with a chance to checkpoint, or "":
+        a pod the cluster is disrupting (DisruptionTarget: a scheduler preemption, an eviction
+        or drain), deleted with its grace period, or that stopped with the trainer's
+        EXIT_PREEMPTED. A pod on a NotReady or vanished node is a node failure, not this."""
+        for pod in pods:
+            if pod.node_name and self._node_gone_or_not_ready(pod.node_name):
+                continue
+            if pod.disruption:
+                return f"pod {pod.name} is being stopped by the cluster ({pod.disruption})"
+            if pod.deleting and pod.phase not in ("Succeeded", "Failed"):
+                return f"pod {pod.name} was deleted; its trainer checkpoints in its grace period"
+            if pod.phase == "Failed" and pod.exit_code == EXIT_PREEMPTED:
+                return (
+                    f"pod {pod.name} stopped on SIGTERM after committing a checkpoint "
+                    f"(exit code {EXIT_PREEMPTED})"
+                )
+        return ""
+
+    def _failures(self) -> int:
+        """Ended attempts that count against maxAttempts (preemptions do not)."""
+        done = (cond.PREEMPTED, cond.COMPLETED, "")
+        return sum(1 for a in self.status.attempts if a.end_time and a.reason not in done)
+
     def _track_progress(self, name: str, rec: AttemptStatus) -> tuple[str, str] | None:
         """Update the hang clock; a failure when the attempt made no step progress for
         hangTimeoutSeconds after all its pods were Running."""
@@ -250,12 +278,16 @@ class Recovery(ReconcileBase):
         rec = self._attempt_record()
         rec.end_time = self.now
         rec.reason, rec.message = reason, message
-        self.event(
-            "Warning", "AttemptFailed", f"attempt {n} of {max_attempts}: {reason}: {message}"
-        )
+        failures = self._failures()
+        if reason == cond.PREEMPTED:
+            self.event("Normal", "AttemptPreempted", f"attempt {n}: {message}")
+        else:
+            label = f"{n} of" if failures == n else f"{n} (failure {failures} of"
+            label += f" {max_attempts}" + ("" if failures == n else ")")
+            self.event("Warning", "AttemptFailed", f"attempt {label}: {reason}: {message}")
         self._exclude_failed_nodes(name, n)
         self._teardown(keep=None)
-        if n >= max_attempts:
+        if reason != cond.PREEMPTED and failures >= max_attempts:
             msg = f"all {max_attempts} training attempts failed; the last one: {reason}: {message}"
             self.condition(ConditionType.TRAINING, "False", cond.MAX_ATTEMPTS_EXCEEDED, msg)
             self.fail(cond.MAX_ATTEMPTS_EXCEEDED, msg)
@@ -263,7 +295,18 @@ class Recovery(ReconcileBase):
         self.status.attempt = n + 1
         self.status.children.train = None
         self._attempt_record()
-        msg = f"attempt {n} failed ({reason}); starting attempt {n + 1} of {max_attempts}"
+        if reason == cond.PREEMPTED:
+            msg = (
+                f"attempt {n} preempted; attempt {n + 1} resumes from its checkpoint once its "
+                "pods are gone (preemptions do not count against maxAttempts)"
+            )
+        else:
+            msg = f"attempt {n} failed ({reason}); starting attempt {n + 1} of {max_attempts}"
+            if failures != n:
+                msg = (
+                    f"attempt {n} failed ({reason}); starting attempt {n + 1} "
+                    f"({failures} of {max_attempts} failures used)"
+                )
         self.condition(ConditionType.TRAINING, "False", reason, msg)
         self.status.message = msg
         self.event("Normal", "Restarting", msg)
@@ -288,6 +331,20 @@ class Recovery(ReconcileBase):
                 # An orphan (its job is already gone): the GC would get it, we are quicker.
                 self.delete("v1", "Pod", pod.name)
         return clean
+
+    def _grace_seconds(self) -> int:
+        """The pods' grace period: from the plan's step time and checkpoint size, and the
+        save time the last commit took where progress.json reported one."""
+        plan = self.status.plan
+        prog = self.obs.progress
+        known = self.status.checkpoint.save_seconds if self.status.checkpoint else None
+        measured = prog.last_commit_seconds if prog is not None else None
+        return pytorchjob.termination_grace_seconds(
+            self.spec,
+            step_seconds=plan.est_step_seconds if plan else None,
+            checkpoint_gib=plan.checkpoint_size_gib if plan else None,
+            save_seconds=measured if measured is not None else known,
+        )
 
     def _start_attempt(self, name: str, rec: AttemptStatus) -> None:
         ckpt = self.obs.checkpoint
@@ -314,6 +371,7 @@ class Recovery(ReconcileBase):
                 resume_step=ckpt.step if ckpt else None,
                 resume_uri=ckpt.uri if ckpt else None,
                 exclude_nodes=avoid,
+                grace_seconds=self._grace_seconds(),
             )
         )
         rec.start_time = self.now

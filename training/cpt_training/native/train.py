@@ -204,7 +204,7 @@ class Trainer:
 
     def _on_commit(self, ckpt: CommittedCheckpoint) -> None:
         if self.progress is not None:
-            self.progress.committed(ckpt.step)
+            self.progress.committed(ckpt.step, ckpt.seconds)
         self._sync_tensorboard()
 
     def _sync_tensorboard(self) -> None:

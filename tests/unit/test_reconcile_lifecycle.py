@@ -1,0 +1,254 @@
+"""Decision tables of a run on a shared, preemptible cluster: preempted attempts (the
+trainer's exit 75, a deleted or evicted pod, a scheduler preemption) resume without spending
+the retry budget, the grace period cpt gives the trainer to checkpoint, and the run's
+deadline (activeDeadlineSeconds, suspended time excluded)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from test_reconcile import (
+    T0,
+    body_of,
+    condition,
+    creates,
+    deletes,
+    events,
+    gang,
+    node,
+    pod,
+    ptj,
+    run,
+    status_in,
+)
+
+from cpt_operator.builders import pytorchjob
+from cpt_operator.reconcile import conditions as cond
+from cpt_operator.reconcile.actions import CreateChild
+from cpt_operator.reconcile.observe import Checkpoint
+from cpt_training.preemption import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.unit
+
+NODES = [node("trn1-0"), node("trn1-1")]
+TRAIN_1 = "llama-cpt-train-1"
+
+
+def training(body: dict[str, Any]) -> dict[str, Any]:
+    return status_in("Training", body)
+
+
+def disrupted(name: str, owner: str, reason: str, node_name: str) -> dict[str, Any]:
+    obj = pod(name, owner, node=node_name, deleting=True)
+    obj["status"]["conditions"] = [
+        {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "x"}
+    ]
+    return obj
+
+
+def stopped_gang(attempt: int = 1) -> list[dict[str, Any]]:
+    return gang(attempt, phase="Failed", exit_code=EXIT_PREEMPTED)
+
+
+# -- preemption --------------------------------------------------------------------------------
+
+
+def test_a_trainer_that_stopped_with_exit_75_is_preempted_not_failed_and_attempt_2_follows() -> (
+    None
+):
+    body = body_of("trn1-nxd")
+    d = run(body, training(body), pytorchjobs=[ptj(TRAIN_1, 1)], pods=stopped_gang(), nodes=NODES)
+    assert d.status["phase"] == "Training" and d.status["attempt"] == 2
+    first = d.status["attempts"][0]
+    assert first["reason"] == cond.PREEMPTED and "exit code 75" in first["message"]
+    assert ("Normal", "AttemptPreempted") in events(d)
+    assert ("Warning", "AttemptFailed") not in events(d)
+    assert ("PyTorchJob", TRAIN_1, None) in deletes(d)
+    assert "preemptions do not count against maxAttempts" in d.status["message"]
+
+
+@pytest.mark.parametrize(
+    "reason", ["PreemptionByScheduler", "EvictionByEvictionAPI", "TerminationByKubelet"]
+)
+def test_a_pod_the_cluster_disrupts_ends_the_attempt_as_preempted(reason: str) -> None:
+    body = body_of("trn1-nxd")
+    pods = gang(1)
+    pods[1] = disrupted(f"{TRAIN_1}-worker-0", TRAIN_1, reason, "trn1-1")
+    d = run(body, training(body), pytorchjobs=[ptj(TRAIN_1, 1)], pods=pods, nodes=NODES)
+    first = d.status["attempts"][0]
+    assert first["reason"] == cond.PREEMPTED and reason in first["message"]
+    assert d.status["phase"] == "Training" and d.status["attempt"] == 2
+
+
+def test_a_pod_deleted_with_a_grace_period_is_a_preemption() -> None:
+    body = body_of("trn1-nxd")
+    pods = gang(1)
+    pods[0] = pod(f"{TRAIN_1}-master-0", TRAIN_1, node="trn1-0", deleting=True)
+    d = run(body, training(body), pytorchjobs=[ptj(TRAIN_1, 1)], pods=pods, nodes=NODES)
+    assert d.status["attempts"][0]["reason"] == cond.PREEMPTED
+    assert "deleted" in d.status["attempts"][0]["message"]
+
+
+def test_a_deleted_pod_on_a_not_ready_node_is_a_node_failure_not_a_preemption() -> None:
+    body = body_of("trn1-nxd")
+    pods = gang(1)
+    pods[1] = pod(f"{TRAIN_1}-worker-0", TRAIN_1, node="trn1-1", deleting=True)
+    nodes = [node("trn1-0"), node("trn1-1", ready=False, since=T0 - timedelta(hours=1))]
+    d = run(body, training(body), pytorchjobs=[ptj(TRAIN_1, 1)], pods=pods, nodes=nodes)
+    assert d.status["attempts"][0]["reason"] == cond.NODE_NOT_READY
+
+
+def test_preemptions_never_exhaust_max_attempts_and_failures_still_do() -> None:
+    body = body_of("trn1-nxd", resiliency={"maxAttempts": 1})
+    status = training(body)
+    for n in (1, 2, 3):  # three preemptions in a row with maxAttempts 1
+        name = f"llama-cpt-train-{n}"
+        d = run(body, status, pytorchjobs=[ptj(name, n)], pods=stopped_gang(n), nodes=NODES)
+        assert d.status["phase"] == "Training" and d.status["attempt"] == n + 1
+        started = run(body, d.status, checkpoint=Checkpoint(10 * n, f"s3://c/step_{10 * n}"))
+        assert creates(started) == [f"llama-cpt-train-{n + 1}"]
+        assert started.status["resumeFrom"]["step"] == 10 * n
+        status = started.status
+    failing = run(
+        body,
+        status,
+        pytorchjobs=[ptj("llama-cpt-train-4", 4, condition="Failed", message="worker exited 1")],
+        pods=gang(4),
+        nodes=NODES,
+    )
+    assert failing.status["phase"] == "Failed"
+    assert condition(failing.status, "Failed")["reason"] == cond.MAX_ATTEMPTS_EXCEEDED
+    reasons = [a["reason"] for a in failing.status["attempts"]]
+    assert reasons == [cond.PREEMPTED] * 3 + [cond.JOB_FAILED]
+
+
+def test_a_failure_after_a_preemption_says_how_much_of_the_budget_is_used() -> None:
+    body = body_of("trn1-nxd")  # maxAttempts 3
+    status = training(body)
+    d = run(body, status, pytorchjobs=[ptj(TRAIN_1, 1)], pods=stopped_gang(), nodes=NODES)
+    status = run(body, d.status).status
+    pods = gang(2)
+    pods[1] = pod(
+        "llama-cpt-train-2-worker-0", "llama-cpt-train-2", phase="Failed", exit_code=1, attempt=2
+    )
+    failed = run(
+        body, status, pytorchjobs=[ptj("llama-cpt-train-2", 2)], pods=pods, nodes=NODES
+    ).status
+    assert failed["phase"] == "Training" and failed["attempt"] == 3
+    assert "(1 of 3 failures used)" in failed["message"]
+
+
+# -- the grace period --------------------------------------------------------------------------
+
+
+def train_manifest(d: Any) -> dict[str, Any]:
+    (action,) = [a for a in d.actions if isinstance(a, CreateChild) and "-train-" in a.name]
+    manifest: dict[str, Any] = action.manifest
+    return manifest
+
+
+def pod_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    return spec
+
+
+def test_the_grace_period_comes_from_the_measured_save_time_within_the_spec_bound() -> None:
+    body = body_of("trn1-nxd", resiliency={"maxTerminationGracePeriodSeconds": 200})
+    status = training(body)
+    d = run(body, status, pytorchjobs=[ptj(TRAIN_1, 1)], pods=stopped_gang(), nodes=NODES)
+    prog = {"attempt": 1, "step": 10, "lastCommittedStep": 10, "lastCommitSeconds": 40.0}
+    ckpt = Checkpoint(10, "s3://c/step_10")
+    started = run(body, d.status, progress=prog, checkpoint=ckpt)
+    spec = pod_spec(train_manifest(started))
+    step_s = started.status["plan"].get("estStepSeconds") or 0.0
+    expected = min(max(int(step_s + 1.5 * 40 + 30 + 0.999), 60), 200)
+    assert spec["terminationGracePeriodSeconds"] == expected
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["PET_SHUTDOWN_TIMEOUT"] == str(expected - 5)
+    assert spec["containers"][0]["command"] == ["cpt-torchrun"]
+    assert started.status["checkpoint"]["saveSeconds"] == 40.0
+
+
+def test_the_grace_period_is_bounded_by_the_spec_and_floored_at_a_minute() -> None:
+    spec = body_of("trn1-nxd", resiliency={"maxTerminationGracePeriodSeconds": 90})["spec"]
+    from cpt_operator.api.models import ContinualPretrainSpec
+
+    s = ContinualPretrainSpec.model_validate(spec)
+    slow = pytorchjob.termination_grace_seconds(
+        s, step_seconds=30, checkpoint_gib=500, save_seconds=None
+    )
+    fast = pytorchjob.termination_grace_seconds(
+        s, step_seconds=0.1, checkpoint_gib=None, save_seconds=1
+    )
+    assert slow == 90 and fast == 60
+
+
+# -- deadline ----------------------------------------------------------------------------------
+
+
+def test_past_the_deadline_the_trainer_is_stopped_and_the_run_fails_once_its_pods_are_gone() -> (
+    None
+):
+    body = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 3600})
+    status = training(body)
+    later = T0 + timedelta(seconds=3601)
+    d = run(body, status, later, pytorchjobs=[ptj(TRAIN_1, 1)], pods=gang(1), nodes=NODES)
+    assert d.status["phase"] == "Training"
+    assert ("PyTorchJob", TRAIN_1, None) in deletes(d)
+    assert ("Warning", cond.DEADLINE_EXCEEDED) in events(d)
+    assert "activeDeadlineSeconds (3600s) reached" in d.status["message"]
+    saving = run(body, d.status, later, pods=gang(1, deleting=True), nodes=NODES)
+    assert saving.status["phase"] == "Training" and creates(saving) == []
+    assert ("Warning", cond.DEADLINE_EXCEEDED) not in events(saving)  # said once
+    done = run(body, saving.status, later, checkpoint=Checkpoint(33, "s3://c/step_33"))
+    assert done.status["phase"] == "Failed"
+    failed = condition(done.status, "Failed")
+    assert failed["reason"] == cond.DEADLINE_EXCEEDED and "step 33" in failed["message"]
+    assert done.status["checkpoint"]["step"] == 33
+    assert condition(done.status, "Training")["reason"] == cond.DEADLINE_EXCEEDED
+
+
+def test_before_the_deadline_nothing_happens_and_without_one_never() -> None:
+    body = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 3600})
+    seen = dict(pytorchjobs=[ptj(TRAIN_1, 1)], pods=gang(1), nodes=NODES)
+    early = run(body, training(body), T0 + timedelta(seconds=3500), **seen)
+    assert deletes(early) == [] and early.status["phase"] == "Training"
+    plain = body_of("trn1-nxd")
+    years = run(plain, training(plain), T0 + timedelta(days=400), **seen)
+    assert deletes(years) == []
+
+
+def test_suspended_time_does_not_count_against_the_deadline() -> None:
+    body = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 3600})
+    status = training(body)
+    body["spec"]["suspend"] = True
+    at = T0 + timedelta(seconds=600)
+    suspended = run(body, status, at, pytorchjobs=[ptj(TRAIN_1, 1)]).status
+    # Two hours suspended: past the deadline on the wall clock, but the run is not active.
+    still = run(body, suspended, at + timedelta(hours=2))
+    assert still.status["phase"] == "Suspended"
+    body["spec"]["suspend"] = False
+    resumed = run(body, suspended, at + timedelta(hours=2))
+    assert resumed.status["suspendedSeconds"] == 7200
+    assert resumed.status["phase"] == "Training" and creates(resumed) == [TRAIN_1]
+    # 600 s before plus 2999 s after the suspension: still inside the hour.
+    inside = run(
+        body,
+        resumed.status,
+        at + timedelta(hours=2, seconds=2999),
+        pytorchjobs=[ptj(TRAIN_1, 1)],
+        pods=gang(1),
+        nodes=NODES,
+    )
+    assert deletes(inside) == []
+    past = run(
+        body,
+        resumed.status,
+        at + timedelta(hours=2, seconds=3001),
+        pytorchjobs=[ptj(TRAIN_1, 1)],
+        pods=gang(1),
+        nodes=NODES,
+    )
+    assert ("PyTorchJob", TRAIN_1, None) in deletes(past)
