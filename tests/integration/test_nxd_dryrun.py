@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -393,3 +394,52 @@ def test_precompile_mode_traces_a_few_steps_and_writes_nothing(world, monkeypatc
     now = (root / "progress.json").read_text() if (root / "progress.json").exists() else None
     assert now == progress
     assert not list((world / "scratch-pc").glob("step_*"))
+
+
+def test_sigterm_saves_the_current_step_through_nxds_save_api_and_exits_preempted(
+    world, monkeypatch
+):
+    """The nxd trainer's side of the stop contract: SIGTERM mid-run, the step in flight is
+    finished, saved with ``nxd.save_checkpoint`` (the stand-in writes NxD's layout), committed
+    by the syncer, and the process exits EXIT_PREEMPTED; the next attempt resumes there."""
+    from cpt_training.preemption import EXIT_PREEMPTED
+
+    for k, v in _env(world).items():
+        monkeypatch.setenv(k, v)
+    root = world / "ckpt-stop"
+    conv = ConvertToNxdStage(
+        model_uri=str(world / "hf"), output_uri=str(root / "pretrained_weight"), tensor_parallel=1
+    )
+    assert convert.run(conv) == 0
+    ckpt = {"uri": str(root), "everySteps": 100, "localDir": str(world / "scratch-stop")}
+    cfg = _stage(world, 1, maxSteps=400, checkpoint=ckpt)
+    store = world / f"pg-{os.urandom(4).hex()}"
+    err_path = world / "stop-stderr.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAIN, str(store)],
+        env=_env(world, cfg),
+        stdout=subprocess.PIPE,
+        stderr=err_path.open("w"),
+        text=True,
+    )
+    seen = 0
+    for line in proc.stdout:
+        metrics = parse_metrics_lines(line)
+        if metrics and metrics[-1]["step"] >= 2:
+            seen = metrics[-1]["step"]
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    err = err_path.read_text()
+    assert proc.returncode == EXIT_PREEMPTED, err[-4000:]
+    stopped = max([seen, *(m["step"] for m in parse_metrics_lines(rest))])
+    final = latest_committed(str(root))
+    assert final.tag == f"step_{stopped}" and stopped < 400
+    assert (world / "scratch-stop" / f"step_{stopped}" / "done").exists()  # NxD's layout
+    progress = json.loads((root / "progress.json").read_text())
+    assert progress["stoppedAtStep"] == stopped and progress["lastCommittedStep"] == stopped
+
+    resume = {**ckpt, "localDir": str(world / "scratch-stop-2")}
+    out2, err2 = _train(world, _stage(world, 2, maxSteps=400, checkpoint=resume, stopAfterSteps=1))
+    assert [m["step"] for m in parse_metrics_lines(out2)] == [stopped + 1]
+    assert f"restore step_{stopped}" in err2

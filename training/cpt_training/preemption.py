@@ -74,6 +74,26 @@ class StopRequest:
         return bool(asked)
 
 
+def stopped_exit(
+    step: int, committed: Any, failures: list[Any], *, local_main: bool, progress: Any = None
+) -> int:
+    """The end of a stop on request at `step`, for either trainer: EXIT_PREEMPTED once the
+    newest commit (`committed`, a CommittedCheckpoint or None) is that step, recorded in
+    progress.json and in the node's stop marker; an error when it never committed (the pod
+    then fails as usual, and the next attempt resumes from the last commit before it)."""
+    if committed is None or committed.step < step:
+        raise RuntimeError(
+            f"stopped on request at step {step} but its checkpoint was not committed: "
+            f"{failures[-1:] or 'unknown reason'}"
+        )
+    log.warning("stopped on request at step %d; checkpoint %s committed", step, committed.uri)
+    if progress is not None:
+        progress.stopped(step)
+    if local_main:
+        mark_stopped(step)
+    return EXIT_PREEMPTED
+
+
 def mark_stopped(step: int, marker: str | None = None) -> None:
     """Record for ``cpt-torchrun`` that this node's workers committed their stop checkpoint."""
     path = marker or os.environ.get(STOP_MARKER_ENV)

@@ -42,7 +42,7 @@ from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
 from cpt_training.native.single import MasterWeights
 from cpt_training.native.weights import load_hf_weights
-from cpt_training.preemption import EXIT_PREEMPTED, StopRequest, mark_stopped
+from cpt_training.preemption import StopRequest, stopped_exit
 from cpt_training.progress import ProgressWriter, progress_file_uri
 from cpt_training.schedule import LrSchedule
 
@@ -416,16 +416,20 @@ class Trainer:
         if self.progress is not None:
             if finished:
                 self.progress.done()
-            elif self.stopped_at is not None:
-                self.progress.stopped(self.stopped_at)
-            else:
+            elif self.stopped_at is None:
                 self.progress.flush()
         self._sync_tensorboard()
         if self.sink is not None:
             self.sink.close()
         self.syncer.close()
         if self.stopped_at is not None:
-            return self._stopped_exit()
+            return stopped_exit(
+                self.stopped_at,
+                self.syncer.last_committed,
+                self.syncer.failures,
+                local_main=self.d.is_local_main,
+                progress=self.progress,
+            )
         if finished and (
             self.syncer.last_committed is None or self.syncer.last_committed.step < cfg.max_steps
         ):
@@ -434,20 +438,6 @@ class Trainer:
                 f"committed: {self.syncer.failures[-1:] or 'unknown reason'}"
             )
         return 0
-
-    def _stopped_exit(self) -> int:
-        """After a stop request: EXIT_PREEMPTED once the stop checkpoint is committed."""
-        step = self.stopped_at
-        last = self.syncer.last_committed
-        if last is None or step is None or last.step < step:
-            raise RuntimeError(
-                f"stopped on request at step {step} but its checkpoint was not committed: "
-                f"{self.syncer.failures[-1:] or 'unknown reason'}"
-            )
-        log.warning("stopped on request at step %d; checkpoint %s committed", step, last.uri)
-        if self.d.is_local_main:
-            mark_stopped(step)
-        return EXIT_PREEMPTED
 
     def _stop_agreed(self, step: int) -> bool:
         """After each step: did any rank get a stop request? Then save ``step`` (unless
