@@ -147,7 +147,9 @@ def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoot
         and ((p.get("metadata") or {}).get("labels") or {}).get(STAGE_LABEL) == "train"
     ]
     view = storage_view(body) if phase in STORAGE_PHASES else StorageView()
+    suspended = any(((j.get("spec") or {}).get("runPolicy") or {}).get("suspend") for j in ptjs)
     return observe(
+        workloads=kube.list_workloads(namespace) if suspended else [],
         jobs=jobs,
         pytorchjobs=ptjs,
         pods=pods,

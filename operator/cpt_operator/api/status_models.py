@@ -42,6 +42,9 @@ class ConditionType(StrEnum):
     TRAINING = "Training"
     EXPORTED = "Exported"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
+    """True while Kueue holds the training job suspended (not admitted yet, or preempted),
+    with Kueue's reason and message."""
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     READY = "Ready"
@@ -147,6 +150,12 @@ class AttemptStatus(StatusModel):
     resume_from_step: int | None = Field(
         default=None, description="The committed checkpoint step the attempt should resume from."
     )
+    admitted_time: datetime | None = Field(
+        default=None,
+        description="When Kueue last admitted (unsuspended) the attempt: the pending clock "
+        "starts here, so time in the queue never counts against pendingTimeoutSeconds.",
+    )
+    queued_seconds: int = Field(default=0, ge=0, description="Time the attempt spent queued.")
 
 
 class ExcludedNode(StatusModel):

@@ -261,6 +261,9 @@ def _gang_job(
     job_labels = dict(labels)
     if rt.kueue_queue_name:
         job_labels[meta.KUEUE_QUEUE_LABEL] = rt.kueue_queue_name
+        # Created suspended, as Kueue's own webhook would make it: no pod starts before
+        # Kueue admits the job (it then clears suspend).
+        run_policy["suspend"] = True
     metadata: dict[str, Any] = {"name": name, "labels": job_labels}
     if annotations:
         metadata["annotations"] = dict(annotations)

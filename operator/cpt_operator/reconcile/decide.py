@@ -287,6 +287,8 @@ class _Reconcile(Recovery):
             self.condition(ConditionType.TRAINING, "False", cond.COMPLETED, f"{name} succeeded")
             self.transition(Phase.CONVERTING, f"training finished ({name}); exporting")
             return
+        if self._queued(name, ptj, rec):
+            return
         failure = self._failure_of(name, ptj) or self._track_progress(name, rec)
         if failure is not None:
             self._end_attempt(name, *failure)
@@ -324,12 +326,17 @@ class _Reconcile(Recovery):
 
     def _past_deadline(self) -> bool:
         """spec.resiliency.activeDeadlineSeconds passed: wall clock since the run started
-        (its first child follows within the same reconcile), suspended time excluded."""
+        (its first child follows within the same reconcile), time suspended (spec.suspend)
+        or queued by Kueue excluded."""
         limit = self.spec.resiliency.active_deadline_seconds
         start = self.status.start_time
         if not limit or start is None:
             return False
-        return (self.now - start).total_seconds() - self.status.suspended_seconds >= limit
+        away = self.status.suspended_seconds + sum(a.queued_seconds for a in self.status.attempts)
+        queued = cond.get(self.status, ConditionType.QUEUED)
+        if queued is not None and queued.status == "True":  # held by Kueue right now
+            away += int((self.now - queued.last_transition_time).total_seconds())
+        return (self.now - start).total_seconds() - away >= limit
 
     def deadline_exceeded(self) -> None:
         """Stop every running stage (the trainer gets SIGTERM: it finishes its step and

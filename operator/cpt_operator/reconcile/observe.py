@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from cpt_operator.builders.meta import ATTEMPT_LABEL, RUN_LABEL, STAGE_LABEL
 
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+"""The label Kueue puts on a job's Workload: the job's uid."""
+
 if TYPE_CHECKING:
     from cpt_operator.reconcile.admission import Blocker
 
@@ -85,6 +88,20 @@ class PyTorchJobState:
     message: str = ""
     deleting: bool = False
     created: datetime | None = None
+    uid: str = ""
+    suspended: bool = False
+    """spec.runPolicy.suspend: created suspended for Kueue, or suspended by it (not admitted
+    yet, or evicted: preempted by a higher-priority workload)."""
+
+
+@dataclass(frozen=True)
+class WorkloadState:
+    """Kueue's Workload of a job, reduced to why it is (not) running."""
+
+    job_uid: str
+    admitted: bool = False
+    reason: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -153,6 +170,8 @@ class Observed:
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None
     storage_error: str = ""
+    workloads: Mapping[str, WorkloadState] = field(default_factory=dict)
+    """Kueue's Workloads by the uid of their job (only read while a child is suspended)."""
     blockers: tuple[Blocker, ...] = ()
     """Why the run cannot start (missing Secret, Pod Security, rejected templates): checked
     only while planning, see reconcile/admission.py."""
@@ -217,7 +236,26 @@ def observe_pytorchjob(obj: Mapping[str, Any]) -> PyTorchJobState:
         message=str(newest.get("message", "")),
         deleting=bool(meta.get("deletionTimestamp")),
         created=parse_time(meta.get("creationTimestamp")),
+        uid=str(meta.get("uid", "")),
+        suspended=bool(((obj.get("spec") or {}).get("runPolicy") or {}).get("suspend")),
     )
+
+
+def observe_workload(obj: Mapping[str, Any]) -> WorkloadState:
+    """Kueue's own words: admitted, else an eviction (Evicted=True: Preempted, ...), else why
+    quota is not reserved (QuotaReserved=False: Pending, "couldn't assign flavors ...
+    insufficient quota ..."), else waiting."""
+    conds = {str(c.get("type")): c for c in (obj.get("status") or {}).get("conditions") or []}
+    job_uid = str(_labels(obj).get(KUEUE_JOB_UID_LABEL, ""))
+    if str((conds.get("Admitted") or {}).get("status")) == "True":
+        return WorkloadState(job_uid, admitted=True)
+    for type_, wanted in (("Evicted", "True"), ("QuotaReserved", "False")):
+        c = conds.get(type_) or {}
+        if str(c.get("status")) == wanted:
+            return WorkloadState(
+                job_uid, False, str(c.get("reason") or ""), str(c.get("message") or "")
+            )
+    return WorkloadState(job_uid, False, "Pending", "waiting for Kueue to admit it")
 
 
 def observe_pod(obj: Mapping[str, Any]) -> PodState:
@@ -323,6 +361,7 @@ def observe(
     progress: Mapping[str, Any] | None = None,
     checkpoint: Checkpoint | None = None,
     storage_error: str = "",
+    workloads: Iterable[Mapping[str, Any]] = (),
     blockers: tuple[Blocker, ...] = (),
 ) -> Observed:
     """Build the observation from raw API objects (dicts) and the S3 reads."""
@@ -337,5 +376,6 @@ def observe(
         progress=observe_progress(progress),
         checkpoint=checkpoint,
         storage_error=storage_error,
+        workloads={w.job_uid: w for w in (observe_workload(o) for o in workloads)},
         blockers=blockers,
     )

@@ -210,7 +210,8 @@ class Recovery(ReconcileBase):
         limit = self.spec.resiliency.pending_timeout_seconds
         live = [p for p in pods if not p.deleting]
         expected = self.spec.training.nodes
-        created = ptj.created
+        admitted = self._attempt_record().admitted_time
+        created = max(ptj.created, admitted) if ptj.created and admitted else ptj.created
         if limit and created and len(live) < expected and _seconds(self.now - created) > limit:
             # Pods the training operator cannot create never show up as Pending.
             return cond.PENDING_TIMEOUT, (
@@ -238,6 +239,39 @@ class Recovery(ReconcileBase):
                     f"(exit code {EXIT_PREEMPTED})"
                 )
         return ""
+
+    def _queued(self, name: str, ptj: PyTorchJobState, rec: AttemptStatus) -> bool:
+        """Kueue holds the attempt's job suspended (waiting for quota, or preempted by a
+        higher-priority workload: its pods get SIGTERM and the trainer checkpoints): condition
+        Queued with Kueue's reason, no pending or hang clock, no attempt spent. Once admitted
+        the same job runs again and the trainer resumes from its newest commit."""
+        queued = cond.get(self.status, ConditionType.QUEUED)
+        if not ptj.suspended or ptj.deleting:
+            if queued is not None and queued.status == "True":
+                rec.admitted_time = self.now
+                waited = (self.now - queued.last_transition_time).total_seconds()
+                rec.queued_seconds += max(int(waited), 0)
+                self.condition(ConditionType.QUEUED, "False", "Admitted", f"{name} admitted")
+                self.status.message = f"{name} admitted by Kueue; training"
+            return False
+        wl = self.obs.workloads.get(ptj.uid)
+        if wl is None:
+            reason = "WaitingForKueue"
+            msg = (
+                f"PyTorchJob {name} is suspended and has no Kueue Workload yet (is Kueue "
+                "running with the kubeflow.org/pytorchjob integration, and does "
+                f"LocalQueue {self.spec.runtime.kueue_queue_name} exist?)"
+            )
+        else:
+            reason = wl.reason or "Pending"
+            msg = f"PyTorchJob {name} queued in LocalQueue {self.spec.runtime.kueue_queue_name}"
+            msg += f": {wl.message}" if wl.message else ""
+        if queued is None or queued.status != "True" or queued.reason != reason:
+            self.event("Normal", "Queued", msg)
+        self.condition(ConditionType.QUEUED, "True", reason, msg)
+        self.status.message = msg
+        rec.running_since = rec.last_step = rec.last_step_time = None
+        return True
 
     def _failures(self) -> int:
         """Ended attempts that count against maxAttempts (preemptions do not)."""
