@@ -392,3 +392,17 @@ def test_time_queued_by_kueue_does_not_count_against_the_deadline() -> None:
         workloads=[workload("uid-1", NO_QUOTA)],
     )
     assert later.status["phase"] == "Training" and deletes(later) == []
+
+
+def test_the_planner_warns_when_the_estimated_training_time_exceeds_the_deadline() -> None:
+    from cpt_operator.api import planner
+    from cpt_operator.api.models import ContinualPretrainSpec
+
+    spec = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 3600})["spec"]
+    spec["training"]["maxSteps"] = 100_000  # about 4 h at the calibrated step time
+    plan = planner.plan(ContinualPretrainSpec.model_validate(spec), mode="cluster")
+    (warning,) = [w for w in plan.warnings if w.field == "spec.resiliency.activeDeadlineSeconds"]
+    assert "less than the estimated training time" in warning.message
+    roomy = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 365 * 86400})["spec"]
+    plan = planner.plan(ContinualPretrainSpec.model_validate(roomy), mode="cluster")
+    assert not [w for w in plan.warnings if "activeDeadlineSeconds" in w.field]
