@@ -53,7 +53,7 @@ from cpt_operator.api.models import (
 from cpt_operator.builders import stages
 from cpt_operator.builders.meta import RUN_LABEL, STAGE_LABEL
 from cpt_operator.kube import ApiException, Kube, KubeApi, api_client, error_message
-from cpt_operator.progress import StorageView, read_storage
+from cpt_operator.progress import StorageView, read_json, read_storage
 from cpt_operator.reconcile import admission, conditions
 from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
 from cpt_operator.reconcile.admission import Blocker, RunRoots
@@ -150,6 +150,7 @@ def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoot
     suspended = any(((j.get("spec") or {}).get("runPolicy") or {}).get("suspend") for j in ptjs)
     return observe(
         workloads=kube.list_workloads(namespace) if suspended else [],
+        preflight=preflight_result(body) if phase == "Preflight" else None,
         jobs=jobs,
         pytorchjobs=ptjs,
         pods=pods,
@@ -158,6 +159,18 @@ def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoot
         checkpoint=view.checkpoint,
         storage_error=view.error,
         blockers=admission_blockers(kube, body, others),
+    )
+
+
+def preflight_result(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The preflight check's result.json (rank 0 writes it before the job ends)."""
+    meta = body.get("metadata") or {}
+    try:
+        spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return None
+    return read_json(
+        stages.paths(spec, str(meta.get("name")), str(meta.get("namespace"))).preflight_result
     )
 
 

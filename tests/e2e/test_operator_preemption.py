@@ -1,4 +1,5 @@
-"""A training pod deleted with a grace period (a drain, a spot interruption, a preemption), on
+"""The real preflight check's measurement in status.preflight, then a training pod deleted
+with a grace period (a drain, a spot interruption, a preemption), on
 the real control plane with the real workload (the executor runs the pods as local processes):
 the trainer gets SIGTERM, finishes its step, commits a checkpoint and exits 75; the operator
 records the attempt as Preempted without spending the retry budget (maxAttempts is 1 here),
@@ -28,7 +29,7 @@ def committed_steps(s3: S3Server, bucket: str) -> list[int]:
 
 
 def run_spec(bucket: str, s3: S3Server) -> dict[str, Any]:
-    return real_run_spec(
+    body = real_run_spec(
         RUN,
         bucket,
         s3.endpoint_url,
@@ -43,6 +44,9 @@ def run_spec(bucket: str, s3: S3Server) -> dict[str, Any]:
         runtime={"s3CredentialsSecretRef": {"name": "s3-credentials"}},
         max_attempts=1,
     )
+    # The real preflight check too: a 2-node all-reduce whose measurement lands in status.
+    body["spec"]["resiliency"]["preflight"] = {"enabled": True}
+    return body
 
 
 def test_a_training_pod_deleted_with_a_grace_period_checkpoints_and_resumes_without_a_retry(
@@ -51,7 +55,11 @@ def test_a_training_pod_deleted_with_a_grace_period_checkpoints_and_resumes_with
     prepare_real_inputs(s3, bucket)
     runs.create_s3_secret(s3)
     runs.create(run_spec(bucket, s3))
-    runs.wait_phase(RUN, "Training", timeout=300)
+    status = runs.wait_phase(RUN, "Training", timeout=300)
+    preflight = status["preflight"]
+    assert preflight["passed"] is True and preflight["worldSize"] == 2
+    assert preflight["busBandwidthGbps"] > 0 and preflight["minBusBandwidthGbps"] == 0
+    assert "PreflightMeasured" in runs.event_reasons(RUN)
     pods = runs.training_pods(RUN, 1, count=2, timeout=120)
     grace = pods[0]["spec"]["terminationGracePeriodSeconds"]
     assert 60 <= grace <= 300  # from the plan, within maxTerminationGracePeriodSeconds

@@ -406,3 +406,48 @@ def test_the_planner_warns_when_the_estimated_training_time_exceeds_the_deadline
     roomy = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 365 * 86400})["spec"]
     plan = planner.plan(ContinualPretrainSpec.model_validate(roomy), mode="cluster")
     assert not [w for w in plan.warnings if "activeDeadlineSeconds" in w.field]
+
+
+# -- preflight in status -------------------------------------------------------------------------
+
+PREFLIGHT_RESULT = {
+    "stage": "preflight",
+    "ok": False,
+    "worldSize": 64,
+    "busBandwidthGbps": 41.237,
+    "bestBusBandwidthGbps": 44.9,
+    "minBusBandwidthGbps": 50.0,
+    "problems": ["bus bandwidth 41.24 Gbps is below minBusBandwidthGbps 50.0", "rank 33: x"],
+    "ranks": [
+        {"rank": 0, "host": "llama-cpt-preflight-master-0", "problems": []},
+        {"rank": 33, "host": "llama-cpt-preflight-worker-0", "problems": ["x"]},
+    ],
+}
+
+
+def test_the_preflight_measurement_goes_into_status_and_an_event_whatever_the_verdict() -> None:
+    body = body_of("trn1-nxd", resiliency={"preflight": {"minBusBandwidthGbps": 50.0}})
+    status = run(body, None).status
+    assert status["phase"] == "Preflight"
+    d = run(
+        body,
+        status,
+        pytorchjobs=[ptj("llama-cpt-preflight", condition="Failed")],
+        preflight=PREFLIGHT_RESULT,
+    )
+    assert d.status["phase"] == "Failed"
+    pf = d.status["preflight"]
+    assert pf["passed"] is False and pf["busBandwidthGbps"] == 41.24
+    assert pf["minBusBandwidthGbps"] == 50.0 and pf["worldSize"] == 64
+    assert pf["failingNodes"] == ["llama-cpt-preflight-worker-0"]
+    assert ("Warning", "PreflightMeasured") in events(d)
+    ok = {**PREFLIGHT_RESULT, "ok": True, "busBandwidthGbps": 80.0, "problems": [], "ranks": []}
+    passed = run(
+        body, status, pytorchjobs=[ptj("llama-cpt-preflight", condition="Succeeded")], preflight=ok
+    )
+    assert passed.status["phase"] == "Tokenizing"
+    assert passed.status["preflight"]["passed"] is True
+    assert ("Normal", "PreflightMeasured") in events(passed)
+    # Still running: nothing recorded yet.
+    running = run(body, status, pytorchjobs=[ptj("llama-cpt-preflight")], preflight=ok)
+    assert "preflight" not in running.status

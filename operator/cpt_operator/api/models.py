@@ -69,6 +69,7 @@ from cpt_operator.api.status_models import (
     ExcludedNode,
     Phase,
     PlanSummary,
+    PreflightStatus,
     ProgressStatus,
     StatusModel,
 )
@@ -597,6 +598,7 @@ __all__ = [
     "Phase",
     "PlanSummary",
     "Precision",
+    "PreflightStatus",
     "ProgressStatus",
     "Quantity",
     "RuntimeSpec",

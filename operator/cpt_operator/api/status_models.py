@@ -158,6 +158,30 @@ class AttemptStatus(StatusModel):
     queued_seconds: int = Field(default=0, ge=0, description="Time the attempt spent queued.")
 
 
+class PreflightStatus(StatusModel):
+    """What the preflight check measured (its result.json), also posted as an Event."""
+
+    passed: bool
+    bus_bandwidth_gbps: float | None = Field(
+        default=None, description="Mean all-reduce bus bandwidth over every rank (Gbps)."
+    )
+    best_bus_bandwidth_gbps: float | None = Field(
+        default=None, description="The best iteration's bus bandwidth (Gbps)."
+    )
+    min_bus_bandwidth_gbps: float = Field(
+        default=0.0, description="The threshold (spec.resiliency.preflight); 0 only reports."
+    )
+    world_size: int | None = None
+    failing_nodes: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Pods (one per node) whose ranks failed their device check.",
+    )
+    problems: list[str] = Field(
+        default_factory=list, max_length=16, description="The first problems reported."
+    )
+
+
 class ExcludedNode(StatusModel):
     """A node the run's later training attempts avoid (spec.resiliency.excludeFailedNodes)."""
 
@@ -202,6 +226,9 @@ class ContinualPretrainStatus(StatusModel):
     )
     suspended_since: datetime | None = Field(
         default=None, description="When the current suspension began."
+    )
+    preflight: PreflightStatus | None = Field(
+        default=None, description="The preflight check's measurement and verdict."
     )
     excluded_nodes: list[ExcludedNode] = Field(
         default_factory=list,

@@ -37,6 +37,7 @@ from cpt_operator.api.models import (
     ContinualPretrainStatus,
     Phase,
     PlanSummary,
+    PreflightStatus,
     ProgressStatus,
 )
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
@@ -146,6 +147,8 @@ class _Reconcile(Recovery):
                 self.status.children.preflight = name
                 self.status.message = f"preflight check {name} running"
             return
+        if ptj.condition in ("Succeeded", "Failed", "Restarting"):
+            self._record_preflight()
         if ptj.condition == "Succeeded":
             self.condition(ConditionType.PREFLIGHT_PASSED, "True", "PreflightSucceeded", name)
             self.transition(Phase.TOKENIZING, "preflight passed; tokenizing")
@@ -161,6 +164,40 @@ class _Reconcile(Recovery):
             self.delete("kubeflow.org/v1", "PyTorchJob", name)
             self.condition(ConditionType.PREFLIGHT_PASSED, "False", cond.PENDING_TIMEOUT, msg)
             self.fail(cond.PREFLIGHT_FAILED, msg)
+
+    def _record_preflight(self) -> None:
+        """result.json into status.preflight and one Event: the measured bus bandwidth, the
+        threshold, pass/fail, and the nodes whose devices failed their check."""
+        raw = self.obs.preflight
+        if raw is None or self.status.preflight is not None:
+            return
+        failing = sorted(
+            {str(r.get("host", "")) for r in raw.get("ranks") or [] if r and r.get("problems")}
+            - {""}
+        )
+
+        def gbps(key: str) -> float | None:
+            value = raw.get(key)
+            return round(float(value), 2) if isinstance(value, int | float) else None
+
+        result = PreflightStatus(
+            passed=bool(raw.get("ok")),
+            bus_bandwidth_gbps=gbps("busBandwidthGbps"),
+            best_bus_bandwidth_gbps=gbps("bestBusBandwidthGbps"),
+            min_bus_bandwidth_gbps=self.spec.resiliency.preflight.min_bus_bandwidth_gbps,
+            world_size=raw.get("worldSize") if isinstance(raw.get("worldSize"), int) else None,
+            failing_nodes=failing[:256],
+            problems=[str(p)[:1024] for p in (raw.get("problems") or [])[:16]],
+        )
+        self.status.preflight = result
+        verdict = "passed" if result.passed else "failed"
+        msg = (
+            f"preflight {verdict}: all-reduce bus bandwidth {result.bus_bandwidth_gbps} Gbps "
+            f"over {result.world_size} ranks (threshold {result.min_bus_bandwidth_gbps} Gbps)"
+        )
+        if failing:
+            msg += f"; device check failed on {', '.join(failing)}"
+        self.event("Normal" if result.passed else "Warning", "PreflightMeasured", msg)
 
     def _stage_job(
         self,

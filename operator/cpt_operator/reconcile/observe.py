@@ -170,6 +170,8 @@ class Observed:
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None
     storage_error: str = ""
+    preflight: Mapping[str, Any] | None = None
+    """The preflight check's result.json (read in the Preflight phase only)."""
     workloads: Mapping[str, WorkloadState] = field(default_factory=dict)
     """Kueue's Workloads by the uid of their job (only read while a child is suspended)."""
     blockers: tuple[Blocker, ...] = ()
@@ -362,6 +364,7 @@ def observe(
     checkpoint: Checkpoint | None = None,
     storage_error: str = "",
     workloads: Iterable[Mapping[str, Any]] = (),
+    preflight: Mapping[str, Any] | None = None,
     blockers: tuple[Blocker, ...] = (),
 ) -> Observed:
     """Build the observation from raw API objects (dicts) and the S3 reads."""
@@ -377,5 +380,6 @@ def observe(
         checkpoint=checkpoint,
         storage_error=storage_error,
         workloads={w.job_uid: w for w in (observe_workload(o) for o in workloads)},
+        preflight=preflight,
         blockers=blockers,
     )
