@@ -148,6 +148,7 @@ def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoot
     ]
     view = storage_view(body) if phase in STORAGE_PHASES else StorageView()
     suspended = any(((j.get("spec") or {}).get("runPolicy") or {}).get("suspend") for j in ptjs)
+    suspended = suspended or any((j.get("spec") or {}).get("suspend") for j in jobs)
     return observe(
         workloads=kube.list_workloads(namespace) if suspended else [],
         preflight=preflight_result(body) if phase == "Preflight" else None,

@@ -22,6 +22,7 @@ from test_reconcile import (
     ptj,
     run,
     status_in,
+    ts,
 )
 
 from cpt_operator.builders import pytorchjob
@@ -451,3 +452,35 @@ def test_the_preflight_measurement_goes_into_status_and_an_event_whatever_the_ve
     # Still running: nothing recorded yet.
     running = run(body, status, pytorchjobs=[ptj("llama-cpt-preflight")], preflight=ok)
     assert "preflight" not in running.status
+
+
+def test_tool_jobs_are_queued_only_when_configured_and_wait_without_a_pending_timeout() -> None:
+    body = body_of(
+        "trn1-nxd",
+        runtime__kueueQueueName="trn1",
+        runtime__kueueQueueTools=True,
+        resiliency={"pendingTimeoutSeconds": 60, "preflight": {"enabled": False}},
+    )
+    d = run(body, None)
+    (action,) = [a for a in d.actions if isinstance(a, CreateChild)]
+    assert action.manifest["spec"]["suspend"] is True
+    assert action.manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "trn1"
+    held = {
+        "metadata": {"name": "llama-cpt-tokenize", "uid": "j1", "creationTimestamp": ts(T0)},
+        "spec": {"suspend": True},
+        "status": {},
+    }
+    later = T0 + timedelta(hours=1)
+    queued = run(body, d.status, later, jobs=[held], workloads=[workload("j1", NO_QUOTA)])
+    assert queued.status["phase"] == "Tokenizing" and deletes(queued) == []
+    assert condition(queued.status, "Queued")["reason"] == "Pending"
+    assert "Job llama-cpt-tokenize queued in LocalQueue trn1" in queued.status["message"]
+    admitted = {**held, "spec": {"suspend": False}}
+    a = run(body, queued.status, later + timedelta(seconds=30), jobs=[admitted])
+    assert condition(a.status, "Queued")["status"] == "False" and deletes(a) == []
+    # Without kueueQueueTools the tool Jobs run outside Kueue.
+    plain = body_of(
+        "trn1-nxd", runtime__kueueQueueName="trn1", resiliency={"preflight": {"enabled": False}}
+    )
+    (action,) = [a for a in run(plain, None).actions if isinstance(a, CreateChild)]
+    assert "suspend" not in action.manifest["spec"]

@@ -401,7 +401,16 @@ class RuntimeSpec(CamelModel):
     tools_resources: ResourceRequests = Field(default_factory=ResourceRequests)
     priority_class_name: K8sName | None = None
     gang_scheduling: GangScheduling = "none"
-    kueue_queue_name: K8sName | None = None
+    kueue_queue_name: K8sName | None = Field(
+        default=None,
+        description="Kueue LocalQueue of the training and preflight PyTorchJobs: they are "
+        "created suspended and start when Kueue admits them (condition Queued meanwhile).",
+    )
+    kueue_queue_tools: bool = Field(
+        default=False,
+        description="Queue the tokenize, weights and export Jobs in kueueQueueName too "
+        "(Kueue's batch/job integration must be enabled); false: they run outside Kueue.",
+    )
     neuron_compile_cache_uri: StorageUri | None = Field(
         default=None, description="Persistent Neuron compile cache (s3://); trn only."
     )

@@ -220,6 +220,9 @@ class _Reconcile(Recovery):
             return
         if job.deleting:
             return
+        self._queue_hold("Job", "batch/job", name, job.uid, job.suspended)
+        if job.suspended:  # held by Kueue: condition Queued, no pending clock
+            return
         if job.complete:
             self.condition(ready, "True", "Completed", done_msg)
             self.transition(next_phase, done_msg)

@@ -75,6 +75,8 @@ class JobState:
     failed_indexes: str = ""
     deleting: bool = False
     created: datetime | None = None
+    uid: str = ""
+    suspended: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,8 @@ def observe_job(obj: Mapping[str, Any]) -> JobState:
         failed_indexes=str(status.get("failedIndexes") or ""),
         deleting=bool(meta.get("deletionTimestamp")),
         created=parse_time(meta.get("creationTimestamp")),
+        uid=str(meta.get("uid", "")),
+        suspended=bool((obj.get("spec") or {}).get("suspend")),
     )
 
 

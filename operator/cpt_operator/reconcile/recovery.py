@@ -65,13 +65,17 @@ class Recovery(ReconcileBase):
         limit = self.spec.resiliency.pending_timeout_seconds
         if not limit or job.created is None:
             return ""
+        created = job.created
+        queued = cond.get(self.status, ConditionType.QUEUED)
+        if queued is not None and queued.status == "False":  # admitted by Kueue: from then
+            created = max(created, queued.last_transition_time)
         pods = self.obs.pods_of(job.name)
         stuck = self._pending_too_long(pods)
         if stuck is not None:
             why = ": ".join(x for x in (stuck.reason, stuck.message) if x) or "not started"
             return f"Job {job.name}: pod {stuck.name} Pending for more than {limit}s: {why}"
         started = pods or job.active or job.succeeded or job.failed_pods
-        if not started and _seconds(self.now - job.created) > limit:
+        if not started and _seconds(self.now - created) > limit:
             return (
                 f"Job {job.name} has no pods after {limit}s: the Job controller could not "
                 "create them (a ResourceQuota, a missing PriorityClass, Pod Security admission, "
@@ -245,33 +249,46 @@ class Recovery(ReconcileBase):
         higher-priority workload: its pods get SIGTERM and the trainer checkpoints): condition
         Queued with Kueue's reason, no pending or hang clock, no attempt spent. Once admitted
         the same job runs again and the trainer resumes from its newest commit."""
+        held = ptj.suspended and not ptj.deleting
+        waited = self._queue_hold("PyTorchJob", "kubeflow.org/pytorchjob", name, ptj.uid, held)
+        if waited is not None:
+            rec.admitted_time = self.now
+            rec.queued_seconds += waited
+        if held:
+            rec.running_since = rec.last_step = rec.last_step_time = None
+        return held
+
+    def _queue_hold(
+        self, kind: str, integration: str, name: str, uid: str, held: bool
+    ) -> int | None:
+        """Condition Queued for a child Kueue holds (`held`: suspended), with Kueue's reason
+        from its Workload and one Queued event per reason. Returns the seconds it waited when
+        it was just admitted, else None."""
         queued = cond.get(self.status, ConditionType.QUEUED)
-        if not ptj.suspended or ptj.deleting:
-            if queued is not None and queued.status == "True":
-                rec.admitted_time = self.now
-                waited = (self.now - queued.last_transition_time).total_seconds()
-                rec.queued_seconds += max(int(waited), 0)
-                self.condition(ConditionType.QUEUED, "False", "Admitted", f"{name} admitted")
-                self.status.message = f"{name} admitted by Kueue; training"
-            return False
-        wl = self.obs.workloads.get(ptj.uid)
+        if not held:
+            if queued is None or queued.status != "True":
+                return None
+            waited = max(int((self.now - queued.last_transition_time).total_seconds()), 0)
+            self.condition(ConditionType.QUEUED, "False", "Admitted", f"{name} admitted")
+            self.status.message = f"{kind} {name} admitted by Kueue"
+            return waited
+        queue = self.spec.runtime.kueue_queue_name
+        wl = self.obs.workloads.get(uid)
         if wl is None:
             reason = "WaitingForKueue"
             msg = (
-                f"PyTorchJob {name} is suspended and has no Kueue Workload yet (is Kueue "
-                "running with the kubeflow.org/pytorchjob integration, and does "
-                f"LocalQueue {self.spec.runtime.kueue_queue_name} exist?)"
+                f"{kind} {name} is suspended and has no Kueue Workload yet (is Kueue running "
+                f"with the {integration} integration, and does LocalQueue {queue} exist?)"
             )
         else:
             reason = wl.reason or "Pending"
-            msg = f"PyTorchJob {name} queued in LocalQueue {self.spec.runtime.kueue_queue_name}"
+            msg = f"{kind} {name} queued in LocalQueue {queue}"
             msg += f": {wl.message}" if wl.message else ""
         if queued is None or queued.status != "True" or queued.reason != reason:
             self.event("Normal", "Queued", msg)
         self.condition(ConditionType.QUEUED, "True", reason, msg)
         self.status.message = msg
-        rec.running_since = rec.last_step = rec.last_step_time = None
-        return True
+        return None
 
     def _failures(self) -> int:
         """Ended attempts that count against maxAttempts (preemptions do not)."""
