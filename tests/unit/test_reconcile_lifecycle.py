@@ -17,6 +17,7 @@ from test_reconcile import (
     deletes,
     events,
     gang,
+    job,
     node,
     pod,
     ptj,
@@ -27,7 +28,7 @@ from test_reconcile import (
 
 from cpt_operator.builders import pytorchjob
 from cpt_operator.reconcile import conditions as cond
-from cpt_operator.reconcile.actions import CreateChild
+from cpt_operator.reconcile.actions import CreateChild, EmitEvent
 from cpt_operator.reconcile.observe import Checkpoint
 from cpt_training.preemption import EXIT_PREEMPTED
 
@@ -484,3 +485,47 @@ def test_tool_jobs_are_queued_only_when_configured_and_wait_without_a_pending_ti
     )
     (action,) = [a for a in run(plain, None).actions if isinstance(a, CreateChild)]
     assert "suspend" not in action.manifest["spec"]
+
+
+def deadline_stop(body: dict[str, Any]) -> Any:
+    """A training run stopped by its deadline, step 33 committed, its pods gone."""
+    later = T0 + timedelta(seconds=3601)
+    d = run(body, training(body), later, pytorchjobs=[ptj(TRAIN_1, 1)], pods=gang(1), nodes=NODES)
+    return run(body, d.status, later, checkpoint=Checkpoint(33, "s3://c/step_33"))
+
+
+def test_with_export_on_deadline_the_newest_checkpoint_is_exported_and_the_run_still_fails() -> (
+    None
+):
+    body = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 3600, "exportOnDeadline": True})
+    d = deadline_stop(body)
+    assert d.status["phase"] == "Converting" and creates(d) == ["llama-cpt-export"]
+    said = [a.message for a in d.actions if isinstance(a, EmitEvent)]
+    assert any("exportOnDeadline" in m for m in said), said
+    later = T0 + timedelta(hours=2)
+    running = job("llama-cpt-export")
+    running["metadata"]["creationTimestamp"] = ts(later - timedelta(seconds=5))
+    running["status"]["active"] = 1
+    again = run(body, d.status, later, jobs=[running])
+    assert again.actions == []  # no second deadline stop while exporting
+    done = run(body, d.status, later, jobs=[job("llama-cpt-export", complete=True)])
+    assert done.status["phase"] == "Failed" and done.status["outputUri"]
+    failed = condition(done.status, "Failed")
+    assert failed["reason"] == cond.DEADLINE_EXCEEDED and "step 33 is exported" in failed["message"]
+    assert condition(done.status, "Exported")["status"] == "True"
+
+
+def test_export_on_deadline_set_after_the_run_failed_starts_the_export_once() -> None:
+    body = body_of("trn1-nxd", resiliency={"activeDeadlineSeconds": 3600})
+    status = deadline_stop(body).status
+    assert status["phase"] == "Failed"
+    later = T0 + timedelta(hours=5)
+    assert run(body, status, later).actions == []  # sticky without the request
+    body["spec"]["resiliency"]["exportOnDeadline"] = True
+    d = run(body, status, later)
+    assert d.status["phase"] == "Converting" and creates(d) == ["llama-cpt-export"]
+    done = run(body, d.status, later, jobs=[job("llama-cpt-export", complete=True)])
+    assert done.status["phase"] == "Failed" and done.status["outputUri"]
+    assert (
+        run(body, done.status, later, jobs=[job("llama-cpt-export", complete=True)]).actions == []
+    )

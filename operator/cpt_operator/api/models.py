@@ -448,6 +448,12 @@ class ResiliencySpec(CamelModel):
         "is reached the trainer is asked to checkpoint and stop, and the run ends Failed with "
         "reason DeadlineExceeded, keeping its committed checkpoints. Unset: no deadline.",
     )
+    export_on_deadline: bool = Field(
+        default=False,
+        description="When activeDeadlineSeconds stops the run, still export its newest "
+        "committed checkpoint (the run then ends Failed/DeadlineExceeded with outputUri set). "
+        "May also be set after the run failed on its deadline: the export then starts.",
+    )
     pending_timeout_seconds: int = Field(
         default=1800, ge=0, le=7 * 86400, description="Unschedulable this long → fail; 0 = off."
     )

@@ -221,6 +221,9 @@ class ContinualPretrainStatus(StatusModel):
     suspended_phase: Phase | None = Field(
         default=None, description="The phase to continue with when spec.suspend is cleared."
     )
+    deadline_exceeded_at: datetime | None = Field(
+        default=None, description="When activeDeadlineSeconds stopped the run."
+    )
     suspended_seconds: int = Field(
         default=0, ge=0, description="Time spent suspended, excluded from the deadline."
     )

@@ -84,7 +84,8 @@ class _Reconcile(Recovery):
         if self.spec.suspend and phase != Phase.SUSPENDED:
             self.suspend()
             return
-        if phase != Phase.SUSPENDED and self._past_deadline():
+        past = self.status.deadline_exceeded_at is None and self._past_deadline()
+        if phase != Phase.SUSPENDED and past:
             self.deadline_exceeded()
             return
         handler = {
@@ -277,6 +278,21 @@ class _Reconcile(Recovery):
     def converting(self) -> None:
         self._refresh_progress()
         cfg = stages.export_stage(self.spec, self.run.name, self.run.namespace)
+        export = self.obs.jobs.get(meta.child_name(self.run.name, "export"))
+        done = export is not None and export.complete and not export.deleting
+        if self.status.deadline_exceeded_at is not None and done:
+            # Exported after the deadline (exportOnDeadline): the run still failed on it.
+            kept = self.status.checkpoint
+            step = f"step {kept.step}" if kept else "the newest checkpoint"
+            self.status.output_uri = cfg.output_uri
+            self.condition(ConditionType.EXPORTED, "True", "Completed", cfg.output_uri)
+            self.fail(
+                cond.DEADLINE_EXCEEDED,
+                f"spec.resiliency.activeDeadlineSeconds "
+                f"({self.spec.resiliency.active_deadline_seconds}s) reached; the model of "
+                f"{step} is exported to {cfg.output_uri} (exportOnDeadline)",
+            )
+            return
         self._stage_job(
             "export",
             lambda: jobs.export_job(self.spec, self.run.ref, cfg),
@@ -396,8 +412,12 @@ class _Reconcile(Recovery):
         kept = self.status.checkpoint
         ckpt = f"newest committed checkpoint: step {kept.step} ({kept.uri})" if kept else "none"
         msg = f"{what}; checkpoints are kept ({ckpt})"
+        self.status.deadline_exceeded_at = self.now
         if self.status.phase == Phase.TRAINING:
             self.condition(ConditionType.TRAINING, "False", cond.DEADLINE_EXCEEDED, msg)
+        if self.spec.resiliency.export_on_deadline and kept is not None:
+            self.transition(Phase.CONVERTING, f"{msg}; exporting it (exportOnDeadline)")
+            return
         self.fail(cond.DEADLINE_EXCEEDED, msg)
 
     # -- suspend / resume ------------------------------------------------------------------
@@ -470,7 +490,8 @@ def decide(
     """The next status and the actions that get the cluster there."""
     status = load_status(status_raw)
     before = dump_status(status) if status_raw else {}
-    if status.phase in TERMINAL_PHASES:
+    reopen = _export_after_deadline(status, spec_raw)
+    if status.phase in TERMINAL_PHASES and not reopen:
         return Decision(status=dump_status(status), actions=[], changed=False)
     status = copy.deepcopy(status)
     try:
@@ -478,6 +499,9 @@ def decide(
     except ValidationError as err:
         return _invalid(run, status, format_validation_error(err), now, before)
     rec = _Reconcile(run, spec, status, observed, now, planner or cluster_planner)
+    if reopen:
+        rec.status.completion_time = None
+        rec.transition(Phase.CONVERTING, "exportOnDeadline set: exporting the newest checkpoint")
     for _ in range(MAX_TRANSITIONS):
         phase = rec.status.phase
         rec.step()
@@ -487,6 +511,19 @@ def decide(
     cond.set_ready(rec.status, now=rec.now, generation=run.generation)
     after = dump_status(rec.status)
     return Decision(status=after, actions=rec.actions, changed=after != before)
+
+
+def _export_after_deadline(status: ContinualPretrainStatus, spec_raw: Mapping[str, Any]) -> bool:
+    """A run that failed on its deadline, exported nothing, and now asks for the export
+    (spec.resiliency.exportOnDeadline set afterwards): the one way out of Failed."""
+    resiliency = spec_raw.get("resiliency") or {}
+    return (
+        status.phase == Phase.FAILED
+        and status.deadline_exceeded_at is not None
+        and status.checkpoint is not None
+        and status.output_uri is None
+        and bool(resiliency.get("exportOnDeadline"))
+    )
 
 
 def _invalid(
