@@ -52,6 +52,7 @@ from cpt_operator.api.models import (
 )
 from cpt_operator.builders import stages
 from cpt_operator.builders.meta import RUN_LABEL, STAGE_LABEL
+from cpt_operator.builders.precompile import precompile_stage
 from cpt_operator.kube import ApiException, Kube, KubeApi, api_client, error_message
 from cpt_operator.progress import StorageView, read_json, read_storage
 from cpt_operator.reconcile import admission, conditions
@@ -152,6 +153,7 @@ def observe_run(kube: KubeApi, body: Mapping[str, Any], others: Sequence[RunRoot
     return observe(
         workloads=kube.list_workloads(namespace) if suspended else [],
         preflight=preflight_result(body) if phase == "Preflight" else None,
+        precompiled=phase == "Precompiling" and precompiled(body),
         jobs=jobs,
         pytorchjobs=ptjs,
         pods=pods,
@@ -173,6 +175,17 @@ def preflight_result(body: Mapping[str, Any]) -> dict[str, Any] | None:
     return read_json(
         stages.paths(spec, str(meta.get("name")), str(meta.get("namespace"))).preflight_result
     )
+
+
+def precompiled(body: Mapping[str, Any]) -> bool:
+    """Whether the compile cache records the run's precompile key already."""
+    meta = body.get("metadata") or {}
+    try:
+        spec = ContinualPretrainSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return False
+    cfg = precompile_stage(spec, str(meta.get("name")), str(meta.get("namespace")))
+    return read_json(cfg.marker_uri) is not None
 
 
 def storage_view(body: Mapping[str, Any]) -> StorageView:

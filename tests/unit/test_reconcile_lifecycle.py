@@ -5,6 +5,7 @@ deadline (activeDeadlineSeconds, suspended time excluded)."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -529,3 +530,63 @@ def test_export_on_deadline_set_after_the_run_failed_starts_the_export_once() ->
     assert (
         run(body, done.status, later, jobs=[job("llama-cpt-export", complete=True)]).actions == []
     )
+
+
+# -- precompile (nxd) ----------------------------------------------------------------------------
+
+
+def weights_done(body: dict[str, Any]) -> Any:
+    status = status_in("PreparingWeights", body)
+    return run(
+        body,
+        status,
+        jobs=[job("llama-cpt-tokenize", complete=True), job("llama-cpt-weights", complete=True)],
+    )
+
+
+def test_precompile_runs_the_training_command_under_neuron_parallel_compile_on_the_gang() -> None:
+    body = body_of("trn1-nxd", runtime__precompile=True, runtime__kueueQueueName=None)
+    d = weights_done(body)
+    assert d.status["phase"] == "Precompiling" and creates(d) == ["llama-cpt-precompile"]
+    (action,) = [a for a in d.actions if isinstance(a, CreateChild)]
+    master = action.manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert action.manifest["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1  # the gang
+    container = master["containers"][0]
+    assert container["command"] == ["cpt-train", "precompile"] and container["args"] == []
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    cfg = json.loads(env["CPT_STAGE_CONFIG"])
+    assert cfg["stage"] == "precompile" and cfg["train"]["backend"] == "nxd"
+    assert cfg["command"][0] == "cpt-torchrun" and cfg["command"][-1] == "train"
+    assert cfg["markerUri"].endswith(f"cpt-precompiled/{cfg['cacheKey']}.json")
+    assert "NEURON_COMPILE_CACHE_URL" in env  # the training pods' Neuron env
+    done = run(body, d.status, pytorchjobs=[ptj("llama-cpt-precompile", condition="Succeeded")])
+    assert done.status["phase"] == "Training" and creates(done) == ["llama-cpt-train-1"]
+    assert condition(done.status, "Precompiled")["reason"] == "Compiled"
+
+
+def test_precompile_is_skipped_when_the_cache_records_the_key_and_fails_the_run_on_error() -> None:
+    body = body_of("trn1-nxd", runtime__precompile=True, runtime__kueueQueueName=None)
+    status = run(
+        body, status_in("PreparingWeights", body), jobs=[job("llama-cpt-weights", complete=True)]
+    ).status
+    assert status["phase"] == "Precompiling"
+    hit = run(body, {**status, "children": {}}, precompiled=True)
+    assert hit.status["phase"] == "Training" and creates(hit) == ["llama-cpt-train-1"]
+    assert condition(hit.status, "Precompiled")["reason"] == "CacheHit"
+    failed = run(body, status, pytorchjobs=[ptj("llama-cpt-precompile", condition="Failed")])
+    assert failed.status["phase"] == "Failed"
+    assert condition(failed.status, "Failed")["reason"] == cond.PRECOMPILE_FAILED
+
+
+def test_the_precompile_key_follows_the_layout_not_the_attempt_or_the_uris() -> None:
+    from cpt_operator.api.models import ContinualPretrainSpec
+    from cpt_operator.builders.precompile import precompile_stage
+
+    def key(**changes: Any) -> str:
+        spec = ContinualPretrainSpec.model_validate(body_of("trn1-nxd", **changes)["spec"])
+        return precompile_stage(spec, "llama-cpt").cache_key
+
+    base = key()
+    assert key(checkpoints__s3Uri="s3://elsewhere/ckpt/") == base
+    assert key(training__nodes=4) != base
+    assert key(data__blockSize=8192) != base  # the sequence length: other graphs

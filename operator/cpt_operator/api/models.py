@@ -414,6 +414,12 @@ class RuntimeSpec(CamelModel):
     neuron_compile_cache_uri: StorageUri | None = Field(
         default=None, description="Persistent Neuron compile cache (s3://); trn only."
     )
+    precompile: bool = Field(
+        default=False,
+        description="nxd: run neuron_parallel_compile with the exact training command and "
+        "layout on the training gang before training (phase Precompiling), filling the compile "
+        "cache; skipped when the cache already records this layout's key.",
+    )
 
 
 class PreflightSpec(CamelModel):

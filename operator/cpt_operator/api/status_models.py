@@ -22,6 +22,7 @@ class Phase(StrEnum):
     PREFLIGHT = "Preflight"
     TOKENIZING = "Tokenizing"
     PREPARING_WEIGHTS = "PreparingWeights"
+    PRECOMPILING = "Precompiling"
     TRAINING = "Training"
     CONVERTING = "Converting"
     SUCCEEDED = "Succeeded"
@@ -39,6 +40,7 @@ class ConditionType(StrEnum):
     PREFLIGHT_PASSED = "PreflightPassed"
     DATA_READY = "DataReady"
     WEIGHTS_READY = "WeightsReady"
+    PRECOMPILED = "Precompiled"
     TRAINING = "Training"
     EXPORTED = "Exported"
     SUSPENDED = "Suspended"
@@ -127,6 +129,7 @@ class ChildrenStatus(StatusModel):
     tokenize: str | None = None
     weights: str | None = None
     preflight: str | None = None
+    precompile: str | None = None
     train: str | None = None
     export: str | None = None
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
-Component = Literal["tokenize", "weights", "preflight", "train", "export"]
+Component = Literal["tokenize", "weights", "preflight", "precompile", "train", "export"]
 
 CPT_API_VERSION: Final = "cpt.dev/v1alpha1"
 CPT_KIND: Final = "ContinualPretrain"
@@ -30,6 +30,7 @@ STAGE_OF: Final[dict[str, str]] = {
     "tokenize": "tokenize",
     "weights": "convert-to-nxd",
     "preflight": "preflight",
+    "precompile": "precompile",
     "train": "train",
     "export": "export-hf",
 }

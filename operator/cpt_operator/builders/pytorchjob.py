@@ -28,7 +28,7 @@ from cpt_operator.api.podsecurity import runs_as_root
 from cpt_operator.builders import meta, pods, stages
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.builders.meta import Component
-from cpt_training.config import PreflightStage, TrainStage
+from cpt_training.config import PrecompileStage, PreflightStage, TrainStage
 from cpt_training.flops import instance_type as lookup_instance
 from cpt_training.native.neuron import DEFAULT_LNC, NEFF_CACHE_SUBDIR, torchneuron_env
 from cpt_training.nxd.env import neuron_env
@@ -151,10 +151,11 @@ def _pod_template(
     spec: ContinualPretrainSpec,
     labels: dict[str, str],
     stage: str,
-    config: TrainStage | PreflightStage,
+    config: TrainStage | PreflightStage | PrecompileStage,
     device_env: dict[str, str],
     exclude_nodes: Sequence[str] = (),
     grace_seconds: int = TERMINATION_GRACE_SECONDS,
+    command: Sequence[str] = (),
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
     # torchrun waits this long for its SIGTERMed workers to commit before killing them.
@@ -175,8 +176,8 @@ def _pod_template(
         "name": CONTAINER,
         "image": _image(spec),
         "imagePullPolicy": rt.images.pull_policy,
-        "command": [LAUNCHER],
-        "args": torchrun_args(t.resolved_processes_per_node(), stage),
+        "command": list(command) or [LAUNCHER],
+        "args": [] if command else torchrun_args(t.resolved_processes_per_node(), stage),
         "env": [meta.clone(NODE_ID_ENV), *pods.stage_env(spec, config, device_env)],
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "securityContext": pods.container_security_context(
@@ -220,16 +221,17 @@ def _pod_template(
     return {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
 
 
-def _gang_job(
+def gang_job(
     spec: ContinualPretrainSpec,
     run: RunRef,
     component: Component,
-    config: TrainStage | PreflightStage,
+    config: TrainStage | PreflightStage | PrecompileStage,
     *,
     attempt: int | None = None,
     annotations: dict[str, str] | None = None,
     exclude_nodes: Sequence[str] = (),
     grace_seconds: int = TERMINATION_GRACE_SECONDS,
+    command: Sequence[str] = (),
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
     name = meta.check_name(meta.child_name(run.name, component, attempt))
@@ -237,9 +239,17 @@ def _gang_job(
     meta.check_name(f"{name}-worker-{max(t.nodes - 2, 0)}")
     labels = meta.labels(run.name, component, attempt)
     cache = stages.paths(spec, run.name, run.namespace).compile_cache
-    device_env = _device_env(spec, config if isinstance(config, TrainStage) else None, cache)
+    train = config.train if isinstance(config, PrecompileStage) else config
+    device_env = _device_env(spec, train if isinstance(train, TrainStage) else None, cache)
     template = _pod_template(
-        spec, labels, meta.STAGE_OF[component], config, device_env, exclude_nodes, grace_seconds
+        spec,
+        labels,
+        meta.STAGE_OF[component],
+        config,
+        device_env,
+        exclude_nodes,
+        grace_seconds,
+        command,
     )
     replicas: dict[str, Any] = {
         "Master": {"replicas": 1, "restartPolicy": "Never", "template": template}
@@ -299,7 +309,7 @@ def training_job(
         annotations[RESUME_STEP_ANNOTATION] = str(resume_step)
     if resume_uri:
         annotations[RESUME_URI_ANNOTATION] = resume_uri
-    return _gang_job(
+    return gang_job(
         spec,
         run,
         "train",
@@ -315,4 +325,4 @@ def preflight_job(
     spec: ContinualPretrainSpec, run: RunRef, config: PreflightStage
 ) -> dict[str, Any]:
     """Same gang shape and placement as training, running the all-reduce check."""
-    return _gang_job(spec, run, "preflight", config)
+    return gang_job(spec, run, "preflight", config)

@@ -18,6 +18,7 @@ WEIGHT_CONVERSION_FAILED: Final = "WeightConversionFailed"
 MAX_ATTEMPTS_EXCEEDED: Final = "MaxAttemptsExceeded"
 EXPORT_FAILED: Final = "ExportFailed"
 DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+PRECOMPILE_FAILED: Final = "PrecompileFailed"
 
 # Why a training attempt ended (attempts[].reason, condition Training=False while restarting).
 POD_FAILED: Final = "PodFailed"
@@ -49,6 +50,7 @@ TRANSITION_REASONS: Final = {
     "Preflight": "StartedPreflight",
     "Tokenizing": "StartedTokenization",
     "PreparingWeights": "StartedWeightPreparation",
+    "Precompiling": "StartedPrecompile",
     "Training": "StartedTraining",
     "Converting": "StartedExport",
     "Succeeded": "Succeeded",

@@ -174,6 +174,8 @@ class Observed:
     storage_error: str = ""
     preflight: Mapping[str, Any] | None = None
     """The preflight check's result.json (read in the Preflight phase only)."""
+    precompiled: bool = False
+    """The compile cache records this run's precompile key (read while Precompiling)."""
     workloads: Mapping[str, WorkloadState] = field(default_factory=dict)
     """Kueue's Workloads by the uid of their job (only read while a child is suspended)."""
     blockers: tuple[Blocker, ...] = ()
@@ -369,6 +371,7 @@ def observe(
     storage_error: str = "",
     workloads: Iterable[Mapping[str, Any]] = (),
     preflight: Mapping[str, Any] | None = None,
+    precompiled: bool = False,
     blockers: tuple[Blocker, ...] = (),
 ) -> Observed:
     """Build the observation from raw API objects (dicts) and the S3 reads."""
@@ -385,5 +388,6 @@ def observe(
         storage_error=storage_error,
         workloads={w.job_uid: w for w in (observe_workload(o) for o in workloads)},
         preflight=preflight,
+        precompiled=precompiled,
         blockers=blockers,
     )
