@@ -396,6 +396,18 @@ def test_precompile_mode_traces_a_few_steps_and_writes_nothing(world, monkeypatc
     assert not list((world / "scratch-pc").glob("step_*"))
 
 
+def _converted(world: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """A checkpoint root `world/name` holding the converted base weights (TP 1)."""
+    for k, v in _env(world).items():
+        monkeypatch.setenv(k, v)
+    root = world / name
+    conv = ConvertToNxdStage(
+        model_uri=str(world / "hf"), output_uri=str(root / "pretrained_weight"), tensor_parallel=1
+    )
+    assert convert.run(conv) == 0
+    return root
+
+
 def test_sigterm_saves_the_current_step_through_nxds_save_api_and_exits_preempted(
     world, monkeypatch
 ):
@@ -404,13 +416,7 @@ def test_sigterm_saves_the_current_step_through_nxds_save_api_and_exits_preempte
     by the syncer, and the process exits EXIT_PREEMPTED; the next attempt resumes there."""
     from cpt_training.preemption import EXIT_PREEMPTED
 
-    for k, v in _env(world).items():
-        monkeypatch.setenv(k, v)
-    root = world / "ckpt-stop"
-    conv = ConvertToNxdStage(
-        model_uri=str(world / "hf"), output_uri=str(root / "pretrained_weight"), tensor_parallel=1
-    )
-    assert convert.run(conv) == 0
+    root = _converted(world, monkeypatch, "ckpt-stop")
     ckpt = {"uri": str(root), "everySteps": 100, "localDir": str(world / "scratch-stop")}
     cfg = _stage(world, 1, maxSteps=400, checkpoint=ckpt)
     store = world / f"pg-{os.urandom(4).hex()}"
@@ -459,13 +465,7 @@ def test_the_precompile_stage_compiles_once_records_the_key_and_skips_the_next_t
 ):
     from cpt_training.config import PrecompileStage
 
-    for k, v in _env(world).items():
-        monkeypatch.setenv(k, v)
-    root = world / "ckpt-pc"
-    conv = ConvertToNxdStage(
-        model_uri=str(world / "hf"), output_uri=str(root / "pretrained_weight"), tensor_parallel=1
-    )
-    assert convert.run(conv) == 0
+    root = _converted(world, monkeypatch, "ckpt-pc")
     compiler = world / "bin" / "neuron_parallel_compile"
     compiler.parent.mkdir(exist_ok=True)
     compiler.write_text(COMPILER_STUB)
