@@ -590,3 +590,47 @@ def test_the_precompile_key_follows_the_layout_not_the_attempt_or_the_uris() -> 
     assert key(checkpoints__s3Uri="s3://elsewhere/ckpt/") == base
     assert key(training__nodes=4) != base
     assert key(data__blockSize=8192) != base  # the sequence length: other graphs
+
+
+def test_a_preflight_failing_on_a_nodes_devices_excludes_it_and_checks_again_once() -> None:
+    body = body_of("trn1-nxd")
+    status = run(body, None).status
+    name = "llama-cpt-preflight"
+    pods = [
+        pod(
+            f"{name}-master-0", name, phase="Failed", node="trn1-0", stage="preflight", attempt=None
+        ),
+        pod(
+            f"{name}-worker-0", name, phase="Failed", node="trn1-1", stage="preflight", attempt=None
+        ),
+    ]
+    d = run(
+        body,
+        status,
+        pytorchjobs=[ptj(name, condition="Failed")],
+        pods=pods,
+        preflight=PREFLIGHT_RESULT,
+    )
+    assert d.status["phase"] == "Preflight" and ("PyTorchJob", name, None) in deletes(d)
+    (excluded,) = d.status["excludedNodes"]
+    assert excluded["node"] == "trn1-1" and excluded["reason"] == "PreflightFailed"
+    assert excluded["attempt"] == 0 and ("Warning", "NodeExcluded") in events(d)
+    assert condition(d.status, "PreflightPassed")["reason"] == "NodesExcluded"
+    again = run(body, d.status)
+    (action,) = [a for a in again.actions if isinstance(a, CreateChild)]
+    terms = action.manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "affinity"
+    ]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["trn1-1"]} in terms[0][
+        "matchExpressions"
+    ]
+    # The same node failing again is not the node's fault: the run fails.
+    second = run(
+        body,
+        again.status,
+        pytorchjobs=[ptj(name, condition="Failed")],
+        pods=pods,
+        preflight=PREFLIGHT_RESULT,
+    )
+    assert second.status["phase"] == "Failed"
+    assert condition(second.status, "Failed")["reason"] == cond.PREFLIGHT_FAILED

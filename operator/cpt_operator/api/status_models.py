@@ -194,7 +194,9 @@ class ExcludedNode(StatusModel):
         description="NodeNotReady (NotReady past nodeNotReadySeconds), NodeGone (deleted) or "
         "DeviceUnhealthy (the kubelet refused a training pod: unhealthy accelerator devices).",
     )
-    attempt: int = Field(ge=1, description="The attempt that failed on the node.")
+    attempt: int = Field(
+        ge=0, description="The attempt that failed on the node (0: the preflight check)."
+    )
     since: datetime | None = Field(default=None, description="When the exclusion was recorded.")
 
 

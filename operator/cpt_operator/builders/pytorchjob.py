@@ -322,7 +322,11 @@ def training_job(
 
 
 def preflight_job(
-    spec: ContinualPretrainSpec, run: RunRef, config: PreflightStage
+    spec: ContinualPretrainSpec,
+    run: RunRef,
+    config: PreflightStage,
+    exclude_nodes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Same gang shape and placement as training, running the all-reduce check."""
-    return gang_job(spec, run, "preflight", config)
+    """Same gang shape and placement as training, running the all-reduce check (avoiding the
+    nodes an earlier check found bad)."""
+    return gang_job(spec, run, "preflight", config, exclude_nodes=exclude_nodes)

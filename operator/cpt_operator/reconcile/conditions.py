@@ -38,6 +38,7 @@ evicted, a scheduler preemption): not counted against maxAttempts."""
 EXCLUDED_NOT_READY: Final = "NodeNotReady"
 EXCLUDED_GONE: Final = "NodeGone"
 EXCLUDED_DEVICE_UNHEALTHY: Final = "DeviceUnhealthy"
+EXCLUDED_PREFLIGHT_FAILED: Final = "PreflightFailed"
 
 # Events about node exclusions.
 NODE_EXCLUDED: Final = "NodeExcluded"

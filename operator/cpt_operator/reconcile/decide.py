@@ -148,7 +148,9 @@ class _Reconcile(Lifecycle):
         if ptj is None or ptj.deleting:
             if ptj is None:
                 cfg = stages.preflight_stage(self.spec, self.run.name, self.run.namespace)
-                self.create(pytorchjob.preflight_job(self.spec, self.run.ref, cfg))
+                on = self._exclusions_on()
+                avoid = [e.node for e in self.status.excluded_nodes] if on else []
+                self.create(pytorchjob.preflight_job(self.spec, self.run.ref, cfg, avoid))
                 self.status.children.preflight = name
                 self.status.message = f"preflight check {name} running"
             return
@@ -159,6 +161,8 @@ class _Reconcile(Lifecycle):
             self.transition(Phase.TOKENIZING, "preflight passed; tokenizing")
             return
         if ptj.condition in ("Failed", "Restarting"):
+            if self._exclude_preflight_nodes(name):
+                return
             msg = f"{name}: {ptj.reason} {ptj.message}".strip()
             self.condition(ConditionType.PREFLIGHT_PASSED, "False", cond.PREFLIGHT_FAILED, msg)
             self.fail(cond.PREFLIGHT_FAILED, msg)

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from cpt_operator.api.models import (
     CheckpointStatus,
     ConditionType,
+    ExcludedNode,
     Phase,
     PreflightStatus,
     ProgressStatus,
@@ -106,6 +107,38 @@ class Lifecycle(Recovery):
         if failing:
             msg += f"; device check failed on {', '.join(failing)}"
         self.event("Normal" if result.passed else "Warning", "PreflightMeasured", msg)
+
+    def _exclude_preflight_nodes(self, name: str) -> bool:
+        """A preflight that failed on some nodes' devices: exclude them (status.excludedNodes,
+        attempt 0, as the bad-node rule does for training) and check again on others. False
+        (the run fails) when it named no node, exclusions are off, or its nodes were excluded
+        already (a second failure is not the nodes')."""
+        pf = self.status.preflight
+        if pf is None or not pf.failing_nodes or not self._exclusions_on():
+            return False
+        node_of = {p.name: p.node_name for p in self.obs.pods_of(name) if p.node_name}
+        known = {e.node for e in self.status.excluded_nodes}
+        new = sorted({node_of[h] for h in pf.failing_nodes if h in node_of} - known)
+        if not new:
+            return False
+        for node in new:
+            self.status.excluded_nodes.append(
+                ExcludedNode(
+                    node=node, reason=cond.EXCLUDED_PREFLIGHT_FAILED, attempt=0, since=self.now
+                )
+            )
+            self.event(
+                "Warning",
+                cond.NODE_EXCLUDED,
+                f"node {node} is excluded from this run: its devices failed the preflight check",
+            )
+        self._bound_exclusions()
+        self.delete("kubeflow.org/v1", "PyTorchJob", name)
+        self.status.preflight = None  # the next check records its own measurement
+        msg = f"preflight failed on node(s) {', '.join(new)}: excluded; checking again without"
+        self.condition(ConditionType.PREFLIGHT_PASSED, "False", "NodesExcluded", msg)
+        self.status.message = msg
+        return True
 
     def precompiling(self) -> None:
         """neuron_parallel_compile on the training gang (builders/precompile.py), unless the
