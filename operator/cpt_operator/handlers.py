@@ -54,9 +54,10 @@ from cpt_operator.api.models import (
 )
 from cpt_operator.builders import stages
 from cpt_operator.builders.meta import RUN_LABEL, STAGE_LABEL
+from cpt_operator.builders.precompile import precompile_stage
 from cpt_operator.kube import ApiException, Kube, KubeApi, api_client, error_message
 from cpt_operator.metrics import OperatorMetrics
-from cpt_operator.progress import StorageView, read_storage
+from cpt_operator.progress import StorageView, read_json, read_storage
 from cpt_operator.reconcile import accept, conditions, guard
 from cpt_operator.reconcile.actions import CreateChild, DeleteChild, EmitEvent
 from cpt_operator.reconcile.admission import Blocker, Policy, RunRoots
@@ -170,7 +171,12 @@ def observe_run(
         and ((p.get("metadata") or {}).get("labels") or {}).get(STAGE_LABEL) == "train"
     ]
     view = storage_view(body) if phase in STORAGE_PHASES else StorageView()
+    suspended = any(((j.get("spec") or {}).get("runPolicy") or {}).get("suspend") for j in ptjs)
+    suspended = suspended or any((j.get("spec") or {}).get("suspend") for j in jobs)
     return observe(
+        workloads=kube.list_workloads(namespace) if suspended else [],
+        preflight=preflight_result(body) if phase == "Preflight" else None,
+        precompiled=phase == "Precompiling" and precompiled(body),
         jobs=jobs,
         pytorchjobs=ptjs,
         pods=pods,
@@ -180,6 +186,29 @@ def observe_run(
         storage_error=view.error,
         blockers=admission_blockers(kube, body, others, policy),
     )
+
+
+def preflight_result(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The preflight check's result.json (rank 0 writes it before the job ends)."""
+    meta = body.get("metadata") or {}
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except ValidationError:
+        return None
+    return read_json(
+        stages.paths(spec, str(meta.get("name")), str(meta.get("namespace"))).preflight_result
+    )
+
+
+def precompiled(body: Mapping[str, Any]) -> bool:
+    """Whether the compile cache records the run's precompile key already."""
+    meta = body.get("metadata") or {}
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except ValidationError:
+        return False
+    cfg = precompile_stage(spec, str(meta.get("name")), str(meta.get("namespace")))
+    return read_json(cfg.marker_uri) is not None
 
 
 def storage_view(body: Mapping[str, Any]) -> StorageView:

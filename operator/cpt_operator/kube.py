@@ -43,6 +43,7 @@ MAX_EVENT_MESSAGE = 1000
 
 PLURALS = {"Job": "jobs", "PyTorchJob": "pytorchjobs", "Pod": "pods", "Node": "nodes"}
 RUN_API_VERSION = f"{GROUP}/{VERSION}"
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
 
 
 def path(api_version: str, plural: str, namespace: str | None = None, name: str = "") -> str:
@@ -64,6 +65,8 @@ class KubeApi(Protocol):
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...
 
     def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+
+    def list_workloads(self, namespace: str) -> list[dict[str, Any]]: ...
 
     def get_nodes(self, names: list[str]) -> list[dict[str, Any]]: ...
 
@@ -193,6 +196,17 @@ class Kube:
 
     def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
         return self._list_labelled("v1", "Pod", namespace, run)
+
+    def list_workloads(self, namespace: str) -> list[dict[str, Any]]:
+        """Kueue's Workloads in the namespace; none where Kueue is not installed or this
+        identity may not read them (a suspended child then shows no Kueue reason)."""
+        try:
+            answer = self.request("GET", path(KUEUE_API_VERSION, "workloads", namespace))
+        except ApiException as err:
+            if _status(err) not in (401, 403, 404):
+                raise
+            return []
+        return list(answer.get("items") or [])
 
     def get_nodes(self, names: list[str]) -> list[dict[str, Any]]:
         """Nodes by name; a node that no longer exists is simply absent from the answer."""

@@ -59,5 +59,18 @@ def read_storage(checkpoint_uri: str, progress_uri: str) -> StorageView:
     return StorageView(progress=progress, checkpoint=ckpt)
 
 
+def read_json(uri: str) -> dict[str, Any] | None:
+    """One small JSON object the workload wrote (the preflight's result.json); None when it
+    is absent, unreadable or not an object (a later reconcile reads it again)."""
+    try:
+        parent, name = storage.parent_and_name(uri)
+        raw = storage.open_storage(parent, read_settings()).read_json(name)
+    except Exception as err:  # FileNotFoundError included: never crash the reconcile
+        if not isinstance(err, FileNotFoundError):
+            log.warning("cannot read %s: %s", uri, err)
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 async def read_storage_async(checkpoint_uri: str, progress_uri: str) -> StorageView:
     return await asyncio.to_thread(read_storage, checkpoint_uri, progress_uri)

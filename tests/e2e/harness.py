@@ -165,7 +165,10 @@ def spec_body(
     spec.setdefault("runtime", {}).pop("neuronCompileCacheUri", None)
     # These would need objects the test namespace lacks (the operator checks that referenced
     # Secrets exist before creating children); tests that want one create it and add the ref.
+    # kueueQueueName too: with it the training job is created suspended until a Kueue admits
+    # it (tests/faults/test_fault_kueue.py sets it, with Kueue running).
     for absent in (
+        "kueueQueueName",
         "hfTokenSecretRef",
         "s3CredentialsSecretRef",
         "priorityClassName",

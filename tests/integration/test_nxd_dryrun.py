@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -483,3 +484,113 @@ def test_nxd_evaluates_every_source_through_the_model_wrapper_and_matches_transf
         assert abs(e["lossChange"]) > 1e-3  # 4 steps moved it: the comparison can tell
     card = ModelCard.load(out_dir / "README.md")
     assert "replay" in card.text and "| domain |" in card.text
+
+
+def _converted(world: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """A checkpoint root `world/name` holding the converted base weights (TP 1)."""
+    for k, v in _env(world).items():
+        monkeypatch.setenv(k, v)
+    root = world / name
+    conv = ConvertToNxdStage(
+        model_uri=str(world / "hf"), output_uri=str(root / "pretrained_weight"), tensor_parallel=1
+    )
+    assert convert.run(conv) == 0
+    return root
+
+
+def test_sigterm_saves_the_current_step_through_nxds_save_api_and_exits_preempted(
+    world, monkeypatch
+):
+    """The nxd trainer's side of the stop contract: SIGTERM mid-run, the step in flight is
+    finished, saved with ``nxd.save_checkpoint`` (the stand-in writes NxD's layout), committed
+    by the syncer, and the process exits EXIT_PREEMPTED; the next attempt resumes there."""
+    from cpt_training.preemption import EXIT_PREEMPTED
+
+    root = _converted(world, monkeypatch, "ckpt-stop")
+    ckpt = {"uri": str(root), "everySteps": 100, "localDir": str(world / "scratch-stop")}
+    cfg = _stage(world, 1, maxSteps=400, checkpoint=ckpt)
+    store = world / f"pg-{os.urandom(4).hex()}"
+    err_path = world / "stop-stderr.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAIN, str(store)],
+        env=_env(world, cfg),
+        stdout=subprocess.PIPE,
+        stderr=err_path.open("w"),
+        text=True,
+    )
+    seen = 0
+    for line in proc.stdout:
+        metrics = parse_metrics_lines(line)
+        if metrics and metrics[-1]["step"] >= 2:
+            seen = metrics[-1]["step"]
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    err = err_path.read_text()
+    assert proc.returncode == EXIT_PREEMPTED, err[-4000:]
+    stopped = max([seen, *(m["step"] for m in parse_metrics_lines(rest))])
+    final = latest_committed(str(root))
+    assert final.tag == f"step_{stopped}" and stopped < 400
+    assert (world / "scratch-stop" / f"step_{stopped}" / "done").exists()  # NxD's layout
+    progress = json.loads((root / "progress.json").read_text())
+    assert progress["stoppedAtStep"] == stopped and progress["lastCommittedStep"] == stopped
+
+    resume = {**ckpt, "localDir": str(world / "scratch-stop-2")}
+    out2, err2 = _train(world, _stage(world, 2, maxSteps=400, checkpoint=resume, stopAfterSteps=1))
+    assert [m["step"] for m in parse_metrics_lines(out2)] == [stopped + 1]
+    assert f"restore step_{stopped}" in err2
+
+
+COMPILER_STUB = """#!/bin/sh
+# STAND-IN for neuron_parallel_compile (tests only): the documented interface is
+# `neuron_parallel_compile <training command>`: it runs the command in graph-extraction mode
+# (NEURON_EXTRACT_GRAPHS_ONLY) and then compiles the graphs into NEURON_COMPILE_CACHE_URL.
+NEURON_EXTRACT_GRAPHS_ONLY=1 "$@" || exit $?
+mkdir -p "$NEURON_COMPILE_CACHE_URL" && echo compiled > "$NEURON_COMPILE_CACHE_URL/graphs.neff"
+"""
+
+
+def test_the_precompile_stage_compiles_once_records_the_key_and_skips_the_next_time(
+    world, monkeypatch
+):
+    from cpt_training.config import PrecompileStage
+
+    root = _converted(world, monkeypatch, "ckpt-pc")
+    compiler = world / "bin" / "neuron_parallel_compile"
+    compiler.parent.mkdir(exist_ok=True)
+    compiler.write_text(COMPILER_STUB)
+    compiler.chmod(0o755)
+    cache = world / "neuron-cache"
+    ckpt = {"uri": str(root), "everySteps": 1, "localDir": str(world / "scratch-pc2")}
+    cfg = PrecompileStage(
+        train=_stage(world, 1, checkpoint=ckpt),
+        cache_key="0123456789abcdef",
+        marker_uri=str(cache / "cpt-precompiled" / "0123456789abcdef.json"),
+        command=[sys.executable, "-c", TRAIN, str(world / "pg-pc-$(PC_RUN)")],
+        compiler=str(compiler),
+    )
+
+    def precompile() -> subprocess.CompletedProcess[str]:
+        env = _env(world, NEURON_COMPILE_CACHE_URL=str(cache), PC_RUN=os.urandom(4).hex())
+        env["CPT_STAGE_CONFIG"] = json.dumps(cfg.to_wire())
+        return subprocess.run(
+            [sys.executable, "-m", "cpt_training.cli", "precompile"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    first = precompile()
+    assert first.returncode == 0, first.stderr[-4000:]
+    # The training command itself ran, in graph-extraction mode: a few steps, nothing saved.
+    assert "stopping after 3 steps in this process (step 3)" in first.stderr
+    assert not list((world / "scratch-pc2").glob("step_*"))
+    assert latest_committed(str(root)) is None  # no training checkpoint committed
+    assert (cache / "graphs.neff").read_text().strip() == "compiled"
+    marker = json.loads((cache / "cpt-precompiled" / "0123456789abcdef.json").read_text())
+    assert marker["cacheKey"] == "0123456789abcdef"
+    (cache / "graphs.neff").unlink()
+    second = precompile()
+    assert second.returncode == 0 and "holds key 0123456789abcdef already" in second.stderr
+    assert not (cache / "graphs.neff").exists()  # not compiled again

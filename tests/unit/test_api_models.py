@@ -317,6 +317,7 @@ def test_phases_are_the_documented_set() -> None:
         "Preflight",
         "Tokenizing",
         "PreparingWeights",
+        "Precompiling",
         "Training",
         "Converting",
         "Succeeded",

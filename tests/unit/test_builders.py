@@ -201,7 +201,7 @@ def test_trn1_training_job_is_a_master_worker_gang_on_whole_trn1_nodes() -> None
         "tolerations"
     ]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in ps["volumes"]
-    assert c["command"] == ["torchrun"]
+    assert c["command"] == ["cpt-torchrun"]
     assert c["args"] == [
         "--nnodes=$(PET_NNODES)",
         "--nproc-per-node=32",

@@ -409,6 +409,7 @@ NAMESPACED_GRANTS = {
     ("cpt.dev", "continualpretrains/finalizers", "update"),
     *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")),
     *(("kubeflow.org", "pytorchjobs", v) for v in ("get", "list", "watch", "create", "delete")),
+    ("kueue.x-k8s.io", "workloads", "list"),  # Kueue's reason for a queued training job
     *(("", "pods", v) for v in ("get", "list", "watch", "delete")),
     ("", "events", "create"),
 }

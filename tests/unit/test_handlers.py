@@ -58,6 +58,9 @@ class FakeKube:
         self.calls.append(("list_children", run))
         return self._of_kind("Job"), self._of_kind("PyTorchJob")
 
+    def list_workloads(self, namespace: str) -> list[Any]:
+        return []
+
     def list_pods(self, namespace: str, run: str) -> list[Any]:
         self.calls.append(("list_pods", run))
         return self._of_kind("Pod")

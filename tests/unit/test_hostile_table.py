@@ -29,6 +29,7 @@ from cpt_operator.api import wire
 from cpt_operator.api.models import (
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
+    AttemptStatus,
     ContinualPretrainStatus,
     Phase,
     parse_spec,
@@ -536,6 +537,22 @@ def test_the_attempt_number_is_what_the_children_confirm(
     assert status.attempt == expected
 
 
+def test_preempted_attempts_raise_the_attempt_bound_and_a_forged_number_above_it_goes_back() -> (
+    None
+):
+    """Preemptions do not count against maxAttempts (3 here): attempt 5 after two preempted
+    attempts is legitimate before its child exists; 6 is not."""
+    preempted = [AttemptStatus(attempt=n, reason=cond.PREEMPTED) for n in (1, 2)]
+    status = ContinualPretrainStatus(phase=Phase.TRAINING, attempt=5, attempts=preempted)
+    assert trust.bound_attempt(status, SPEC, observe()) is None and status.attempt == 5
+    status.attempt = 6
+    assert trust.bound_attempt(status, SPEC, observe()) == (
+        "status.attempt 6 exceeds spec.resiliency.maxAttempts (3) plus 2 preempted attempts and "
+        "no child confirms it; continuing as attempt 5"
+    )
+    assert status.attempt == 5
+
+
 def test_a_hand_written_succeeded_phase_goes_back_to_the_running_training() -> None:
     status = ContinualPretrainStatus(phase=Phase.SUCCEEDED, attempt=1)
     why = trust.repair_terminal(status, observe(pytorchjobs=[_ptj("r-train-2", 2)]), "r")
@@ -592,6 +609,21 @@ def test_a_failure_before_any_child_is_planned_again_after_an_edit() -> None:
         True, "generation 2 is accepted: planning the run again",
     )  # fmt: skip
     assert status.phase == Phase.PENDING and dump_status(status)["attempt"] == 0
+
+
+def test_export_on_deadline_set_after_a_deadline_failure_exports_the_newest_checkpoint() -> None:
+    from cpt_operator.api.models import CheckpointStatus
+
+    status = _failed(cond.DEADLINE_EXCEEDED, 2)
+    status.checkpoint = CheckpointStatus(step=40, uri="s3://b/ckpt/step_40")
+    assert trust.revive(status, SPEC, 2, T0)[0] is False  # exportOnDeadline not set
+    spec = parse_spec(edit(RUN, spec__resiliency__exportOnDeadline=True)["spec"])
+    assert trust.revive(status, spec, 2, T0) == (
+        True, "spec.resiliency.exportOnDeadline is set: exporting the newest checkpoint",
+    )  # fmt: skip
+    assert status.phase == Phase.CONVERTING and status.attempt == 2
+    status.phase, status.output_uri = Phase.FAILED, "s3://b/out"  # exported already
+    assert trust.revive(status, spec, 3, T0)[0] is False
 
 
 def test_an_unreadable_status_part_is_dropped_without_resetting_the_attempt() -> None:

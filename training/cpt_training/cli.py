@@ -32,7 +32,7 @@ from cpt_training.config import STAGE_CONFIG_ENV, ConfigError, parse_stage_confi
 
 log = logging.getLogger("cpt_training")
 
-STAGES = ("tokenize", "train", "convert-to-nxd", "export-hf", "preflight")
+STAGES = ("tokenize", "train", "convert-to-nxd", "export-hf", "preflight", "precompile")
 EXIT_BAD_CONFIG = 2
 
 
@@ -139,6 +139,10 @@ def dispatch(stage: str, cfg: Any) -> int:
         from cpt_training.preflight import run as preflight
 
         result = preflight(cfg)
+    elif stage == "precompile":
+        from cpt_training.nxd.precompile import run as precompile
+
+        result = precompile(cfg)
     else:  # argparse already restricts the choices
         raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
     return int(result) if isinstance(result, int) else 0

@@ -464,8 +464,31 @@ class PreflightStage(CamelModel):
     storage: StorageTuning = Field(default_factory=StorageTuning)
 
 
+class PrecompileStage(CamelModel):
+    """``neuron_parallel_compile`` over the exact training command (nxd): fills the run's
+    Neuron compile cache, then records ``cache_key`` at ``marker_uri`` so a later run with
+    the same graphs skips the stage."""
+
+    stage: Literal["precompile"] = "precompile"
+    train: TrainStage
+    cache_key: str = Field(min_length=8, max_length=64)
+    marker_uri: str
+    command: list[str] = Field(
+        min_length=1,
+        description="The training command as the training pods run it; `$(VAR)` is expanded "
+        "from this process's environment (the pod's torchrun rendezvous variables).",
+    )
+    compiler: str = "neuron_parallel_compile"
+    storage: StorageTuning = Field(default_factory=StorageTuning)
+
+
 StageConfig = Annotated[
-    TokenizeStage | TrainStage | ConvertToNxdStage | ExportHfStage | PreflightStage,
+    TokenizeStage
+    | TrainStage
+    | ConvertToNxdStage
+    | ExportHfStage
+    | PreflightStage
+    | PrecompileStage,
     Field(discriminator="stage"),
 ]
 

@@ -135,15 +135,23 @@ class ProgressWriter:
         }
         self._maybe_write(True)
 
-    def committed(self, step: int) -> None:
-        """A checkpoint at ``step`` is committed: always written."""
+    def committed(self, step: int, seconds: float | None = None) -> None:
+        """A checkpoint at ``step`` is committed (its save took ``seconds``): always
+        written."""
         prev = self.state["lastCommittedStep"]
         if prev is None or step > prev:
             self.state["lastCommittedStep"] = step
+        if seconds is not None:
+            self.state["lastCommitSeconds"] = _finite(seconds)
         self._maybe_write(True)
 
     def flush(self) -> None:
         """Write the latest state now."""
+        self._maybe_write(True)
+
+    def stopped(self, step: int) -> None:
+        """Stopped on request (SIGTERM) with ``step`` committed: always written."""
+        self.state["stoppedAtStep"] = step
         self._maybe_write(True)
 
     def done(self) -> None:

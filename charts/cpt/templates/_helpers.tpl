@@ -117,6 +117,10 @@ reference (secretKeyRef / IRSA), the operator never reads them.
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
+# Read Kueue's Workloads of suspended training jobs: their reason goes into condition Queued.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]
 # Read the children's pods for failure reasons; delete pods stuck on a NotReady node.
 - apiGroups: [""]
   resources: ["pods"]

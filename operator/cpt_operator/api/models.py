@@ -92,6 +92,7 @@ from cpt_operator.api.status_models import (
     ExcludedNode,
     Phase,
     PlanSummary,
+    PreflightStatus,
     ProgressStatus,
     SourceEvalStatus,
     StatusModel,
@@ -369,7 +370,34 @@ class PreflightSpec(CamelModel):
 
 class ResiliencySpec(CamelModel):
     max_attempts: int = Field(
-        default=3, ge=1, le=MAX_ATTEMPTS_LIMIT, description="Training attempts in all."
+        default=3,
+        ge=1,
+        le=MAX_ATTEMPTS_LIMIT,
+        description="Failed training attempts allowed; a preempted attempt (SIGTERM with a "
+        "committed checkpoint, a pod deleted or evicted, a scheduler preemption) does not count.",
+    )
+    max_termination_grace_period_seconds: int = Field(
+        default=300,
+        ge=30,
+        le=3600,
+        description="Upper bound of the training pods' terminationGracePeriodSeconds, which cpt "
+        "sets from the step time and the checkpoint's save time (measured by the last attempt, "
+        "else estimated from its size): the time a SIGTERMed trainer has to finish its step and "
+        "commit a checkpoint. On spot capacity keep it under the 2-minute interruption notice.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=365 * 86400,
+        description="Wall-clock budget from the run's start, suspended time excluded: when it "
+        "is reached the trainer is asked to checkpoint and stop, and the run ends Failed with "
+        "reason DeadlineExceeded, keeping its committed checkpoints. Unset: no deadline.",
+    )
+    export_on_deadline: bool = Field(
+        default=False,
+        description="When activeDeadlineSeconds stops the run, still export its newest "
+        "committed checkpoint (the run then ends Failed/DeadlineExceeded with outputUri set). "
+        "May also be set after the run failed on its deadline: the export then starts.",
     )
     pending_timeout_seconds: int = Field(
         default=1800, ge=0, le=7 * 86400, description="Unschedulable this long → fail; 0 = off."
@@ -567,6 +595,7 @@ __all__ = [
     "Phase",
     "PlanSummary",
     "Precision",
+    "PreflightStatus",
     "ProgressStatus",
     "Quantity",
     "ResourceRequests",

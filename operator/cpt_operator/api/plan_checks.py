@@ -122,6 +122,7 @@ class Planner:
                 self.p.memory = memory_estimate(self.spec, self.p, shape)
                 self._memory_check(self.p.memory)
                 self.p.estimate = throughput_estimate(self.spec, self.p, shape)
+                self._deadline()
         self._schedule()
         if not self.p.errors:
             self.p.mixture = plan_mixture(self.spec, self.p.total_tokens, self.base_dir)
@@ -129,6 +130,17 @@ class Planner:
             for path, message in issues + eval_warnings(self.spec, self.p.max_steps):
                 self.warn(path, message)
         return self.p
+
+    def _deadline(self) -> None:
+        """The estimated training time alone already past activeDeadlineSeconds."""
+        limit = self.spec.resiliency.active_deadline_seconds
+        est = self.p.estimate
+        if limit and est is not None and est.wall_hours * 3600 > limit:
+            self.warn(
+                "spec.resiliency.activeDeadlineSeconds",
+                f"{limit}s is less than the estimated training time ({est.wall_hours:.1f} h): "
+                "the run would stop at the deadline, failed DeadlineExceeded, before maxSteps",
+            )
 
     # -- storage and mode ------------------------------------------------------------------
 

@@ -106,10 +106,24 @@ class RuntimeSpec(CamelModel):
     priority_class_name: K8sName | None = None
     gang_scheduling: GangScheduling = "none"
     kueue_queue_name: LabelValue | None = Field(
-        default=None, description="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label)."
+        default=None,
+        description="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label) of the training and "
+        "preflight PyTorchJobs: they are created suspended and start when Kueue admits them "
+        "(condition Queued meanwhile).",
+    )
+    kueue_queue_tools: bool = Field(
+        default=False,
+        description="Queue the tokenize, weights and export Jobs in kueueQueueName too "
+        "(Kueue's batch/job integration must be enabled); false: they run outside Kueue.",
     )
     neuron_compile_cache_uri: StorageUri | None = Field(
         default=None, description="Persistent Neuron compile cache (s3://); trn only."
+    )
+    precompile: bool = Field(
+        default=False,
+        description="nxd: run neuron_parallel_compile with the exact training command and "
+        "layout on the training gang before training (phase Precompiling), filling the compile "
+        "cache; skipped when the cache already records this layout's key.",
     )
 
 

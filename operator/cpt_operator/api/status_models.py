@@ -22,6 +22,7 @@ class Phase(StrEnum):
     PREFLIGHT = "Preflight"
     TOKENIZING = "Tokenizing"
     PREPARING_WEIGHTS = "PreparingWeights"
+    PRECOMPILING = "Precompiling"
     TRAINING = "Training"
     CONVERTING = "Converting"
     SUCCEEDED = "Succeeded"
@@ -39,9 +40,13 @@ class ConditionType(StrEnum):
     PREFLIGHT_PASSED = "PreflightPassed"
     DATA_READY = "DataReady"
     WEIGHTS_READY = "WeightsReady"
+    PRECOMPILED = "Precompiled"
     TRAINING = "Training"
     EXPORTED = "Exported"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
+    """True while Kueue holds the training job suspended (not admitted yet, or preempted),
+    with Kueue's reason and message."""
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     READY = "Ready"
@@ -105,6 +110,11 @@ class CheckpointStatus(StatusModel):
     step: int
     uri: str
     time: datetime | None = None
+    save_seconds: float | None = Field(
+        default=None,
+        description="How long the trainer took to save and commit it (progress.json): sets "
+        "the next attempt's terminationGracePeriodSeconds.",
+    )
 
 
 class ProgressStatus(StatusModel):
@@ -184,6 +194,7 @@ class ChildrenStatus(StatusModel):
     tokenize: str | None = None
     weights: str | None = None
     preflight: str | None = None
+    precompile: str | None = None
     train: str | None = None
     export: str | None = None
 
@@ -207,6 +218,36 @@ class AttemptStatus(StatusModel):
     resume_from_step: int | None = Field(
         default=None, description="The committed checkpoint step the attempt should resume from."
     )
+    admitted_time: datetime | None = Field(
+        default=None,
+        description="When Kueue last admitted (unsuspended) the attempt: the pending clock "
+        "starts here, so time in the queue never counts against pendingTimeoutSeconds.",
+    )
+    queued_seconds: int = Field(default=0, ge=0, description="Time the attempt spent queued.")
+
+
+class PreflightStatus(StatusModel):
+    """What the preflight check measured (its result.json), also posted as an Event."""
+
+    passed: bool
+    bus_bandwidth_gbps: float | None = Field(
+        default=None, description="Mean all-reduce bus bandwidth over every rank (Gbps)."
+    )
+    best_bus_bandwidth_gbps: float | None = Field(
+        default=None, description="The best iteration's bus bandwidth (Gbps)."
+    )
+    min_bus_bandwidth_gbps: float = Field(
+        default=0.0, description="The threshold (spec.resiliency.preflight); 0 only reports."
+    )
+    world_size: int | None = None
+    failing_nodes: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Pods (one per node) whose ranks failed their device check.",
+    )
+    problems: list[str] = Field(
+        default_factory=list, max_length=16, description="The first problems reported."
+    )
 
 
 class ExcludedNode(StatusModel):
@@ -218,7 +259,9 @@ class ExcludedNode(StatusModel):
         description="NodeNotReady (NotReady past nodeNotReadySeconds), NodeGone (deleted) or "
         "DeviceUnhealthy (the kubelet refused a training pod: unhealthy accelerator devices).",
     )
-    attempt: int = Field(ge=1, description="The attempt that failed on the node.")
+    attempt: int = Field(
+        ge=0, description="The attempt that failed on the node (0: the preflight check)."
+    )
     since: datetime | None = Field(default=None, description="When the exclusion was recorded.")
 
 
@@ -276,6 +319,18 @@ class ContinualPretrainStatus(StatusModel):
     )
     suspended_phase: Phase | None = Field(
         default=None, description="The phase to continue with when spec.suspend is cleared."
+    )
+    deadline_exceeded_at: datetime | None = Field(
+        default=None, description="When activeDeadlineSeconds stopped the run."
+    )
+    suspended_seconds: int = Field(
+        default=0, ge=0, description="Time spent suspended, excluded from the deadline."
+    )
+    suspended_since: datetime | None = Field(
+        default=None, description="When the current suspension began."
+    )
+    preflight: PreflightStatus | None = Field(
+        default=None, description="The preflight check's measurement and verdict."
     )
     excluded_nodes: list[ExcludedNode] = Field(
         default_factory=list,

@@ -113,12 +113,20 @@ def _job(
     job_spec: dict[str, Any],
 ) -> dict[str, Any]:
     name = meta.check_name(meta.child_name(run.name, component))
+    labels = meta.labels(run.name, component)
+    rt = spec.runtime
+    queued: dict[str, Any] = {}
+    if rt.kueue_queue_name and rt.kueue_queue_tools:
+        # Created suspended, as Kueue's webhook would make it; Kueue unsuspends on admission.
+        labels[meta.KUEUE_QUEUE_LABEL] = rt.kueue_queue_name
+        queued["suspend"] = True
     manifest = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "labels": meta.labels(run.name, component)},
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             **job_spec,
+            **queued,
             "podFailurePolicy": _pod_failure_policy(component),
             "template": _tools_pod(spec, run, component, config, image),
         },

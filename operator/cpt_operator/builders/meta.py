@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 
 from cpt_operator.api.status_models import MAX_ATTEMPTS_LIMIT
 
-Component = Literal["tokenize", "weights", "preflight", "train", "export"]
+Component = Literal["tokenize", "weights", "preflight", "precompile", "train", "export"]
 
 CPT_API_VERSION: Final = "cpt.dev/v1alpha1"
 CPT_KIND: Final = "ContinualPretrain"
@@ -32,6 +32,7 @@ STAGE_OF: Final[dict[str, str]] = {
     "tokenize": "tokenize",
     "weights": "convert-to-nxd",
     "preflight": "preflight",
+    "precompile": "precompile",
     "train": "train",
     "export": "export-hf",
 }

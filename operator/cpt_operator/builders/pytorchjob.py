@@ -19,6 +19,7 @@ Shape decisions (see /work/shared/reference/peers.md §1):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from cpt_operator.api.podsecurity import runs_as_root
 from cpt_operator.builders import meta, pods, stages
 from cpt_operator.builders.jobs import RunRef
 from cpt_operator.builders.meta import Component
-from cpt_training.config import PreflightStage, TrainStage
+from cpt_training.config import PrecompileStage, PreflightStage, TrainStage
 from cpt_training.flops import instance_type as lookup_instance
 from cpt_training.native.neuron import DEFAULT_LNC, NEFF_CACHE_SUBDIR, torchneuron_env
 from cpt_training.nxd.env import neuron_env
@@ -38,6 +39,14 @@ PORT = 23456
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 HOSTNAME_KEY = "kubernetes.io/hostname"
 TERMINATION_GRACE_SECONDS = 60
+"""The floor of a training pod's grace period and the preflight's: SIGTERM to exit."""
+ASSUMED_SAVE_GIB_PER_S = 0.5
+"""Save-and-commit speed per node before an attempt measured one (progress.json's
+lastCommitSeconds): a conservative S3 upload rate for one node's checkpoint shards."""
+STOP_MARGIN_SECONDS = 30
+"""Process start-up of the stop path, the commit's collectives, torchrun's own shutdown."""
+LAUNCHER = "cpt-torchrun"
+"""torchrun wrapped so that a stop on SIGTERM keeps its exit code (cpt_training.launch)."""
 ACCELERATOR_TAINTS = {"neuron": "aws.amazon.com/neuron", "cuda": "nvidia.com/gpu"}
 RESUME_STEP_ANNOTATION = "cpt.dev/expected-resume-step"
 # The checkpoint syncer groups ranks by node to decide who uploads/restores a node's files;
@@ -60,6 +69,25 @@ def torchrun_args(nproc_per_node: int, stage: str) -> list[str]:
         "cpt_training.cli",
         stage,
     ]
+
+
+def termination_grace_seconds(
+    spec: ContinualPretrainSpec,
+    *,
+    step_seconds: float | None,
+    checkpoint_gib: float | None,
+    save_seconds: float | None,
+) -> int:
+    """The training pods' terminationGracePeriodSeconds: one step, plus 1.5 x the time to
+    save and commit a checkpoint (measured by the last attempt, else the checkpoint's per-node
+    size at ASSUMED_SAVE_GIB_PER_S), plus STOP_MARGIN_SECONDS; at least
+    TERMINATION_GRACE_SECONDS, at most spec.resiliency.maxTerminationGracePeriodSeconds."""
+    if save_seconds is None:
+        per_node = (checkpoint_gib or 0.0) / max(spec.training.nodes, 1)
+        save_seconds = per_node / ASSUMED_SAVE_GIB_PER_S
+    need = (step_seconds or 0.0) + 1.5 * save_seconds + STOP_MARGIN_SECONDS
+    bound = spec.resiliency.max_termination_grace_period_seconds
+    return int(min(max(math.ceil(need), TERMINATION_GRACE_SECONDS), bound))
 
 
 def _image(spec: ContinualPretrainSpec) -> str:
@@ -129,11 +157,15 @@ def _pod_template(
     spec: ContinualPretrainSpec,
     labels: dict[str, str],
     stage: str,
-    config: TrainStage | PreflightStage,
+    config: TrainStage | PreflightStage | PrecompileStage,
     device_env: dict[str, str],
     exclude_nodes: Sequence[str] = (),
+    grace_seconds: int = TERMINATION_GRACE_SECONDS,
+    command: Sequence[str] = (),
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
+    # torchrun waits this long for its SIGTERMed workers to commit before killing them.
+    device_env = {**device_env, "PET_SHUTDOWN_TIMEOUT": str(max(grace_seconds - 5, 1))}
     inst = lookup_instance(t.instance_type)
     accel_resources = dict(inst.resources)
     tolerations = []
@@ -150,8 +182,8 @@ def _pod_template(
         "name": CONTAINER,
         "image": _image(spec),
         "imagePullPolicy": rt.images.pull_policy,
-        "command": ["torchrun"],
-        "args": torchrun_args(t.resolved_processes_per_node(), stage),
+        "command": list(command) or [LAUNCHER],
+        "args": [] if command else torchrun_args(t.resolved_processes_per_node(), stage),
         "env": [meta.clone(NODE_ID_ENV), *pods.stage_env(spec, config, device_env)],
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "securityContext": pods.container_security_context(
@@ -168,7 +200,7 @@ def _pod_template(
         container["resources"] = pods.resources(accel_resources, accel_resources)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": grace_seconds,
         "securityContext": pods.pod_security_context(root=runs_as_root(spec)),
         "containers": [container],
         "volumes": [pods.shm_volume(), pods.scratch_volume(scratch), pods.tmp_volume()],
@@ -195,15 +227,17 @@ def _pod_template(
     return {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
 
 
-def _gang_job(
+def gang_job(
     spec: ContinualPretrainSpec,
     run: RunRef,
     component: Component,
-    config: TrainStage | PreflightStage,
+    config: TrainStage | PreflightStage | PrecompileStage,
     *,
     attempt: int | None = None,
     annotations: dict[str, str] | None = None,
     exclude_nodes: Sequence[str] = (),
+    grace_seconds: int = TERMINATION_GRACE_SECONDS,
+    command: Sequence[str] = (),
 ) -> dict[str, Any]:
     t, rt = spec.training, spec.runtime
     name = meta.check_name(meta.child_name(run.name, component, attempt))
@@ -211,9 +245,17 @@ def _gang_job(
     meta.check_name(f"{name}-worker-{max(t.nodes - 2, 0)}")
     labels = meta.labels(run.name, component, attempt)
     cache = stages.paths(spec, run.name, run.namespace).compile_cache
-    device_env = _device_env(spec, config if isinstance(config, TrainStage) else None, cache)
+    train = config.train if isinstance(config, PrecompileStage) else config
+    device_env = _device_env(spec, train if isinstance(train, TrainStage) else None, cache)
     template = _pod_template(
-        spec, labels, meta.STAGE_OF[component], config, device_env, exclude_nodes
+        spec,
+        labels,
+        meta.STAGE_OF[component],
+        config,
+        device_env,
+        exclude_nodes,
+        grace_seconds,
+        command,
     )
     replicas: dict[str, Any] = {
         "Master": {"replicas": 1, "restartPolicy": "Never", "template": template}
@@ -235,6 +277,9 @@ def _gang_job(
     job_labels = dict(labels)
     if rt.kueue_queue_name:
         job_labels[meta.KUEUE_QUEUE_LABEL] = rt.kueue_queue_name
+        # Created suspended, as Kueue's own webhook would make it: no pod starts before
+        # Kueue admits the job (it then clears suspend).
+        run_policy["suspend"] = True
     metadata: dict[str, Any] = {"name": name, "labels": job_labels}
     if annotations:
         metadata["annotations"] = dict(annotations)
@@ -259,17 +304,18 @@ def training_job(
     resume_step: int | None = None,
     resume_uri: str | None = None,
     exclude_nodes: Sequence[str] = (),
+    grace_seconds: int = TERMINATION_GRACE_SECONDS,
 ) -> dict[str, Any]:
     """`<run>-train-<attempt>`. The annotations record which checkpoint the operator expected
     this attempt to resume from, for people reading the cluster; the trainer decides itself.
     `exclude_nodes`: nodes earlier attempts failed on (status.excludedNodes), kept out by a
-    required node affinity."""
+    required node affinity. `grace_seconds`: see termination_grace_seconds."""
     annotations = {}
     if resume_step is not None:
         annotations[RESUME_STEP_ANNOTATION] = str(resume_step)
     if resume_uri:
         annotations[RESUME_URI_ANNOTATION] = resume_uri
-    return _gang_job(
+    return gang_job(
         spec,
         run,
         "train",
@@ -277,11 +323,16 @@ def training_job(
         attempt=config.attempt,
         annotations=annotations or None,
         exclude_nodes=exclude_nodes,
+        grace_seconds=grace_seconds,
     )
 
 
 def preflight_job(
-    spec: ContinualPretrainSpec, run: RunRef, config: PreflightStage
+    spec: ContinualPretrainSpec,
+    run: RunRef,
+    config: PreflightStage,
+    exclude_nodes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Same gang shape and placement as training, running the all-reduce check."""
-    return _gang_job(spec, run, "preflight", config)
+    """Same gang shape and placement as training, running the all-reduce check (avoiding the
+    nodes an earlier check found bad)."""
+    return gang_job(spec, run, "preflight", config, exclude_nodes=exclude_nodes)

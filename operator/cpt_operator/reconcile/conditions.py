@@ -17,6 +17,8 @@ TOKENIZATION_FAILED: Final = "TokenizationFailed"
 WEIGHT_CONVERSION_FAILED: Final = "WeightConversionFailed"
 MAX_ATTEMPTS_EXCEEDED: Final = "MaxAttemptsExceeded"
 EXPORT_FAILED: Final = "ExportFailed"
+DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+PRECOMPILE_FAILED: Final = "PrecompileFailed"
 
 # Why a training attempt ended (attempts[].reason, condition Training=False while restarting).
 POD_FAILED: Final = "PodFailed"
@@ -28,11 +30,15 @@ JOB_RESTARTING: Final = "TrainingJobRestarting"
 JOB_DELETED: Final = "TrainingJobDeleted"
 SUSPENDED: Final = "Suspended"
 COMPLETED: Final = "Completed"
+PREEMPTED: Final = "Preempted"
+"""Stopped from outside with a chance to checkpoint (the trainer's exit 75, a pod deleted or
+evicted, a scheduler preemption): not counted against maxAttempts."""
 
 # Why a node is in status.excludedNodes (spec.resiliency.excludeFailedNodes).
 EXCLUDED_NOT_READY: Final = "NodeNotReady"
 EXCLUDED_GONE: Final = "NodeGone"
 EXCLUDED_DEVICE_UNHEALTHY: Final = "DeviceUnhealthy"
+EXCLUDED_PREFLIGHT_FAILED: Final = "PreflightFailed"
 
 # Events about node exclusions.
 NODE_EXCLUDED: Final = "NodeExcluded"
@@ -45,6 +51,7 @@ TRANSITION_REASONS: Final = {
     "Preflight": "StartedPreflight",
     "Tokenizing": "StartedTokenization",
     "PreparingWeights": "StartedWeightPreparation",
+    "Precompiling": "StartedPrecompile",
     "Training": "StartedTraining",
     "Converting": "StartedExport",
     "Succeeded": "Succeeded",

@@ -6,8 +6,12 @@ status, so a crash between the two is repaired by the next reconcile: creates ar
 (deterministic names), and a training child that vanished without the status knowing why is
 treated as a failed attempt.
 
-    Pending → Planning → [Preflight] → Tokenizing → [PreparingWeights (nxd)] → Training (n)
-            → Converting → Succeeded | Failed                 Suspended via spec.suspend
+    Pending → Planning → [Preflight] → Tokenizing → [PreparingWeights (nxd)] → [Precompiling]
+            → Training (n) → Converting → Succeeded | Failed   Suspended via spec.suspend
+
+A child Kueue holds (suspended) keeps its phase with condition Queued; a preempted attempt
+(SIGTERM with a committed checkpoint) is not counted against maxAttempts; past
+activeDeadlineSeconds the run stops and fails DeadlineExceeded (lifecycle.py).
 
 Terminal phases are sticky. The attempt counter lives in the run's status; attempt n+1 is only
 created once nothing of attempt n is left (its pods could otherwise still hold the nodes or,
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,22 +35,20 @@ from pydantic import ValidationError
 from cpt_operator.api import planner as api_planner
 from cpt_operator.api.models import (
     TERMINAL_PHASES,
-    CheckpointStatus,
     ConditionType,
     ContinualPretrainSpec,
     ContinualPretrainStatus,
-    EvalStatus,
     Phase,
     PlanSummary,
-    ProgressStatus,
     parse_spec,
 )
 from cpt_operator.builders import jobs, meta, pytorchjob, stages
 from cpt_operator.reconcile import conditions as cond
 from cpt_operator.reconcile import trust
 from cpt_operator.reconcile.actions import Action, EmitEvent
+from cpt_operator.reconcile.lifecycle import Lifecycle
 from cpt_operator.reconcile.observe import Observed
-from cpt_operator.reconcile.recovery import DEVICE_FAULT_MARKER, Recovery
+from cpt_operator.reconcile.recovery import DEVICE_FAULT_MARKER
 from cpt_operator.reconcile.status import (
     Decision,
     Planner,
@@ -73,9 +75,10 @@ MAX_TRANSITIONS = 10
 """Instant transitions chained in one reconcile (Pending → Planning → first stage)."""
 
 
-class _Reconcile(Recovery):
+class _Reconcile(Lifecycle):
     """One decision in progress: the phase rules, top to bottom (the shared state and helpers
-    are ReconcileBase's in base.py, the training recovery helpers Recovery's in recovery.py)."""
+    are ReconcileBase's in base.py, the training recovery helpers Recovery's in recovery.py,
+    the preflight record, precompile phase and deadline Lifecycle's in lifecycle.py)."""
 
     # -- the state machine -----------------------------------------------------------------
 
@@ -86,12 +89,17 @@ class _Reconcile(Recovery):
         if self.spec.suspend and phase != Phase.SUSPENDED:
             self.suspend()
             return
+        past = self.status.deadline_exceeded_at is None and self._past_deadline()
+        if phase != Phase.SUSPENDED and past:
+            self.deadline_exceeded()
+            return
         handler = {
             Phase.PENDING: self.pending,
             Phase.PLANNING: self.planning,
             Phase.PREFLIGHT: self.preflight,
             Phase.TOKENIZING: self.tokenizing,
             Phase.PREPARING_WEIGHTS: self.preparing_weights,
+            Phase.PRECOMPILING: self.precompiling,
             Phase.TRAINING: self.training,
             Phase.CONVERTING: self.converting,
             Phase.SUSPENDED: self.suspended,
@@ -142,15 +150,21 @@ class _Reconcile(Recovery):
         if ptj is None or ptj.deleting:
             if ptj is None:
                 cfg = stages.preflight_stage(self.spec, self.run.name, self.run.namespace)
-                self.create(pytorchjob.preflight_job(self.spec, self.run.ref, cfg))
+                on = self._exclusions_on()
+                avoid = [e.node for e in self.status.excluded_nodes] if on else []
+                self.create(pytorchjob.preflight_job(self.spec, self.run.ref, cfg, avoid))
                 self.status.children.preflight = name
                 self.status.message = f"preflight check {name} running"
             return
+        if ptj.condition in ("Succeeded", "Failed", "Restarting"):
+            self._record_preflight()
         if ptj.condition == "Succeeded":
             self.condition(ConditionType.PREFLIGHT_PASSED, "True", "PreflightSucceeded", name)
             self.transition(Phase.TOKENIZING, "preflight passed; tokenizing")
             return
         if ptj.condition in ("Failed", "Restarting"):
+            if self._exclude_preflight_nodes(name):
+                return
             msg = f"{name}: {ptj.reason} {ptj.message}".strip()
             self.condition(ConditionType.PREFLIGHT_PASSED, "False", cond.PREFLIGHT_FAILED, msg)
             self.fail(cond.PREFLIGHT_FAILED, msg)
@@ -182,6 +196,9 @@ class _Reconcile(Recovery):
             self.status.message = running_msg
             return
         if job.deleting:
+            return
+        self._queue_hold("Job", "batch/job", name, job.uid, job.suspended)
+        if job.suspended:  # held by Kueue: condition Queued, no pending clock
             return
         if job.complete:
             self.condition(ready, "True", "Completed", done_msg)
@@ -229,7 +246,7 @@ class _Reconcile(Recovery):
             lambda: jobs.weights_job(self.spec, self.run.ref, cfg),
             ready=ConditionType.WEIGHTS_READY,
             failed_reason=cond.WEIGHT_CONVERSION_FAILED,
-            next_phase=Phase.TRAINING,
+            next_phase=Phase.PRECOMPILING if self.spec.runtime.precompile else Phase.TRAINING,
             running_msg=f"converting {cfg.model_uri} to the NxD layout in {cfg.output_uri}",
             done_msg=f"NxD weights in {cfg.output_uri}",
         )
@@ -237,6 +254,21 @@ class _Reconcile(Recovery):
     def converting(self) -> None:
         self._refresh_progress()
         cfg = stages.export_stage(self.spec, self.run.name, self.run.namespace)
+        export = self.obs.jobs.get(meta.child_name(self.run.name, "export"))
+        done = export is not None and export.complete and not export.deleting
+        if self.status.deadline_exceeded_at is not None and done:
+            # Exported after the deadline (exportOnDeadline): the run still failed on it.
+            kept = self.status.checkpoint
+            step = f"step {kept.step}" if kept else "the newest checkpoint"
+            self.status.output_uri = cfg.output_uri
+            self.condition(ConditionType.EXPORTED, "True", "Completed", cfg.output_uri)
+            self.fail(
+                cond.DEADLINE_EXCEEDED,
+                f"spec.resiliency.activeDeadlineSeconds "
+                f"({self.spec.resiliency.active_deadline_seconds}s) reached; the model of "
+                f"{step} is exported to {cfg.output_uri} (exportOnDeadline)",
+            )
+            return
         self._stage_job(
             "export",
             lambda: jobs.export_job(self.spec, self.run.ref, cfg),
@@ -287,64 +319,18 @@ class _Reconcile(Recovery):
             self.condition(ConditionType.TRAINING, "False", cond.COMPLETED, f"{name} succeeded")
             self.transition(Phase.CONVERTING, f"training finished ({name}); exporting")
             return
+        if self._queued(name, ptj, rec):
+            return
         failure = self._failure_of(name, ptj) or self._track_progress(name, rec)
         if failure is not None:
             self._end_attempt(name, *failure)
 
-    def _refresh_progress(self) -> None:
-        ckpt = self.obs.checkpoint
-        if ckpt is not None:
-            cur = self.status.checkpoint
-            if cur is None or cur.step != ckpt.step or cur.uri != ckpt.uri:
-                self.status.checkpoint = CheckpointStatus(step=ckpt.step, uri=ckpt.uri)
-        prog = self.obs.progress
-        if prog is None:
-            return
-        max_steps = prog.max_steps or self.spec.max_steps()
-        eta: datetime | None = None
-        tokens_per_step = self.spec.training.global_batch_size * self.spec.data.block_size
-        if prog.tokens_per_sec and prog.tokens_per_sec > 0 and prog.updated_at is not None:
-            remaining = max(max_steps - prog.step, 0) * tokens_per_step / prog.tokens_per_sec
-            eta = (prog.updated_at + timedelta(seconds=remaining)).replace(microsecond=0)
-        self.status.progress = ProgressStatus(
-            step=prog.step,
-            max_steps=max_steps,
-            step_of_max=f"{prog.step}/{max_steps}",
-            loss=None if prog.loss is None else round(prog.loss, 4),
-            tokens_per_sec=None if prog.tokens_per_sec is None else round(prog.tokens_per_sec, 1),
-            mfu_percent=None if prog.mfu is None else round(prog.mfu * 100, 2),
-            lr=prog.lr,
-            eta=eta,
-            updated_at=prog.updated_at.replace(microsecond=0) if prog.updated_at else None,
-        )
-        if prog.eval is not None:  # a new attempt's file has none until its first eval
-            self.status.eval = EvalStatus.make(prog.eval.step, list(prog.eval.sources))
-
     # -- suspend / resume ------------------------------------------------------------------
-
-    def _stop_children(self) -> bool:
-        """Delete the running children of every stage; True when none is left running."""
-        clean = True
-        for name, job in sorted(self.obs.jobs.items()):
-            if job.complete or job.failed:
-                continue
-            clean = False
-            if not job.deleting:
-                self.delete("batch/v1", "Job", name)
-        for name, ptj in sorted(self.obs.pytorchjobs.items()):
-            if ptj.condition in ("Succeeded", "Failed"):
-                continue
-            clean = False
-            if not ptj.deleting:
-                self.delete("kubeflow.org/v1", "PyTorchJob", name)
-        for pod in self.obs.training_pods():
-            if pod.node_name and self._node_gone_or_not_ready(pod.node_name):
-                self.delete("v1", "Pod", pod.name, grace=0)
-        return clean
 
     def suspend(self) -> None:
         self.status.suspended_phase = self.status.phase
-        for component in ("tokenize", "weights", "preflight", "export"):
+        self.status.suspended_since = self.now
+        for component in ("tokenize", "weights", "preflight", "precompile", "export"):
             setattr(self.status.children, component, None)
         self.status.children.train = None
         self._stop_children()
@@ -363,6 +349,10 @@ class _Reconcile(Recovery):
         if back in (Phase.SUSPENDED, *TERMINAL_PHASES):
             back = Phase.PENDING
         self.status.suspended_phase = None
+        if self.status.suspended_since is not None:
+            away = (self.now - self.status.suspended_since).total_seconds()
+            self.status.suspended_seconds += max(int(away), 0)
+            self.status.suspended_since = None
         self.condition(ConditionType.SUSPENDED, "False", "Resumed", "spec.suspend is false")
         self.transition(back, f"resumed; continuing with {back.value}")
 
@@ -385,7 +375,8 @@ def decide(
     """The next status and the actions that get the cluster there."""
     status = load_status(status_raw)
     before = dump_status(status) if status_raw else {}
-    if status.phase in TERMINAL_PHASES:
+    reopen = _export_after_deadline(status, spec_raw)
+    if status.phase in TERMINAL_PHASES and not reopen:
         return Decision(status=dump_status(status), actions=[], changed=False)
     status = copy.deepcopy(status)
     try:
@@ -395,6 +386,9 @@ def decide(
     rec = _Reconcile(run, spec, status, observed, now, planner or cluster_planner)
     if repaired := trust.bound_attempt(status, spec, observed):
         rec.event("Warning", trust.STATUS_REPAIRED, repaired)
+    if reopen:
+        rec.status.completion_time = None
+        rec.transition(Phase.CONVERTING, "exportOnDeadline set: exporting the newest checkpoint")
     for _ in range(MAX_TRANSITIONS):
         phase = rec.status.phase
         rec.step()
@@ -404,6 +398,19 @@ def decide(
     cond.set_ready(rec.status, now=rec.now, generation=run.generation)
     after = dump_status(rec.status)
     return Decision(status=after, actions=rec.actions, changed=after != before)
+
+
+def _export_after_deadline(status: ContinualPretrainStatus, spec_raw: Mapping[str, Any]) -> bool:
+    """A run that failed on its deadline, exported nothing, and now asks for the export
+    (spec.resiliency.exportOnDeadline set afterwards): the one way out of Failed."""
+    resiliency = spec_raw.get("resiliency") or {}
+    return (
+        status.phase == Phase.FAILED
+        and status.deadline_exceeded_at is not None
+        and status.checkpoint is not None
+        and status.output_uri is None
+        and bool(resiliency.get("exportOnDeadline"))
+    )
 
 
 def _invalid(

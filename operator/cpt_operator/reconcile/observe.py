@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from cpt_operator.builders.meta import ATTEMPT_LABEL, RUN_LABEL, STAGE_LABEL
 
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+"""The label Kueue puts on a job's Workload: the job's uid."""
+
 if TYPE_CHECKING:
     from cpt_operator.reconcile.admission import Blocker
 
@@ -73,6 +76,8 @@ class JobState:
     failed_indexes: str = ""
     deleting: bool = False
     created: datetime | None = None
+    uid: str = ""
+    suspended: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,20 @@ class PyTorchJobState:
     message: str = ""
     deleting: bool = False
     created: datetime | None = None
+    uid: str = ""
+    suspended: bool = False
+    """spec.runPolicy.suspend: created suspended for Kueue, or suspended by it (not admitted
+    yet, or evicted: preempted by a higher-priority workload)."""
+
+
+@dataclass(frozen=True)
+class WorkloadState:
+    """Kueue's Workload of a job, reduced to why it is (not) running."""
+
+    job_uid: str
+    admitted: bool = False
+    reason: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,10 @@ class PodState:
     reason: str = ""
     message: str = ""
     exit_code: int | None = None
+    disruption: str = ""
+    """The reason of a True DisruptionTarget condition (PreemptionByScheduler,
+    EvictionByEvictionAPI, DeletionByTaintManager, TerminationByKubelet): the pod is being
+    stopped from outside, with its grace period."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +149,8 @@ class Progress:
     lr: float | None = None
     updated_at: datetime | None = None
     last_committed_step: int | None = None
+    last_commit_seconds: float | None = None
+    stopped_at_step: int | None = None
     eval: HeldOut | None = None
 
 
@@ -158,6 +183,12 @@ class Observed:
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None
     storage_error: str = ""
+    preflight: Mapping[str, Any] | None = None
+    """The preflight check's result.json (read in the Preflight phase only)."""
+    precompiled: bool = False
+    """The compile cache records this run's precompile key (read while Precompiling)."""
+    workloads: Mapping[str, WorkloadState] = field(default_factory=dict)
+    """Kueue's Workloads by the uid of their job (only read while a child is suspended)."""
     blockers: tuple[Blocker, ...] = ()
     """Why the run cannot start (missing Secret, Pod Security, rejected templates): checked
     only while planning, see reconcile/admission.py."""
@@ -196,6 +227,8 @@ def observe_job(obj: Mapping[str, Any]) -> JobState:
         failed_indexes=str(status.get("failedIndexes") or ""),
         deleting=bool(meta.get("deletionTimestamp")),
         created=parse_time(meta.get("creationTimestamp")),
+        uid=str(meta.get("uid", "")),
+        suspended=bool((obj.get("spec") or {}).get("suspend")),
     )
 
 
@@ -222,7 +255,26 @@ def observe_pytorchjob(obj: Mapping[str, Any]) -> PyTorchJobState:
         message=str(newest.get("message", "")),
         deleting=bool(meta.get("deletionTimestamp")),
         created=parse_time(meta.get("creationTimestamp")),
+        uid=str(meta.get("uid", "")),
+        suspended=bool(((obj.get("spec") or {}).get("runPolicy") or {}).get("suspend")),
     )
+
+
+def observe_workload(obj: Mapping[str, Any]) -> WorkloadState:
+    """Kueue's own words: admitted, else an eviction (Evicted=True: Preempted, ...), else why
+    quota is not reserved (QuotaReserved=False: Pending, "couldn't assign flavors ...
+    insufficient quota ..."), else waiting."""
+    conds = {str(c.get("type")): c for c in (obj.get("status") or {}).get("conditions") or []}
+    job_uid = str(_labels(obj).get(KUEUE_JOB_UID_LABEL, ""))
+    if str((conds.get("Admitted") or {}).get("status")) == "True":
+        return WorkloadState(job_uid, admitted=True)
+    for type_, wanted in (("Evicted", "True"), ("QuotaReserved", "False")):
+        c = conds.get(type_) or {}
+        if str(c.get("status")) == wanted:
+            return WorkloadState(
+                job_uid, False, str(c.get("reason") or ""), str(c.get("message") or "")
+            )
+    return WorkloadState(job_uid, False, "Pending", "waiting for Kueue to admit it")
 
 
 def observe_pod(obj: Mapping[str, Any]) -> PodState:
@@ -248,9 +300,12 @@ def observe_pod(obj: Mapping[str, Any]) -> PodState:
         if wait.get("reason") not in (None, "", "ContainerCreating") and not waiting:
             waiting = wait
     ready = False
+    disruption = ""
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Ready":
             ready = cond.get("status") == "True"
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            disruption = str(cond.get("reason") or "DisruptionTarget")
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and not reason:
             reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
     if not reason and waiting:
@@ -269,6 +324,7 @@ def observe_pod(obj: Mapping[str, Any]) -> PodState:
         reason=reason,
         message=message,
         exit_code=exit_code,
+        disruption=disruption,
     )
 
 
@@ -332,6 +388,8 @@ def observe_progress(data: Mapping[str, Any] | None) -> Progress | None:
         updated_at=parse_time(data.get("updatedAt")),
         last_committed_step=_int(data.get("lastCommittedStep")),
         eval=observe_held_out(data.get("eval")),
+        last_commit_seconds=num("lastCommitSeconds"),
+        stopped_at_step=_int(data.get("stoppedAtStep")),
     )
 
 
@@ -344,6 +402,9 @@ def observe(
     progress: Mapping[str, Any] | None = None,
     checkpoint: Checkpoint | None = None,
     storage_error: str = "",
+    workloads: Iterable[Mapping[str, Any]] = (),
+    preflight: Mapping[str, Any] | None = None,
+    precompiled: bool = False,
     blockers: tuple[Blocker, ...] = (),
 ) -> Observed:
     """Build the observation from raw API objects (dicts) and the S3 reads."""
@@ -358,5 +419,8 @@ def observe(
         progress=observe_progress(progress),
         checkpoint=checkpoint,
         storage_error=storage_error,
+        workloads={w.job_uid: w for w in (observe_workload(o) for o in workloads)},
+        preflight=preflight,
+        precompiled=precompiled,
         blockers=blockers,
     )

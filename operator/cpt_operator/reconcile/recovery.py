@@ -22,6 +22,7 @@ from cpt_operator.reconcile.observe import (
     PodState,
     PyTorchJobState,
 )
+from cpt_training.preemption import EXIT_PREEMPTED
 
 DEVICE_FAULT_MARKER = "cannot allocate unhealthy devices"
 """The kubelet's device manager refusing a pod because the node's device plugin reports its
@@ -64,13 +65,17 @@ class Recovery(ReconcileBase):
         limit = self.spec.resiliency.pending_timeout_seconds
         if not limit or job.created is None:
             return ""
+        created = job.created
+        queued = cond.get(self.status, ConditionType.QUEUED)
+        if queued is not None and queued.status == "False":  # admitted by Kueue: from then
+            created = max(created, queued.last_transition_time)
         pods = self.obs.pods_of(job.name)
         stuck = self._pending_too_long(pods)
         if stuck is not None:
             why = ": ".join(x for x in (stuck.reason, stuck.message) if x) or "not started"
             return f"Job {job.name}: pod {stuck.name} Pending for more than {limit}s: {why}"
         started = pods or job.active or job.succeeded or job.failed_pods
-        if not started and _seconds(self.now - job.created) > limit:
+        if not started and _seconds(self.now - created) > limit:
             return (
                 f"Job {job.name} has no pods after {limit}s: the Job controller could not "
                 "create them (a ResourceQuota, a missing PriorityClass, Pod Security admission, "
@@ -172,6 +177,9 @@ class Recovery(ReconcileBase):
         if ptj.deleting:
             return cond.JOB_DELETED, f"PyTorchJob {name} is being deleted outside the operator"
         pods = self.obs.pods_of(name)
+        preempted = self._preemption_of(pods)
+        if preempted:
+            return cond.PREEMPTED, preempted
         # A failed pod says more (which replica, exit code) than the job's generic "backoff
         # limit reached", and the job keeps failed pods: report the pod whichever came first.
         for pod in pods:
@@ -206,7 +214,8 @@ class Recovery(ReconcileBase):
         limit = self.spec.resiliency.pending_timeout_seconds
         live = [p for p in pods if not p.deleting]
         expected = self.spec.training.nodes
-        created = ptj.created
+        admitted = self._attempt_record().admitted_time
+        created = max(ptj.created, admitted) if ptj.created and admitted else ptj.created
         if limit and created and len(live) < expected and _seconds(self.now - created) > limit:
             # Pods the training operator cannot create never show up as Pending.
             return cond.PENDING_TIMEOUT, (
@@ -215,6 +224,76 @@ class Recovery(ReconcileBase):
                 f"admission, a ResourceQuota, ...; see kubectl describe pytorchjob {name})"
             )
         return None
+
+    def _preemption_of(self, pods: list[PodState]) -> str:
+        """Why the attempt is being stopped from outside with a chance to checkpoint, or "":
+        a pod the cluster is disrupting (DisruptionTarget: a scheduler preemption, an eviction
+        or drain), deleted with its grace period, or that stopped with the trainer's
+        EXIT_PREEMPTED. A pod on a NotReady or vanished node is a node failure, not this."""
+        for pod in pods:
+            if pod.node_name and self._node_gone_or_not_ready(pod.node_name):
+                continue
+            if pod.disruption:
+                return f"pod {pod.name} is being stopped by the cluster ({pod.disruption})"
+            if pod.deleting and pod.phase not in ("Succeeded", "Failed"):
+                return f"pod {pod.name} was deleted; its trainer checkpoints in its grace period"
+            if pod.phase == "Failed" and pod.exit_code == EXIT_PREEMPTED:
+                return (
+                    f"pod {pod.name} stopped on SIGTERM after committing a checkpoint "
+                    f"(exit code {EXIT_PREEMPTED})"
+                )
+        return ""
+
+    def _queued(self, name: str, ptj: PyTorchJobState, rec: AttemptStatus) -> bool:
+        """Kueue holds the attempt's job suspended (waiting for quota, or preempted by a
+        higher-priority workload: its pods get SIGTERM and the trainer checkpoints): condition
+        Queued with Kueue's reason, no pending or hang clock, no attempt spent. Once admitted
+        the same job runs again and the trainer resumes from its newest commit."""
+        held = ptj.suspended and not ptj.deleting
+        waited = self._queue_hold("PyTorchJob", "kubeflow.org/pytorchjob", name, ptj.uid, held)
+        if waited is not None:
+            rec.admitted_time = self.now
+            rec.queued_seconds += waited
+        if held:
+            rec.running_since = rec.last_step = rec.last_step_time = None
+        return held
+
+    def _queue_hold(
+        self, kind: str, integration: str, name: str, uid: str, held: bool
+    ) -> int | None:
+        """Condition Queued for a child Kueue holds (`held`: suspended), with Kueue's reason
+        from its Workload and one Queued event per reason. Returns the seconds it waited when
+        it was just admitted, else None."""
+        queued = cond.get(self.status, ConditionType.QUEUED)
+        if not held:
+            if queued is None or queued.status != "True":
+                return None
+            waited = max(int((self.now - queued.last_transition_time).total_seconds()), 0)
+            self.condition(ConditionType.QUEUED, "False", "Admitted", f"{name} admitted")
+            self.status.message = f"{kind} {name} admitted by Kueue"
+            return waited
+        queue = self.spec.runtime.kueue_queue_name
+        wl = self.obs.workloads.get(uid)
+        if wl is None:
+            reason = "WaitingForKueue"
+            msg = (
+                f"{kind} {name} is suspended and has no Kueue Workload yet (is Kueue running "
+                f"with the {integration} integration, and does LocalQueue {queue} exist?)"
+            )
+        else:
+            reason = wl.reason or "Pending"
+            msg = f"{kind} {name} queued in LocalQueue {queue}"
+            msg += f": {wl.message}" if wl.message else ""
+        if queued is None or queued.status != "True" or queued.reason != reason:
+            self.event("Normal", "Queued", msg)
+        self.condition(ConditionType.QUEUED, "True", reason, msg)
+        self.status.message = msg
+        return None
+
+    def _failures(self) -> int:
+        """Ended attempts that count against maxAttempts (preemptions do not)."""
+        done = (cond.PREEMPTED, cond.COMPLETED, "")
+        return sum(1 for a in self.status.attempts if a.end_time and a.reason not in done)
 
     def _track_progress(self, name: str, rec: AttemptStatus) -> tuple[str, str] | None:
         """Update the hang clock; a failure when the attempt made no step progress for
@@ -250,12 +329,16 @@ class Recovery(ReconcileBase):
         rec = self._attempt_record()
         rec.end_time = self.now
         rec.reason, rec.message = reason, message
-        self.event(
-            "Warning", "AttemptFailed", f"attempt {n} of {max_attempts}: {reason}: {message}"
-        )
+        failures = self._failures()
+        if reason == cond.PREEMPTED:
+            self.event("Normal", "AttemptPreempted", f"attempt {n}: {message}")
+        else:
+            label = f"{n} of" if failures == n else f"{n} (failure {failures} of"
+            label += f" {max_attempts}" + ("" if failures == n else ")")
+            self.event("Warning", "AttemptFailed", f"attempt {label}: {reason}: {message}")
         self._exclude_failed_nodes(name, n)
         self._teardown(keep=None)
-        if n >= max_attempts:
+        if reason != cond.PREEMPTED and failures >= max_attempts:
             msg = f"all {max_attempts} training attempts failed; the last one: {reason}: {message}"
             self.condition(ConditionType.TRAINING, "False", cond.MAX_ATTEMPTS_EXCEEDED, msg)
             self.fail(cond.MAX_ATTEMPTS_EXCEEDED, msg)
@@ -263,7 +346,18 @@ class Recovery(ReconcileBase):
         self.status.attempt = n + 1
         self.status.children.train = None
         self._attempt_record()
-        msg = f"attempt {n} failed ({reason}); starting attempt {n + 1} of {max_attempts}"
+        if reason == cond.PREEMPTED:
+            msg = (
+                f"attempt {n} preempted; attempt {n + 1} resumes from its checkpoint once its "
+                "pods are gone (preemptions do not count against maxAttempts)"
+            )
+        else:
+            msg = f"attempt {n} failed ({reason}); starting attempt {n + 1} of {max_attempts}"
+            if failures != n:
+                msg = (
+                    f"attempt {n} failed ({reason}); starting attempt {n + 1} "
+                    f"({failures} of {max_attempts} failures used)"
+                )
         self.condition(ConditionType.TRAINING, "False", reason, msg)
         self.status.message = msg
         self.event("Normal", "Restarting", msg)
@@ -288,6 +382,20 @@ class Recovery(ReconcileBase):
                 # An orphan (its job is already gone): the GC would get it, we are quicker.
                 self.delete("v1", "Pod", pod.name)
         return clean
+
+    def _grace_seconds(self) -> int:
+        """The pods' grace period: from the plan's step time and checkpoint size, and the
+        save time the last commit took where progress.json reported one."""
+        plan = self.status.plan
+        prog = self.obs.progress
+        known = self.status.checkpoint.save_seconds if self.status.checkpoint else None
+        measured = prog.last_commit_seconds if prog is not None else None
+        return pytorchjob.termination_grace_seconds(
+            self.spec,
+            step_seconds=plan.est_step_seconds if plan else None,
+            checkpoint_gib=plan.checkpoint_size_gib if plan else None,
+            save_seconds=measured if measured is not None else known,
+        )
 
     def _start_attempt(self, name: str, rec: AttemptStatus) -> None:
         ckpt = self.obs.checkpoint
@@ -314,6 +422,7 @@ class Recovery(ReconcileBase):
                 resume_step=ckpt.step if ckpt else None,
                 resume_uri=ckpt.uri if ckpt else None,
                 exclude_nodes=avoid,
+                grace_seconds=self._grace_seconds(),
             )
         )
         rec.start_time = self.now

@@ -54,16 +54,21 @@ def bound_attempt(
     if observed.progress is not None and observed.progress.attempt:
         confirmed.append(observed.progress.attempt)
     newest = min(max(confirmed, default=0), MAX_ATTEMPTS_LIMIT)
+    # Preempted attempts do not count against maxAttempts, so each one raises the bound; the
+    # child-name bound (MAX_ATTEMPTS_LIMIT) holds whatever the status claims.
+    preempted = sum(1 for a in status.attempts if a.reason == cond.PREEMPTED)
     limit = spec.resiliency.max_attempts
+    bound = min(limit + preempted, MAX_ATTEMPTS_LIMIT)
     n = status.attempt
     if n < newest:
         status.attempt = newest
         return f"status.attempt {n} is behind attempt {newest} of the run's children/progress"
-    if n > limit and n not in confirmed:
-        status.attempt = newest or limit
+    if n > bound and n not in confirmed:
+        status.attempt = newest or bound
+        extra = f" plus {preempted} preempted attempts" if preempted else ""
         return (
-            f"status.attempt {n} exceeds spec.resiliency.maxAttempts ({limit}) and no child "
-            f"confirms it; continuing as attempt {status.attempt}"
+            f"status.attempt {n} exceeds spec.resiliency.maxAttempts ({limit}){extra} and no "
+            f"child confirms it; continuing as attempt {status.attempt}"
         )
     return None
 
@@ -121,6 +126,19 @@ def revive(
         status.attempt += 1
         status.children.train = None
         why = f"spec.resiliency.maxAttempts is {limit}: continuing with attempt {status.attempt}"
+    elif (
+        reason == cond.DEADLINE_EXCEEDED
+        and spec.resiliency.export_on_deadline
+        and status.checkpoint is not None
+        and status.output_uri is None
+    ):
+        why = "spec.resiliency.exportOnDeadline is set: exporting the newest checkpoint"
+        status.phase, status.completion_time = Phase.CONVERTING, None
+        status.message = f"{REVIVED}: {why}"
+        cond.set_condition(
+            status, ConditionType.FAILED, "False", REVIVED, why, now=now, generation=generation
+        )
+        return True, why
     elif planned is None or planned.status == "False" or reason == cond.INVALID_SPEC:
         why = f"generation {generation} is accepted: planning the run again"
     else:

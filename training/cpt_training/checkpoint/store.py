@@ -76,6 +76,9 @@ class CommittedCheckpoint:
     time: str
     manifest_sha256: str = ""
     local_path: Path | None = None
+    seconds: float | None = None
+    """From submitting the tag to its commit (set by the syncer): what a stop on SIGTERM
+    needs after its last step, which the operator sizes the pods' grace period by."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -455,7 +455,13 @@ class CheckpointSyncer:
             self._fail_head(str(outcome["error"]))
             return []
         self._pending.pop(0)
-        ckpt = CommittedCheckpoint(head.tag, head.step, head.tag_uri, str(outcome["created"]))
+        ckpt = CommittedCheckpoint(
+            head.tag,
+            head.step,
+            head.tag_uri,
+            str(outcome["created"]),
+            seconds=round(time.monotonic() - head.submitted, 3),
+        )
         self.last_committed = ckpt
         self.committed.append(ckpt)
         keep_local = [c.tag for c in self.committed[-self.local_keep :]]

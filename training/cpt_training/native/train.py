@@ -45,6 +45,7 @@ from cpt_training.native.optim import build_adamw, clip_grads, set_lr
 from cpt_training.native.parallelize import Layout, build_mesh, parallelize
 from cpt_training.native.single import MasterWeights
 from cpt_training.native.weights import load_hf_weights
+from cpt_training.preemption import StopRequest, stopped_exit
 from cpt_training.progress import ProgressWriter, progress_file_uri
 from cpt_training.schedule import LrSchedule
 
@@ -112,6 +113,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.schedule = LrSchedule.from_config(cfg.optimizer, cfg.max_steps)
         self.counters = TrainCounters()
+        self.stop = StopRequest()
+        self.stopped_at: int | None = None  # the step a stop request ended the loop at
         self._build_checkpointing()
         self._build_reporting()
 
@@ -209,7 +212,7 @@ class Trainer:
 
     def _on_commit(self, ckpt: CommittedCheckpoint) -> None:
         if self.progress is not None:
-            self.progress.committed(ckpt.step)
+            self.progress.committed(ckpt.step, ckpt.seconds)
         self._sync_tensorboard()
 
     def _sync_tensorboard(self) -> None:
@@ -415,12 +418,20 @@ class Trainer:
         if self.progress is not None:
             if finished:
                 self.progress.done()
-            else:
+            elif self.stopped_at is None:
                 self.progress.flush()
         self._sync_tensorboard()
         if self.sink is not None:
             self.sink.close()
         self.syncer.close()
+        if self.stopped_at is not None:
+            return stopped_exit(
+                self.stopped_at,
+                self.syncer.last_committed,
+                self.syncer.failures,
+                local_main=self.d.is_local_main,
+                progress=self.progress,
+            )
         if finished and (
             self.syncer.last_committed is None or self.syncer.last_committed.step < cfg.max_steps
         ):
@@ -429,6 +440,16 @@ class Trainer:
                 f"committed: {self.syncer.failures[-1:] or 'unknown reason'}"
             )
         return 0
+
+    def _stop_agreed(self, step: int) -> bool:
+        """After each step: did any rank get a stop request? Then save ``step`` (unless
+        this step's save already happened) and end the loop on every rank."""
+        if not self.stop.agreed(self.syncer.collective):
+            return False
+        if step % self.cfg.checkpoint.every_steps and step != self.cfg.max_steps:
+            self.checkpointer.save(step)
+        self.stopped_at = step
+        return True
 
     def _loop(self, start: int) -> None:
         cfg = self.cfg
@@ -451,6 +472,7 @@ class Trainer:
         self.throughput.reset(step)
         every = cfg.checkpoint.every_steps
         stop = cfg.stop_after_steps
+        self.stop.install()
         try:
             while step < cfg.max_steps and (stop is None or ran < stop):
                 set_lr(self.optimizer, self.schedule(step))
@@ -474,6 +496,8 @@ class Trainer:
                     self._evaluate(step)
                 if step % every == 0 or step == cfg.max_steps:
                     self.checkpointer.save(step)
+                if self._stop_agreed(step):
+                    break
                 self.syncer.poll()
         finally:
             data.close()  # stops the prefetch thread

@@ -78,6 +78,7 @@ from cpt_training.nxd.plan import (
     user_content,
     world_record,
 )
+from cpt_training.preemption import StopRequest, stopped_exit
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class _Trainer:
         self.local_root.mkdir(parents=True, exist_ok=True)
         self.held_out: Any = None  # built at the first evaluation
         torch.manual_seed(cfg.seed)
+        self.stop = StopRequest()
+        self.stopped_at: int | None = None  # the step a stop request (SIGTERM) ended the loop at
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class _Trainer:
 
     def _on_commit(self, ckpt: Any) -> None:
         if self.progress is not None:
-            self.progress.committed(ckpt.step)
+            self.progress.committed(ckpt.step, getattr(ckpt, "seconds", None))
         self._sync_tensorboard()
 
     def _pretrained_record(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -468,6 +471,14 @@ class _Trainer:
         if self.sink is not None:
             self.sink.close()
         self.syncer.close()
+        if self.stopped_at is not None:
+            return stopped_exit(
+                self.stopped_at,
+                self.syncer.last_committed,
+                self.syncer.failures,
+                local_main=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+                progress=self.progress,
+            )
         last = self.syncer.last_committed
         if finished and not self.precompile and (last is None or last.step < cfg.max_steps):
             raise RuntimeError(
@@ -492,6 +503,7 @@ class _Trainer:
             plan.zero1,
         )
         self.model.train()
+        self.stop.install()
         step, ran = start, 0
         self.throughput.reset(step)
         t0 = time.perf_counter()
@@ -509,6 +521,13 @@ class _Trainer:
                 self._evaluate(step)
             if save_due(step, cfg) and not self.precompile:
                 self._save(step)
+            if not self.precompile and self.stop.agreed(self.syncer.collective):
+                # SIGTERM: NxD's save of this step (unless it was just saved), committed by
+                # the syncer's finalize; nothing after it is lost.
+                if not save_due(step, cfg):
+                    self._save(step)
+                self.stopped_at = step
+                break
             self.syncer.poll()
             if limit is not None and ran >= limit:
                 log.info("stopping after %d steps in this process (step %d)", ran, step)
