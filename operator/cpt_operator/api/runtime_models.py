@@ -1,6 +1,6 @@
-"""The runtime section of the spec (images, identity, placement, scheduling) and the Secret
-and ConfigMap references: the parts that stay mutable once a run exists. Split from
-models.py, which re-exports every name here.
+"""The runtime and resiliency sections of the spec (images, identity, placement, scheduling;
+retry budget, timeouts, deadline, preflight) and the Secret and ConfigMap references: the parts
+that stay mutable once a run exists. Split from models.py, which re-exports every name here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from pydantic import Field
 
 from cpt_operator.api.fields import (
     DEFAULT_IMAGES,
+    DEFAULT_MAX_EXCLUDED_NODES,
     HF_TOKEN_ENV,
+    MAX_EXCLUDED_NODES_LIMIT,
     NAME_MAX_LENGTH,
     S3_CREDENTIAL_ENV,
     GangScheduling,
@@ -20,6 +22,7 @@ from cpt_operator.api.fields import (
     Quantity,
     StorageUri,
 )
+from cpt_operator.api.status_models import MAX_ATTEMPTS_LIMIT
 from cpt_training.config import CamelModel
 
 
@@ -125,6 +128,74 @@ class RuntimeSpec(CamelModel):
         "layout on the training gang before training (phase Precompiling), filling the compile "
         "cache; skipped when the cache already records this layout's key.",
     )
+
+
+class PreflightSpec(CamelModel):
+    enabled: bool = Field(default=True, description="Run the all-reduce check before training.")
+    min_bus_bandwidth_gbps: float = Field(
+        default=0.0, ge=0, le=100000, description="Fail the run below this; 0 only reports."
+    )
+
+
+class ResiliencySpec(CamelModel):
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=MAX_ATTEMPTS_LIMIT,
+        description="Failed training attempts allowed; a preempted attempt (SIGTERM with a "
+        "committed checkpoint, a pod deleted or evicted, a scheduler preemption) does not count.",
+    )
+    max_termination_grace_period_seconds: int = Field(
+        default=300,
+        ge=30,
+        le=3600,
+        description="Upper bound of the training pods' terminationGracePeriodSeconds, which cpt "
+        "sets from the step time and the checkpoint's save time (measured by the last attempt, "
+        "else estimated from its size): the time a SIGTERMed trainer has to finish its step and "
+        "commit a checkpoint. On spot capacity keep it under the 2-minute interruption notice.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=365 * 86400,
+        description="Wall-clock budget from the run's start, suspended time excluded: when it "
+        "is reached the trainer is asked to checkpoint and stop, and the run ends Failed with "
+        "reason DeadlineExceeded, keeping its committed checkpoints. Unset: no deadline.",
+    )
+    export_on_deadline: bool = Field(
+        default=False,
+        description="When activeDeadlineSeconds stops the run, still export its newest "
+        "committed checkpoint (the run then ends Failed/DeadlineExceeded with outputUri set). "
+        "May also be set after the run failed on its deadline: the export then starts.",
+    )
+    pending_timeout_seconds: int = Field(
+        default=1800, ge=0, le=7 * 86400, description="Unschedulable this long → fail; 0 = off."
+    )
+    hang_timeout_seconds: int = Field(
+        default=1800, ge=0, le=7 * 86400, description="No progress this long → restart; 0 = off."
+    )
+    node_not_ready_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="A training pod's node NotReady this long → restart the attempt (its pods "
+        "on that node are force-deleted).",
+    )
+    exclude_failed_nodes: bool = Field(
+        default=True,
+        description="Keep a node that failed an attempt (NotReady past nodeNotReadySeconds, "
+        "gone, or its kubelet reported the accelerator devices unhealthy) out of every later "
+        "attempt of this run, even after it is Ready again (status.excludedNodes; a "
+        "kubernetes.io/hostname NotIn node affinity on the training pods).",
+    )
+    max_excluded_nodes: int = Field(
+        default=DEFAULT_MAX_EXCLUDED_NODES,
+        ge=1,
+        le=MAX_EXCLUDED_NODES_LIMIT,
+        description="At most this many nodes are excluded at once; beyond it the oldest "
+        "exclusion drops out (event NodeExclusionDropped) and that node may be used again.",
+    )
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
 
 
 def credential_env_names(runtime: RuntimeSpec) -> tuple[str, ...]:
