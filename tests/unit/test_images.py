@@ -116,6 +116,19 @@ def test_operator_installs_the_base_distribution_only():
     assert not any("[" in t for t in targets), "the operator image must not install extras"
 
 
+def test_only_the_cuda_image_carries_the_float8_extra_the_float8_field_needs():
+    """spec.training.float8 (native on H100/H200) imports torchao: the CUDA image installs the
+    locked 'float8' extra; the CPU image, which cannot run float8, does not."""
+
+    def targets(name: str) -> list[str]:
+        pips = [a for i in instrs(name) if i.cmd == "RUN" for a in df.pip_installs(i.args)]
+        return [t for argv in pips for t in argv[2:] if not t.startswith("-")]
+
+    assert ".[training,float8]" in targets("trainer-cuda")
+    assert ".[training]" in targets("trainer-cpu")
+    assert not any("float8" in t for t in targets("trainer-cpu"))
+
+
 def test_neuron_image_is_the_sdk_the_nxd_backend_targets():
     from cpt_training.nxd import env
 

@@ -1,5 +1,5 @@
-"""Float8 training's guards and module selection (native/float8.py). The conversion itself
-needs torchao and a GPU of compute capability 8.9+: it is measured on an H100 by the bench
+"""Float8 training's guards, module selection and conversion (native/float8.py). Training in
+float8 needs a GPU of compute capability 8.9+: it is measured on an H100 by the bench
 (bench/results/train-float8-h100.json), not here."""
 
 from __future__ import annotations
@@ -49,3 +49,17 @@ def test_float8_on_a_cpu_run_is_refused_with_the_field_and_the_fix() -> None:
     problem = float8_problem("cpu")
     assert problem is not None
     assert problem.startswith("training.float8:") and "set float8: false" in problem
+
+
+def test_torchao_swaps_exactly_the_convertible_projections_for_float8_linears() -> None:
+    """The conversion with the locked torchao (the 'float8' extra, installed in the CUDA
+    image): it runs on the meta device, so it is checked here; its matmuls need the GPU."""
+    from torchao.float8.float8_linear import Float8Linear  # type: ignore[import-not-found]
+
+    from cpt_training.native.float8 import convert_to_float8
+
+    model = _tiny()
+    assert convert_to_float8(model) == 2 * 7
+    swapped = sorted(n for n, m in model.named_modules() if isinstance(m, Float8Linear))
+    assert len(swapped) == 14 and all(".layers." in f".{n}" for n in swapped)
+    assert not isinstance(model.lm_head, Float8Linear)

@@ -47,7 +47,8 @@ def float8_problem(device_type: str, device: torch.device | None = None) -> str 
     if importlib.util.find_spec("torchao") is None:
         return (
             "training.float8: the torchao package is not installed in the training image; "
-            "install torchao (pip install torchao) or set float8: false"
+            "use the cpt-trainer-cuda image (it has the float8 extra) or pip install "
+            "'cpt[float8]', or set float8: false"
         )
     return None
 
