@@ -54,7 +54,7 @@ def test_float8_on_a_cpu_run_is_refused_with_the_field_and_the_fix() -> None:
 def test_torchao_swaps_exactly_the_convertible_projections_for_float8_linears() -> None:
     """The conversion with the locked torchao (the 'float8' extra, installed in the CUDA
     image): it runs on the meta device, so it is checked here; its matmuls need the GPU."""
-    from torchao.float8.float8_linear import Float8Linear  # type: ignore[import-not-found]
+    from torchao.float8.float8_linear import Float8Linear  # type: ignore[import-untyped]
 
     from cpt_training.native.float8 import convert_to_float8
 

@@ -94,6 +94,19 @@ def test_a_pod_deleted_with_a_grace_period_is_a_preemption() -> None:
     assert "deleted" in d.status["attempts"][0]["message"]
 
 
+def test_a_worker_that_failed_makes_a_failure_though_the_master_is_being_deleted_after_it() -> None:
+    """The training operator deletes the other replicas once one fails: those deletions
+    follow the failure and do not make it a preemption."""
+    body = body_of("trn1-nxd")
+    pods = [
+        pod(f"{TRAIN_1}-master-0", TRAIN_1, node="trn1-0", deleting=True),
+        pod(f"{TRAIN_1}-worker-0", TRAIN_1, node="trn1-1", phase="Failed", exit_code=137),
+    ]
+    d = run(body, training(body), pytorchjobs=[ptj(TRAIN_1, 1)], pods=pods, nodes=NODES)
+    first = d.status["attempts"][0]
+    assert first["reason"] == cond.POD_FAILED and "exit code 137" in first["message"]
+
+
 def test_a_deleted_pod_on_a_not_ready_node_is_a_node_failure_not_a_preemption() -> None:
     body = body_of("trn1-nxd")
     pods = gang(1)

@@ -228,20 +228,24 @@ class Recovery(ReconcileBase):
     def _preemption_of(self, pods: list[PodState]) -> str:
         """Why the attempt is being stopped from outside with a chance to checkpoint, or "":
         a pod the cluster is disrupting (DisruptionTarget: a scheduler preemption, an eviction
-        or drain), deleted with its grace period, or that stopped with the trainer's
-        EXIT_PREEMPTED. A pod on a NotReady or vanished node is a node failure, not this."""
+        or drain), that stopped with the trainer's EXIT_PREEMPTED, or deleted with its grace
+        period. A pod that failed otherwise makes it a failure: the deletions that follow one
+        (the training operator stops the other replicas) are not a preemption. A pod on a
+        NotReady or vanished node is a node failure, not this."""
+        pods = [p for p in pods if not (p.node_name and self._node_gone_or_not_ready(p.node_name))]
         for pod in pods:
-            if pod.node_name and self._node_gone_or_not_ready(pod.node_name):
-                continue
             if pod.disruption:
                 return f"pod {pod.name} is being stopped by the cluster ({pod.disruption})"
-            if pod.deleting and pod.phase not in ("Succeeded", "Failed"):
-                return f"pod {pod.name} was deleted; its trainer checkpoints in its grace period"
             if pod.phase == "Failed" and pod.exit_code == EXIT_PREEMPTED:
                 return (
                     f"pod {pod.name} stopped on SIGTERM after committing a checkpoint "
                     f"(exit code {EXIT_PREEMPTED})"
                 )
+        if any(p.phase == "Failed" for p in pods):
+            return ""
+        for pod in pods:
+            if pod.deleting and pod.phase not in ("Succeeded", "Failed"):
+                return f"pod {pod.name} was deleted; its trainer checkpoints in its grace period"
         return ""
 
     def _queued(self, name: str, ptj: PyTorchJobState, rec: AttemptStatus) -> bool:

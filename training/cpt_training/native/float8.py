@@ -56,7 +56,7 @@ def float8_problem(device_type: str, device: torch.device | None = None) -> str 
 def convert_to_float8(model: nn.Module) -> int:
     """Swap the convertible linear layers of ``model`` (it may be on the meta device) for
     torchao's ``Float8Linear`` in place; returns how many were converted."""
-    from torchao.float8 import (  # type: ignore[import-not-found]
+    from torchao.float8 import (  # type: ignore[import-untyped]
         Float8LinearConfig,
         convert_to_float8_training,
     )
