@@ -397,6 +397,26 @@ def test_time_queued_by_kueue_does_not_count_against_the_deadline() -> None:
     assert later.status["phase"] == "Training" and deletes(later) == []
 
 
+def test_time_a_tool_job_was_queued_by_kueue_still_does_not_count_after_its_admission() -> None:
+    body = body_of(
+        "trn1-nxd",
+        runtime__kueueQueueName="trn1",
+        runtime__kueueQueueTools=True,
+        resiliency={"activeDeadlineSeconds": 3600, "preflight": {"enabled": False}},
+    )
+    meta = {"name": "llama-cpt-tokenize", "uid": "j1", "creationTimestamp": ts(T0)}
+    held = {"metadata": meta, "spec": {"suspend": True}, "status": {}}
+    queued = run(body, run(body, None).status, T0, jobs=[held], workloads=[workload("j1")])
+    back = T0 + timedelta(hours=2)  # admitted after two hours in the queue
+    admitted = {**held, "spec": {"suspend": False}, "status": {"active": 1}}
+    a = run(body, queued.status, back, jobs=[admitted])
+    assert a.status["queuedSeconds"] == 7200
+    # Half an hour of tokenizing later: 2.5 h since the start, 30 min of it counted.
+    b = run(body, a.status, back + timedelta(minutes=30), jobs=[admitted])
+    assert b.status["phase"] == "Tokenizing" and deletes(b) == []
+    assert b.status["queuedSeconds"] == 7200 and "deadlineExceededAt" not in b.status
+
+
 def test_the_planner_warns_when_the_estimated_training_time_exceeds_the_deadline() -> None:
     from cpt_operator.api import planner
     from cpt_operator.api.models import ContinualPretrainSpec

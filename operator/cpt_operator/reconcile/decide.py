@@ -197,7 +197,8 @@ class _Reconcile(Lifecycle):
             return
         if job.deleting:
             return
-        self._queue_hold("Job", "batch/job", name, job.uid, job.suspended)
+        waited = self._queue_hold("Job", "batch/job", name, job.uid, job.suspended)
+        self.status.queued_seconds += waited or 0  # excluded from the deadline
         if job.suspended:  # held by Kueue: condition Queued, no pending clock
             return
         if job.complete:
