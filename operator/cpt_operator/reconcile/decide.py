@@ -156,6 +156,8 @@ class _Reconcile(Lifecycle):
                 self.status.children.preflight = name
                 self.status.message = f"preflight check {name} running"
             return
+        if self._queued_stage(name, ptj):  # held by Kueue: condition Queued, no pending clock
+            return
         if ptj.condition in ("Succeeded", "Failed", "Restarting"):
             self._record_preflight()
         if ptj.condition == "Succeeded":
