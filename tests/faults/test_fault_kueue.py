@@ -36,28 +36,19 @@ def kueue_process(fault_cluster: Cluster) -> Iterator[Any]:
 
 def _queues(cluster: Cluster, namespace: str) -> None:
     api = cluster.api
-    api.create(
-        f"{KQ}/resourceflavors",
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ResourceFlavor",
-            "metadata": {"name": "trn1"},
-            "spec": {"nodeLabels": {"node.kubernetes.io/instance-type": "trn1.32xlarge"}},
-        },
-        exist_ok=True,
-    )
-    # The tool Jobs' flavor (kueueQueueTools): CPU on the local m5 nodes. Kueue adds its node
-    # labels to an admitted Job's pod template, which shows the admission on the Job itself.
-    api.create(
-        f"{KQ}/resourceflavors",
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ResourceFlavor",
-            "metadata": {"name": "cpu"},
-            "spec": {"nodeLabels": {"node.kubernetes.io/instance-type": "m5.8xlarge"}},
-        },
-        exist_ok=True,
-    )
+    # "cpu" is the tool Jobs' flavor (kueueQueueTools): CPU on the local m5 nodes. Kueue adds
+    # its node labels to an admitted Job's pod template, which shows the admission on the Job.
+    for flavor, instance_type in (("trn1", "trn1.32xlarge"), ("cpu", "m5.8xlarge")):
+        api.create(
+            f"{KQ}/resourceflavors",
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "ResourceFlavor",
+                "metadata": {"name": flavor},
+                "spec": {"nodeLabels": {"node.kubernetes.io/instance-type": instance_type}},
+            },
+            exist_ok=True,
+        )
     api.create(
         f"{KQ}/clusterqueues",
         {
@@ -129,14 +120,18 @@ def _local_queue(cluster: Cluster, namespace: str, name: str, cluster_queue: str
     )
 
 
-def _spec(name: str, bucket: str, priority: str) -> dict[str, Any]:
+def _spec(
+    name: str, bucket: str, priority: str | None = None, *, queue: str = QUEUE, **changes: Any
+) -> dict[str, Any]:
+    if priority:
+        changes["runtime__priorityClassName"] = priority
     return fault_spec(
         name,
         bucket,
-        runtime__kueueQueueName=QUEUE,
-        runtime__priorityClassName=priority,
+        runtime__kueueQueueName=queue,
         resiliency={"pendingTimeoutSeconds": 5, "maxAttempts": 1},
         training__maxSteps=MAX_STEPS,
+        **changes,
     )
 
 
@@ -222,14 +217,12 @@ def test_kueue_queues_the_second_run_and_a_higher_priority_run_preempts_it_witho
 
 
 def _tools_spec(name: str, bucket: str, queue: str) -> dict[str, Any]:
-    return fault_spec(
+    return _spec(
         name,
         bucket,
-        runtime__kueueQueueName=queue,
+        queue=queue,
         runtime__kueueQueueTools=True,
         runtime__toolsResources={"cpu": "1", "memory": "1Gi"},
-        resiliency={"pendingTimeoutSeconds": 5, "maxAttempts": 1},
-        training__maxSteps=MAX_STEPS,
     )
 
 
