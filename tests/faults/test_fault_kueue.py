@@ -9,6 +9,7 @@ nodes; `FakeTrainer` writes what the trainer would."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,16 +36,19 @@ def kueue_process(fault_cluster: Cluster) -> Iterator[Any]:
 
 def _queues(cluster: Cluster, namespace: str) -> None:
     api = cluster.api
-    api.create(
-        f"{KQ}/resourceflavors",
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ResourceFlavor",
-            "metadata": {"name": "trn1"},
-            "spec": {"nodeLabels": {"node.kubernetes.io/instance-type": "trn1.32xlarge"}},
-        },
-        exist_ok=True,
-    )
+    # "cpu" is the tool Jobs' flavor (kueueQueueTools): CPU on the local m5 nodes. Kueue adds
+    # its node labels to an admitted Job's pod template, which shows the admission on the Job.
+    for flavor, instance_type in (("trn1", "trn1.32xlarge"), ("cpu", "m5.8xlarge")):
+        api.create(
+            f"{KQ}/resourceflavors",
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "ResourceFlavor",
+                "metadata": {"name": flavor},
+                "spec": {"nodeLabels": {"node.kubernetes.io/instance-type": instance_type}},
+            },
+            exist_ok=True,
+        )
     api.create(
         f"{KQ}/clusterqueues",
         {
@@ -66,21 +70,14 @@ def _queues(cluster: Cluster, namespace: str) -> None:
                                 ],
                             }
                         ],
-                    }
+                    },
+                    _cpu_group(cpu="8"),
                 ],
             },
         },
         exist_ok=True,
     )
-    api.create(
-        f"{KQ}/namespaces/{namespace}/localqueues",
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "LocalQueue",
-            "metadata": {"name": QUEUE},
-            "spec": {"clusterQueue": "trn1"},
-        },
-    )
+    _local_queue(cluster, namespace, QUEUE, "trn1")
     for name, value in (("cpt-low", 100), ("cpt-high", 1000)):
         api.create(
             "/apis/scheduling.k8s.io/v1/priorityclasses",
@@ -94,14 +91,47 @@ def _queues(cluster: Cluster, namespace: str) -> None:
         )
 
 
-def _spec(name: str, bucket: str, priority: str) -> dict[str, Any]:
+def _cpu_group(cpu: str) -> dict[str, Any]:
+    """The ClusterQueue's resource group for the tool Jobs (a group of its own: the training
+    pods request only Neuron devices and EFA, so they never get this flavor's node labels)."""
+    return {
+        "coveredResources": ["cpu", "memory"],
+        "flavors": [
+            {
+                "name": "cpu",
+                "resources": [
+                    {"name": "cpu", "nominalQuota": cpu},
+                    {"name": "memory", "nominalQuota": "64Gi"},
+                ],
+            }
+        ],
+    }
+
+
+def _local_queue(cluster: Cluster, namespace: str, name: str, cluster_queue: str) -> None:
+    cluster.api.create(
+        f"{KQ}/namespaces/{namespace}/localqueues",
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": name},
+            "spec": {"clusterQueue": cluster_queue},
+        },
+    )
+
+
+def _spec(
+    name: str, bucket: str, priority: str | None = None, *, queue: str = QUEUE, **changes: Any
+) -> dict[str, Any]:
+    if priority:
+        changes["runtime__priorityClassName"] = priority
     return fault_spec(
         name,
         bucket,
-        runtime__kueueQueueName=QUEUE,
-        runtime__priorityClassName=priority,
+        runtime__kueueQueueName=queue,
         resiliency={"pendingTimeoutSeconds": 5, "maxAttempts": 1},
         training__maxSteps=MAX_STEPS,
+        **changes,
     )
 
 
@@ -181,3 +211,98 @@ def test_kueue_queues_the_second_run_and_a_higher_priority_run_preempts_it_witho
     assert status["attempts"][0]["queuedSeconds"] > 0
     reasons = runs.event_reasons("ksecond")
     assert "AttemptFailed" not in reasons and "Queued" in reasons
+
+
+# -- tool Jobs (spec.runtime.kueueQueueTools) ------------------------------------------------
+
+
+def _tools_spec(name: str, bucket: str, queue: str) -> dict[str, Any]:
+    return _spec(
+        name,
+        bucket,
+        queue=queue,
+        runtime__kueueQueueTools=True,
+        runtime__toolsResources={"cpu": "1", "memory": "1Gi"},
+    )
+
+
+def _admitted_by_kueue(runs: Runs, job_name: str, cluster_queue: str) -> None:
+    """The Job's Workload holds Kueue's admission (the cpu flavor), and the Job was created
+    suspended and started by Kueue: Kueue's `Started` event, its flavor's node label added to
+    the pod template, and no `Stopped` event (it never ran unadmitted)."""
+    job = runs.api.get(f"/apis/batch/v1/namespaces/{runs.ns}/jobs/{job_name}")
+    uid = job["metadata"]["uid"]
+    (wl,) = runs.api.get(
+        f"{KQ}/namespaces/{runs.ns}/workloads?labelSelector=kueue.x-k8s.io/job-uid={uid}"
+    )["items"]
+    admission = (wl.get("status") or {}).get("admission") or {}
+    assert admission.get("clusterQueue") == cluster_queue, wl.get("status")
+    flavors = {r: f for ps in admission["podSetAssignments"] for r, f in ps["flavors"].items()}
+    assert flavors == {"cpu": "cpu", "memory": "cpu"}
+    assert job["spec"]["suspend"] is False
+    selector = job["spec"]["template"]["spec"]["nodeSelector"]
+    assert selector["node.kubernetes.io/instance-type"] == "m5.8xlarge", selector
+    events = runs.api.get(
+        f"/api/v1/namespaces/{runs.ns}/events"
+        f"?fieldSelector=involvedObject.kind=Job,involvedObject.name={job_name}"
+    )["items"]
+    said = [(e["reason"], e["message"]) for e in events]
+    assert any(r == "Started" and f"clusterQueue {cluster_queue}" in m for r, m in said), said
+    assert "Stopped" not in [r for r, _ in said], said
+
+
+def test_the_tool_jobs_of_a_run_with_kueue_queue_tools_are_admitted_by_kueue(
+    runs: Runs, fault_cluster: Cluster, kueue_process: Any, bucket: str, s3_env: S3Server
+) -> None:
+    _queues(fault_cluster, runs.ns)
+    body = _tools_spec("ktools", bucket, QUEUE)
+    runs.create(body)
+    runs.training_pods("ktools", 1, count=2, timeout=180)  # tokenize and weights went first
+    _admitted_by_kueue(runs, "ktools-tokenize", "trn1")
+    _admitted_by_kueue(runs, "ktools-weights", "trn1")
+    _finish(runs, "ktools", FakeTrainer(body["spec"]["checkpoints"]["s3Uri"]))
+    _admitted_by_kueue(runs, "ktools-export", "trn1")
+    status = runs.status("ktools")
+    assert condition(status, "Exported")["status"] == "True"
+    # Queued=True shows only if the operator looks while Kueue still holds a Job: with free
+    # quota Kueue admits within the operator's resync, so either way the queue never failed it.
+    assert "PendingTimeout" not in json.dumps(status)
+
+
+def test_a_tool_job_no_quota_can_fit_keeps_the_run_queued_with_kueues_reason_not_timed_out(
+    runs: Runs, fault_cluster: Cluster, kueue_process: Any, bucket: str, s3_env: S3Server
+) -> None:
+    _queues(fault_cluster, runs.ns)
+    api = fault_cluster.api
+    tight = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "ClusterQueue",
+        "metadata": {"name": "tight"},
+        "spec": {"namespaceSelector": {}, "resourceGroups": [_cpu_group(cpu="1")]},
+    }
+    api.create(f"{KQ}/clusterqueues", tight, exist_ok=True)
+    try:
+        _local_queue(fault_cluster, runs.ns, "tight", "tight")
+        runs.create(_tools_spec("ktight", bucket, "tight"))  # 4 shards x 1 CPU > 1 CPU
+        status = _queued(runs, "ktight", "Pending", timeout=120)
+        queued = condition(status, "Queued")
+        assert "ktight-tokenize" in queued["message"], queued
+        assert "insufficient quota for cpu in flavor cpu" in queued["message"], queued
+        # Well past pendingTimeoutSeconds (5 s): still Tokenizing and Queued, no pod.
+        stays(
+            lambda: (
+                runs.status("ktight").get("phase") == "Tokenizing"
+                and condition(runs.status("ktight"), "Queued")["status"] == "True"
+                and not runs.pods("cpt.dev/run=ktight,cpt.dev/stage=tokenize")
+            ),
+            seconds=8,
+            what="the run stays Tokenizing and Queued",
+        )
+        (job,) = runs.jobs("ktight")
+        assert job["spec"]["suspend"] is True
+        status = runs.status("ktight")
+        assert condition(status, "DataReady")["reason"] == "InProgress"
+        assert "PendingTimeout" not in json.dumps(status)
+        assert "Queued" in runs.event_reasons("ktight")
+    finally:
+        api.delete(f"{KQ}/clusterqueues/tight")

@@ -326,6 +326,13 @@ class ContinualPretrainStatus(StatusModel):
     suspended_seconds: int = Field(
         default=0, ge=0, description="Time spent suspended, excluded from the deadline."
     )
+    queued_seconds: int = Field(
+        default=0,
+        ge=0,
+        description="Time the stage Jobs (tokenize, weights, precompile, export) spent held by "
+        "Kueue, excluded from the deadline (training attempts keep theirs in "
+        "attempts[].queuedSeconds).",
+    )
     suspended_since: datetime | None = Field(
         default=None, description="When the current suspension began."
     )

@@ -156,6 +156,8 @@ class _Reconcile(Lifecycle):
                 self.status.children.preflight = name
                 self.status.message = f"preflight check {name} running"
             return
+        if self._queued_stage(name, ptj):  # held by Kueue: condition Queued, no pending clock
+            return
         if ptj.condition in ("Succeeded", "Failed", "Restarting"):
             self._record_preflight()
         if ptj.condition == "Succeeded":
@@ -197,7 +199,8 @@ class _Reconcile(Lifecycle):
             return
         if job.deleting:
             return
-        self._queue_hold("Job", "batch/job", name, job.uid, job.suspended)
+        waited = self._queue_hold("Job", "batch/job", name, job.uid, job.suspended)
+        self.status.queued_seconds += waited or 0  # excluded from the deadline
         if job.suspended:  # held by Kueue: condition Queued, no pending clock
             return
         if job.complete:

@@ -174,7 +174,8 @@ class Lifecycle(Recovery):
 
     def _queued_stage(self, name: str, ptj: PyTorchJobState) -> bool:
         held = ptj.suspended
-        self._queue_hold("PyTorchJob", "kubeflow.org/pytorchjob", name, ptj.uid, held)
+        waited = self._queue_hold("PyTorchJob", "kubeflow.org/pytorchjob", name, ptj.uid, held)
+        self.status.queued_seconds += waited or 0
         return held
 
     # -- deadline ---------------------------------------------------------------------------
@@ -187,7 +188,8 @@ class Lifecycle(Recovery):
         start = self.status.start_time
         if not limit or start is None:
             return False
-        away = self.status.suspended_seconds + sum(a.queued_seconds for a in self.status.attempts)
+        away = self.status.suspended_seconds + self.status.queued_seconds
+        away += sum(a.queued_seconds for a in self.status.attempts)
         queued = cond.get(self.status, ConditionType.QUEUED)
         if queued is not None and queued.status == "True":  # held by Kueue right now
             away += int((self.now - queued.last_transition_time).total_seconds())
