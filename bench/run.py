@@ -57,6 +57,11 @@ TAG=l8b bash bench/device.sh levers h100 --shape llama-3.1-8b --layers 4 --seq 8
 bash bench/device.sh scaling h200x2 --ckpt-steps 185 --every 90 --steps 30 --timeout 330
 # Goal 4, stall with the trainer's pinned staging (one H100):
 bash bench/device.sh ckpt h100 --steps 205 --every 100 --legacy-saves 0 --timeout 480
+# A trainer change against main, same command (one H100; ~3.5 min with the loss check): here
+# `bench/prepare_ab.sh main BRANCH .devwork/ab` (a folder .git/info/exclude ignores, carried),
+# there `cd .devwork/ab && bash run.sh`, here again `python bench/ab_trees.py --prefix optim
+# --stem train-optim-h100 --base ...base-h100.json --new ...-h100.json --base-raw
+# native-base-m8.result.json --new-raw native-new-m8.result.json [--base-num/--new-num]`.
 # Goal 4, checkpoint transfer vs aws s3 cp on the idle 16-core host (CPU only, any kind; then
 # again pinned to 2 of its cores). It carries bench/work/ckpt-carry, not .whl: first
 # `python bench/ckpt_sync_bench.py --prepare-carry` here (clients' wheels + versitygw, ~40 MB).
