@@ -44,7 +44,7 @@ demo: install ## Run the tiny end-to-end job in local mode (tokenize -> train ->
 ##@ Test
 .PHONY: test test-unit test-integration test-e2e test-faults test-parity test-containers
 test: install cluster-build s3server-build host-setup prometheus ## The whole suite (unit, integration, parity, e2e, containers)
-	$(PYTEST) tests
+	$(PYTEST) --durations=25 tests
 test-unit: install ## Fast pure tests only
 	$(PYTEST) -m unit tests
 test-integration: install cluster-build s3server-build ## Control plane and S3 server tests
