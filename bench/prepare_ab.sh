@@ -6,7 +6,9 @@
 # and bench/device_ab.sh as DEST/run.sh. DEST must travel with the call (an ignored folder of
 # the checkout, carried); on the machine: cd DEST && bash run.sh. Then join the two results
 # files here with bench/ab_trees.py.
-# Usage: bench/prepare_ab.sh BASE_REV NEW_REV DEST
+# NEW may also be a patch file (git format-patch or git diff, e.g. bench/pending/*.patch): the
+# new tree is then BASE_REV with that patch applied (its tests/ part left out).
+# Usage: bench/prepare_ab.sh BASE_REV NEW_REV|PATCH DEST
 set -euo pipefail
 base_rev=${1:?base revision}
 new_rev=${2:?new revision}
@@ -16,11 +18,19 @@ carry="$repo/bench/work/carry"
 [ -f "$carry/tok32k/tokenizer.json" ] || { echo "run: python bench/run.py --prepare-carry" >&2; exit 1; }
 rm -rf "$dest"
 mkdir -p "$dest/whl"
+patch=
+if [ -f "$new_rev" ]; then
+  patch=$(cd "$(dirname "$new_rev")" && pwd)/$(basename "$new_rev")
+  new_rev=$base_rev
+fi
 for side in base new; do
   rev=$base_rev
   [ "$side" = new ] && rev=$new_rev
   mkdir -p "$dest/$side/bench/work"
   git -C "$repo" archive "$rev" training bench operator pyproject.toml | tar x -C "$dest/$side"
+  if [ "$side" = new ] && [ -n "$patch" ]; then
+    (cd "$dest/new" && git apply --exclude='tests/*' "$patch")
+  fi
   rm -rf "$dest/$side/bench/results"
   cp -r "$carry" "$dest/$side/bench/work/carry"
 done

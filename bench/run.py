@@ -58,7 +58,8 @@ bash bench/device.sh scaling h200x2 --ckpt-steps 185 --every 90 --steps 30 --tim
 # Goal 4, stall with the trainer's pinned staging (one H100):
 bash bench/device.sh ckpt h100 --steps 205 --every 100 --legacy-saves 0 --timeout 480
 # A trainer change against main, same command (one H100; ~3.5 min with the loss check): here
-# `bench/prepare_ab.sh main BRANCH .devwork/ab` (a folder .git/info/exclude ignores, carried),
+# `bench/prepare_ab.sh main BRANCH|PATCH .devwork/ab` (bench/pending/*.patch; a folder
+# .git/info/exclude ignores, carried),
 # there `cd .devwork/ab && bash run.sh`, here again `python bench/ab_trees.py --prefix optim
 # --stem train-optim-h100 --base ...base-h100.json --new ...-h100.json --base-raw
 # native-base-m8.result.json --new-raw native-new-m8.result.json [--base-num/--new-num]`.
