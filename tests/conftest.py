@@ -6,8 +6,7 @@
 * ``s3`` (session), ``bucket``, ``s3_env``: the loopback S3 server (moto server mode).
 * ``executor`` (session): runs pods bound to the ``exec-*`` nodes as local processes.
 
-Tiers run cheapest first (unit, parity, integration, e2e, faults, containers) while what the
-last ones need builds in the background (fixtures/prebuild.py).
+Tiers run cheapest first: unit, parity, integration, e2e, faults, containers.
 
 Option ``--keep-cluster`` leaves a cluster this session started running afterwards.
 Helpers: ``from fixtures.cluster import wait_for``; see docs/devcluster.md.
@@ -27,11 +26,11 @@ if _TESTS not in sys.path:
 
 from fixtures import cluster as _cluster  # noqa: E402
 from fixtures import executor as _executor  # noqa: E402
-from fixtures import prebuild as _prebuild  # noqa: E402
 from fixtures import s3 as _s3  # noqa: E402
 from fixtures.cluster import Cluster  # noqa: E402
 from fixtures.executor import Executor  # noqa: E402
 from fixtures.s3 import S3Server  # noqa: E402
+from fixtures.tiers import tier_rank  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,22 +38,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _prebuild.order(items)
+    items.sort(key=lambda item: tier_rank(Path(str(item.path))))  # stable: modules stay whole
     _cluster.prepare_binaries(config, items)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    _prebuild.start_for(session.config, session.items)
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outermost: before pytest-timeout's timer
-def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
-    _prebuild.wait_for(item)
-    yield
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    _prebuild.stop(session.config)
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,8 @@ from fixtures import kueue
 from fixtures.cluster import Cluster
 from fixtures.s3 import S3Server
 
-# Kueue's manager builds in the background from collection on (about 10 minutes cold on 2
-# cores, fixtures/prebuild.py); the first test waits for it before its timer starts.
-pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+# The first run builds Kueue (about 10 minutes on 2 cores), then it is cached.
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 MAX_STEPS = 40
 QUEUE = "trn1"
