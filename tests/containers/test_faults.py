@@ -23,7 +23,7 @@ from containers.harness import (
     describe,
     tiny_run,
 )
-from e2e.harness import Runs, prepare_real_inputs, s3_keys
+from e2e.harness import Runs, committed_steps, prepare_real_inputs
 
 from fixtures.cluster import Cluster, wait_for
 from fixtures.node import RealNode
@@ -33,11 +33,6 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(1800)]
 
 LONG = 200  # steps: a fault must land between two commits, well before the end (40 finished
 # within the 2-3 s the memory-limit test takes to inject its fault on a quiet host)
-
-
-def committed_steps(s3: S3Server, bucket: str) -> list[int]:
-    keys = s3_keys(s3, bucket, f"runs/{RUN}/step_")
-    return sorted(int(k.split("/")[2][5:]) for k in keys if k.endswith("/cpt-commit.json"))
 
 
 def start_long_run(
@@ -51,10 +46,14 @@ def start_long_run(
 
 def wait_first_commit(runs: Runs, cluster: Cluster, s3: S3Server, bucket: str) -> int:
     try:
-        wait_for(lambda: committed_steps(s3, bucket), timeout=900, what="a committed checkpoint")
+        wait_for(
+            lambda: committed_steps(s3, bucket, f"runs/{RUN}/"),
+            timeout=900,
+            what="a committed checkpoint",
+        )
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{describe(cluster, runs.ns)}") from None
-    step = committed_steps(s3, bucket)[-1]
+    step = committed_steps(s3, bucket, f"runs/{RUN}/")[-1]
     assert step < LONG, "training finished before the fault could be injected"
     return step
 

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -397,6 +398,16 @@ def s3_keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
     return out
 
 
+def committed_steps(s3: S3Server, bucket: str, prefix: str) -> list[int]:
+    """Steps with a commit marker under `prefix` (e.g. `runs/r/`)."""
+    steps = []
+    for key in s3_keys(s3, bucket, prefix):
+        m = re.search(r"/step_(\d+)/cpt-commit\.json$", key)
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
 @contextlib.contextmanager
 def running_operator(
     cluster: Cluster, namespace: str, s3: S3Server, *, resync: float = 1.0
@@ -414,6 +425,7 @@ __all__ = [
     "FakeTrainer",
     "OperatorProcess",
     "Runs",
+    "committed_steps",
     "install_crd",
     "running_operator",
     "s3_keys",

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 import pytest
-from e2e.harness import Runs, prepare_real_inputs, real_run_spec, s3_keys
+from e2e.harness import Runs, committed_steps, prepare_real_inputs, real_run_spec, s3_keys
 
 from fixtures.cluster import wait_for
 from fixtures.executor import Executor
@@ -47,14 +47,12 @@ def run_spec(run: str, bucket: str, s3: S3Server, *, export_on_deadline: bool) -
     return body
 
 
-def committed_steps(s3: S3Server, bucket: str, run: str) -> list[int]:
-    keys = s3_keys(s3, bucket, f"runs/{run}/step_")
-    return sorted(int(k.split("/")[2][5:]) for k in keys if k.endswith("/cpt-commit.json"))
-
-
 def lower_deadline_once_committed(runs: Runs, run: str, s3: S3Server, bucket: str) -> None:
     wait_for(
-        lambda: runs.status(run).get("phase") == "Training" and committed_steps(s3, bucket, run),
+        lambda: (
+            runs.status(run).get("phase") == "Training"
+            and committed_steps(s3, bucket, f"runs/{run}/")
+        ),
         timeout=300,
         what=f"{run} training with a committed checkpoint",
         interval=0.5,
@@ -75,7 +73,7 @@ def assert_stopped_on_its_checkpoint(
     failed = condition(status, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "DeadlineExceeded", failed
     step = status["checkpoint"]["step"]
-    assert step == committed_steps(s3, bucket, run)[-1]
+    assert step == committed_steps(s3, bucket, f"runs/{run}/")[-1]
     assert f"activeDeadlineSeconds ({DEADLINE}s) reached" in status["message"]
     assert f"step {step}" in status["message"]
     log = executor.logs(runs.ns, f"{run}-train-1-master-0")

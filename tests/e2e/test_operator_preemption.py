@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from e2e.harness import Runs, prepare_real_inputs, real_run_spec, s3_keys
+from e2e.harness import Runs, committed_steps, prepare_real_inputs, real_run_spec
 
 from fixtures.cluster import wait_for
 from fixtures.executor import Executor
@@ -21,11 +21,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 RUN = "preempt"
 MAX_STEPS = 200
 EVERY = 10
-
-
-def committed_steps(s3: S3Server, bucket: str) -> list[int]:
-    keys = s3_keys(s3, bucket, f"runs/{RUN}/step_")
-    return sorted(int(k.split("/")[2][5:]) for k in keys if k.endswith("/cpt-commit.json"))
 
 
 def run_spec(bucket: str, s3: S3Server) -> dict[str, Any]:
@@ -64,12 +59,12 @@ def test_a_training_pod_deleted_with_a_grace_period_checkpoints_and_resumes_with
     grace = pods[0]["spec"]["terminationGracePeriodSeconds"]
     assert 60 <= grace <= 300  # from the plan, within maxTerminationGracePeriodSeconds
     wait_for(
-        lambda: committed_steps(s3, bucket),
+        lambda: committed_steps(s3, bucket, f"runs/{RUN}/"),
         timeout=300,
         what="a committed checkpoint",
         interval=0.2,
     )
-    seen = committed_steps(s3, bucket)[-1]
+    seen = committed_steps(s3, bucket, f"runs/{RUN}/")[-1]
     assert seen < MAX_STEPS - EVERY, "training finished before the preemption could be injected"
     master = next(p for p in pods if "-master-" in p["metadata"]["name"])
     runs.api.delete(
@@ -88,7 +83,7 @@ def test_a_training_pod_deleted_with_a_grace_period_checkpoints_and_resumes_with
     resumed = status["resumeFrom"]["step"]
     # The stop checkpoint: the newest commit, at or after the last periodic one before the
     # signal (the trainer finished its step and saved it, between two periodic saves).
-    assert resumed >= seen and resumed == committed_steps(s3, bucket)[-1]
+    assert resumed >= seen and resumed == committed_steps(s3, bucket, f"runs/{RUN}/")[-1]
     reasons = runs.event_reasons(RUN)
     assert "AttemptPreempted" in reasons and "AttemptFailed" not in reasons
 

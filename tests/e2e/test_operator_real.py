@@ -21,6 +21,7 @@ import pytest
 from e2e.harness import (
     REAL_VOCAB,
     Runs,
+    committed_steps,
     download_prefix,
     prepare_real_inputs,
     real_run_spec,
@@ -59,11 +60,6 @@ def run_spec(bucket: str, s3: S3Server) -> dict[str, Any]:
     )
 
 
-def committed_steps(s3: S3Server, bucket: str) -> list[int]:
-    keys = s3_keys(s3, bucket, f"runs/{RUN}/step_")
-    return sorted(int(k.split("/")[2][5:]) for k in keys if k.endswith("/cpt-commit.json"))
-
-
 def test_the_operator_runs_the_real_workload_through_a_worker_failure_to_a_loadable_model(
     runs: Runs, executor: Executor, bucket: str, s3: S3Server
 ) -> None:
@@ -78,13 +74,13 @@ def test_the_operator_runs_the_real_workload_through_a_worker_failure_to_a_loada
 
     # Kill the worker once the trainer has committed a checkpoint, well before the end.
     wait_for(
-        lambda: committed_steps(s3, bucket),
+        lambda: committed_steps(s3, bucket, f"runs/{RUN}/"),
         timeout=300,
         what="a committed checkpoint",
         interval=0.2,
     )
     worker = next(p for p in pods if "-worker-" in p["metadata"]["name"])
-    killed_after = committed_steps(s3, bucket)[-1]
+    killed_after = committed_steps(s3, bucket, f"runs/{RUN}/")[-1]
     assert killed_after < MAX_STEPS, "training finished before the fault could be injected"
     assert executor.kill(runs.ns, worker["metadata"]["name"]) > 0
 

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from e2e.harness import OperatorProcess, Runs, s3_keys, spec_body
+from e2e.harness import OperatorProcess, Runs, spec_body
 
 from fixtures.cluster import Cluster, devcluster
 from fixtures.s3 import S3Server
@@ -87,16 +87,6 @@ def stays(
     while time.monotonic() < deadline:
         assert predicate(), f"stopped holding: {what}"
         time.sleep(interval)
-
-
-def committed_steps(s3: S3Server, bucket: str, prefix: str) -> list[int]:
-    """Steps with a commit marker under `prefix` (e.g. `runs/r/`)."""
-    steps = []
-    for key in s3_keys(s3, bucket, prefix):
-        m = re.search(r"/step_(\d+)/cpt-commit\.json$", key)
-        if m:
-            steps.append(int(m.group(1)))
-    return sorted(steps)
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -306,7 +296,6 @@ def operator_log(op: OperatorProcess) -> str:
 
 __all__ = [
     "S3FaultProxy",
-    "committed_steps",
     "condition",
     "fault_spec",
     "gate",

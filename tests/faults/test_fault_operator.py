@@ -14,8 +14,8 @@ from functools import partial
 from typing import Any
 
 import pytest
-from e2e.harness import FakeTrainer, OperatorProcess, Runs, s3_keys
-from faults._support import committed_steps, fault_spec, gate, stays, uids
+from e2e.harness import FakeTrainer, OperatorProcess, Runs, committed_steps, s3_keys
+from faults._support import fault_spec, gate, stays, uids
 
 from fixtures.cluster import Cluster, devcluster, wait_for
 from fixtures.s3 import S3Server

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.harness import FakeTrainer, OperatorProcess, Runs, s3_keys
-from faults._support import S3FaultProxy, committed_steps, fault_spec, stays
+from e2e.harness import FakeTrainer, OperatorProcess, Runs, committed_steps, s3_keys
+from faults._support import S3FaultProxy, fault_spec, stays
 
 from cpt_training import checkpoint as ck
 from cpt_training import storage

@@ -13,9 +13,8 @@ import time
 from typing import Any
 
 import pytest
-from e2e.harness import FakeTrainer, Runs
+from e2e.harness import FakeTrainer, Runs, committed_steps
 from faults._support import (
-    committed_steps,
     condition,
     fault_spec,
     occupy_nodes,
